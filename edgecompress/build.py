@@ -1,0 +1,261 @@
+"""``edgecompress build``: plan, then build candidates until one meets the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from edgecompress import __version__
+from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
+from edgecompress.errors import BudgetError, EdgecompressError, NumericalError, RunDirError, UsageError
+from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.layers import profile_layers
+from edgecompress.methods import FinetuneSpec
+from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
+from edgecompress.pipeline import Pipeline, per_class_accuracy
+from edgecompress.planner import Budget, Plan, check_reachable, plan
+from edgecompress.report import write_report
+from edgecompress.targets import Target
+from edgecompress.train import predict_torch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    target: Target
+    budget: Budget
+    data_dir: Path | None = None
+    model_specs: tuple[str, ...] = ()
+    out: Path | None = None
+    resume: bool = False
+    force: bool = False
+    max_tries: int = 4
+    image_size: int = 32
+    finetune: FinetuneSpec = FinetuneSpec()
+    command: str = ""
+
+
+def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntry]:
+    if not specs:
+        if data.name != DIGITS_NAME:
+            raise UsageError(
+                "the embedded zoo is trained on the digits; with --data, pass your models as --model timm:ARCH=weights.pth"
+            )
+        specs = tuple(list_models())
+        if not specs:
+            raise UsageError("the embedded zoo is empty; run tools/train_zoo.py")
+    entries = [parse_model_spec(s) for s in specs]
+    return {e.name: e for e in entries}
+
+
+def model_facts(entries: dict[str, ModelEntry], data: Dataset):
+    """Layer profiles and uncompressed accuracies (the zoo's manifest on the digits, else measured)."""
+    profiles, accuracies = {}, {}
+    for name, entry in entries.items():
+        model = load_model(entry, data.num_classes)
+        profiles[name] = profile_layers(model, data.input_shape)
+        if entry.source == "zoo" and data.name == DIGITS_NAME and entry.test_accuracy is not None:
+            accuracies[name] = entry.test_accuracy
+        else:
+            x, y = data.split("test")
+            accuracies[name] = float((predict_torch(model, x).argmax(1) == y).mean())
+    return profiles, accuracies
+
+
+def prepare_run_dir(options: BuildOptions) -> Path:
+    out = options.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        if options.resume:
+            return out
+        if not options.force:
+            raise RunDirError(f"output directory {out} exists; pass --resume to continue it or --force to replace it")
+        shutil.rmtree(out)
+    elif options.resume:
+        raise RunDirError(f"nothing to resume: {out} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _next_candidate(the_plan: Plan, tried: set[str], correction: float):
+    """First untried candidate still inside the budget after correcting predictions by what was measured."""
+    budget = the_plan.budget
+    untried = [e for e in the_plan.ranked if e.candidate.id not in tried]
+    if not untried:
+        return None
+    for est in untried:
+        latency_ok = budget.latency_ms is None or est.cost.latency_ms * correction <= budget.latency_ms
+        memory_ok = budget.memory_mb is None or est.cost.memory_mb <= budget.memory_mb
+        if latency_ok and memory_ok:
+            return est
+    return min(untried, key=lambda e: e.cost.latency_ms)
+
+
+def run_build(options: BuildOptions, console=None) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    started = time.time()
+    target = options.target
+    data = load_dataset(options.data_dir, options.image_size)
+    if data.skipped_files:
+        console.print(f"[yellow]skipped {data.skipped_files} unreadable images in {options.data_dir}[/]")
+    entries = resolve_models(options.model_specs, data)
+    run_dir = prepare_run_dir(options)
+    write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
+                                        "budget": options.budget.to_dict()})
+    profiles, accuracies = model_facts(entries, data)
+    t_plan = time.perf_counter()
+    the_plan = plan(target, options.budget, profiles, accuracies)
+    plan_ms = (time.perf_counter() - t_plan) * 1e3
+    check_reachable(the_plan)
+    console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
+                  f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
+
+    pipeline = Pipeline(run_dir, target, data, entries, options.finetune)
+    outcomes: dict[str, dict] = {}
+    ratios: list[float] = []
+    chosen = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        for attempt in range(options.max_tries):
+            correction = statistics.median(ratios) if ratios else 1.0
+            est = _next_candidate(the_plan, set(outcomes), correction)
+            if est is None:
+                break
+            cand = est.candidate
+            task = progress.add_task(f"[{attempt + 1}/{options.max_tries}] {cand.id}", total=options.finetune.steps)
+            try:
+                compressed, calibrated, verified, benched = pipeline.run_candidate(
+                    cand, progress=lambda step: progress.update(task, completed=step + 1))
+            except NumericalError as exc:
+                outcomes[cand.id] = {"outcome": f"rejected: {exc}"}
+                console.print(f"[red]{cand.id}: rejected, {exc}[/]")
+                continue
+            finally:
+                progress.remove_task(task)
+            measured = dict(benched.measured) if benched.measured else None
+            latency = measured["latency_ms_median"] if measured else est.cost.latency_ms
+            if measured:
+                ratios.append(measured["latency_ms_median"] / est.cost.latency_ms)
+            memory = measured["peak_memory_mb"] if measured else est.cost.memory_mb
+            record = {
+                "measured": {
+                    **({k: measured[k] for k in ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "model_size_mb")} if measured else
+                       {"latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "model_size_mb": None}),
+                    "accuracy": verified.accuracy,
+                    "baseline_accuracy": compressed.baseline_accuracy,
+                },
+                "stages": (compressed, calibrated, verified, benched),
+            }
+            budget = options.budget
+            drop = compressed.baseline_accuracy - verified.accuracy
+            if budget.latency_ms is not None and latency > budget.latency_ms:
+                record["outcome"] = f"rejected: latency {latency:.3f} ms > budget {budget.latency_ms:g} ms"
+            elif budget.memory_mb is not None and memory > budget.memory_mb:
+                record["outcome"] = f"rejected: memory {memory:.1f} MB > budget {budget.memory_mb:g} MB"
+            elif budget.max_accuracy_drop is not None and drop > budget.max_accuracy_drop:
+                record["outcome"] = f"rejected: accuracy drop {drop * 100:.2f} pp > allowed {budget.max_accuracy_drop * 100:.2f} pp"
+            else:
+                record["outcome"] = "chosen"
+            outcomes[cand.id] = record
+            console.print(f"{cand.id}: {latency:.3f} ms {'measured' if measured else 'predicted'}, "
+                          f"accuracy {verified.accuracy:.4f}: {record['outcome']}")
+            if record["outcome"] == "chosen":
+                chosen = (est, record)
+                break
+
+    report = _report(options, the_plan, outcomes, chosen, data, entries, run_dir, plan_ms, started)
+    write_report(run_dir, report)
+    if chosen is None:
+        built = [(cid, o) for cid, o in outcomes.items() if "measured" in o]
+        if built:
+            cid, o = min(built, key=lambda item: item[1]["measured"]["latency_ms_median"] or float("inf"))
+            best = f"the fastest built was {cid} at {o['measured']['latency_ms_median']:.3f} ms"
+        else:
+            best = f"the fastest predicted is {the_plan.fastest().candidate.id} at {the_plan.fastest().cost.latency_ms:.3f} ms"
+        raise BudgetError(f"no candidate met the budget after {len(outcomes)} tries; {best} (report: {run_dir / 'report.html'})")
+    return report
+
+
+def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, plan_ms: float, started: float) -> dict:
+    target = options.target
+    candidates = []
+    for est in the_plan.ranked:
+        row = est.to_dict()
+        outcome = outcomes.get(est.candidate.id)
+        row["tried"] = outcome is not None
+        if outcome:
+            row["outcome"] = outcome["outcome"]
+            row["measured"] = outcome.get("measured")
+        candidates.append(row)
+    report = {
+        "tool_version": __version__,
+        "command": options.command,
+        "target": target.name,
+        "runtime": target.runtime_name,
+        "runtime_version": target.runtime().version(),
+        "budget": options.budget.to_dict(),
+        "dataset": {"name": data.name, **data.features(), "test_samples": int(len(data.split("test")[1]))},
+        "test_samples": int(len(data.split("test")[1])),
+        "accuracy_basis": the_plan.accuracy_basis,
+        "plan_ms": plan_ms,
+        "choice": None,
+        "choice_id": None,
+        "artifact": None,
+        "measured": None,
+        "predicted": None,
+        "candidates": candidates,
+        "wall_seconds": None,
+    }
+    if chosen:
+        est, record = chosen
+        compressed, calibrated, verified, benched = record["stages"]
+        artifact_dir = run_dir / "artifact"
+        with atomic_path(artifact_dir) as tmp:
+            tmp.mkdir()
+            for f in calibrated.artifact.parent.iterdir():
+                if f.name != "stage.json" and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision)
+            if "build_command" in notes:
+                (tmp / "build_engine.sh").write_text("#!/bin/sh\nset -e\ncd \"$(dirname \"$0\")\"\n" + notes["build_command"] + "\n")
+        x, y = data.split("test")
+        original = load_model(entries[est.candidate.model], data.num_classes)
+        original_pred = predict_torch(original, x).argmax(1)
+        report.update({
+            "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
+            "choice_id": est.candidate.id,
+            "artifact": str((artifact_dir / calibrated.artifact.name).relative_to(run_dir)),
+            "measured": record["measured"],
+            "measured_where": benched.where,
+            "benchmark": benched.measured,
+            "verified_in": verified.verified_in,
+            "calibration": calibrated.calibration,
+            "finetune": dataclasses.asdict(options.finetune) if compressed.finetune_steps else None,
+            "predicted": {"latency_ms": est.cost.latency_ms, "memory_mb": est.cost.memory_mb, "accuracy": est.accuracy},
+            "per_class_accuracy": {
+                "classes": list(data.class_names),
+                "original": per_class_accuracy(original_pred, y, data.num_classes),
+                "compressed": verified.per_class_accuracy,
+            },
+            "deploy": notes,
+        })
+    report["wall_seconds"] = round(time.time() - started, 1)
+    return report
+
+
+def _method_description(candidate) -> str:
+    from edgecompress.methods import get_method
+
+    method = get_method(candidate.prune.method)
+    return method.description if method.kind == "none" else f"{method.description}, ratio {candidate.prune.ratio:.2f}"
+
+
+def command_line() -> str:
+    import shlex
+
+    return shlex.join(["edgecompress", *sys.argv[1:]])

@@ -1,0 +1,181 @@
+"""The ``edgecompress`` command line.
+
+Errors the tool raises on purpose become one line on stderr: exit 2 for bad
+input, 1 for anything else. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgecompress.errors import EdgecompressError, UsageError
+from edgecompress.units import parse_fraction, parse_latency_ms, parse_size_bytes
+
+
+def _budget(latency, memory, max_drop):
+    from edgecompress.planner import Budget
+
+    return Budget(
+        latency_ms=parse_latency_ms(latency) if latency is not None else None,
+        memory_mb=parse_size_bytes(memory) / 1e6 if memory is not None else None,
+        max_accuracy_drop=parse_fraction(max_drop) if max_drop is not None else None,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="edgecompress")
+def cli(debug):
+    """Compress a trained network until it fits an edge device's budget."""
+
+
+@cli.command()
+@click.option("--target", "target_name", required=True, help="Device target (see `edgecompress targets`).")
+@click.option("--latency", help="Latency budget, e.g. 10ms, 800us, 1.2s (median, batch 1).")
+@click.option("--memory", help="Memory budget, e.g. 8MB, 512KiB.")
+@click.option("--max-accuracy-drop", "max_drop", help="Allowed top-1 drop, e.g. 1% or 0.01.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder directory (default: the embedded digits).")
+@click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<timestamp>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out, reusing finished stages.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--max-tries", default=4, show_default=True, type=click.IntRange(1, 100), help="Candidates to build before giving up.")
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, as_json):
+    """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
+    from edgecompress.build import BuildOptions, command_line, run_build
+    from edgecompress.targets import get_target
+
+    if resume and force:
+        raise UsageError("--resume and --force contradict each other; pick one")
+    if resume and out is None:
+        raise UsageError("--resume needs --out DIR, the run to continue")
+    target = get_target(target_name)
+    options = BuildOptions(
+        target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
+        out=out, resume=resume, force=force, max_tries=max_tries, image_size=image_size, command=command_line(),
+    )
+    report = run_build(options)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        m, c = report["measured"], report["choice"]
+        lat = m["latency_ms_median"]
+        lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report['predicted']['latency_ms']:.3f} ms predicted (not measured)"
+        click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: "
+                   f"{lat_text}, accuracy {m['accuracy'] * 100:.2f}% (uncompressed {m['baseline_accuracy'] * 100:.2f}%)")
+        click.echo(f"artifact: {Path(options.out or '.') / report['artifact'] if options.out else report['artifact']}")
+        click.echo(f"report: {report.get('report_path', 'report.html in the run directory')}")
+
+
+@cli.command()
+@click.option("--target", "target_name", required=True)
+@click.option("--latency")
+@click.option("--memory")
+@click.option("--max-accuracy-drop", "max_drop")
+@click.option("--model", "models", multiple=True)
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True)
+def plan(target_name, latency, memory, max_drop, models, top, as_json):
+    """Rank candidates for TARGET without compressing anything."""
+    from edgecompress.build import model_facts, resolve_models
+    from edgecompress.data import load_digits
+    from edgecompress.planner import plan as make_plan
+    from edgecompress.targets import get_target
+
+    target = get_target(target_name)
+    budget = _budget(latency, memory, max_drop)
+    data = load_digits(32)
+    profiles, accuracies = model_facts(resolve_models(tuple(models), data), data)
+    the_plan = make_plan(target, budget, profiles, accuracies)
+    rows = [e.to_dict() for e in the_plan.ranked[:top]]
+    if as_json:
+        click.echo(json.dumps({"target": target.name, "budget": budget.to_dict(), "accuracy_basis": the_plan.accuracy_basis,
+                               "recommendations": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{target.name}: top {len(rows)} (accuracy: {the_plan.accuracy_basis})")
+    for col in ("candidate", "pred. latency ms", "pred. memory MB", "pred. accuracy", "fits"):
+        table.add_column(col)
+    for e in the_plan.ranked[:top]:
+        table.add_row(e.candidate.id, f"{e.cost.latency_ms:.3f}", f"{e.cost.memory_mb:.1f}",
+                      f"{e.accuracy * 100:.2f}%" if e.accuracy is not None else "?", "yes" if e.fits else "no")
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True)
+def targets(pattern, as_json):
+    """List device targets (without importing any runtime)."""
+    from edgecompress.targets import get_target, list_targets
+
+    names = list_targets(pattern)
+    if as_json:
+        click.echo(json.dumps([get_target(n).to_dict() for n in names], indent=2))
+        return
+    for name in names:
+        t = get_target(name)
+        alias = f" (alias {', '.join(t.aliases)})" if t.aliases else ""
+        click.echo(f"{name:18s} {t.runtime_name:12s} {','.join(t.precisions):15s} {t.description}{alias}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", "target_name", required=True)
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(0, 100000))
+def bench(artifact, target_name, runs, warmup):
+    """Time ARTIFACT in TARGET's runtime (batch 1) and print JSON."""
+    from edgecompress.targets import get_target
+
+    target = get_target(target_name)
+    if not artifact.is_file():
+        raise UsageError(f"artifact {artifact} does not exist")
+    result = target.runtime().benchmark(artifact, warmup=warmup, runs=runs)
+    if result is None:
+        raise UsageError(f"{target.name} cannot be measured on this machine (no device); see the build's predicted latency")
+    click.echo(json.dumps(result, indent=2))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="edgecompress", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("edgecompress: interrupted; finished stages are kept (rerun with --resume)", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"edgecompress: {exc.format_message()}", err=True)
+        return 2
+    except EdgecompressError as exc:
+        if debug:
+            raise
+        click.echo(f"edgecompress: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("edgecompress: interrupted; finished stages are kept (rerun with --resume)", err=True)
+        return 130
+    except Exception as exc:  # an internal error: a bug, not bad input
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"edgecompress: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""One exception tree for the whole tool.
+
+The CLI turns every :class:`EdgecompressError` into one line on stderr; user
+mistakes (:class:`UsageError` and its children) exit with code 2, everything
+else with code 1 and a hint to rerun with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class EdgecompressError(Exception):
+    """Base of every error the tool raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(EdgecompressError):
+    """Bad input from the user: a budget, a name, a path, a file."""
+
+    exit_code = 2
+
+
+class UnknownNameError(UsageError):
+    """A registry lookup (target, model, method, runtime) found nothing."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        known = sorted(known)
+        hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        message = f"unknown {kind} {name!r}"
+        if hint:
+            message += f"; did you mean {hint[0]!r}?"
+        else:
+            message += f"; known: {', '.join(known)}"
+        super().__init__(message)
+        self.kind, self.name, self.known = kind, name, known
+
+
+class DataError(UsageError):
+    """A data directory or data file the tool cannot use."""
+
+
+class WeightsError(UsageError):
+    """A weights file that is missing, corrupt, or of another architecture."""
+
+
+class TargetFileError(UsageError):
+    """A malformed target description; the message names the file and the key."""
+
+
+class BudgetError(UsageError):
+    """A budget nothing can meet, or that contradicts the target."""
+
+
+class RunDirError(UsageError):
+    """An output directory that would be overwritten, or a resume that does not match."""
+
+
+class RuntimeUnavailableError(EdgecompressError):
+    """The runtime a target needs is not installed here."""
+
+
+class NumericalError(EdgecompressError):
+    """A compressed model produced NaN or Inf."""

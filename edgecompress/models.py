@@ -1,0 +1,146 @@
+"""The model registry: the embedded zoo and users' own timm weights.
+
+``list_models("mobile*")`` and ``get_model("lcnet_050")`` query the zoo that
+ships with the package; ``parse_model_spec("timm:resnet18=w.pth")`` describes a
+user's model. :func:`load_model` builds the timm architecture and loads its
+weights with ``torch.load(..., weights_only=True)``, checking the sha256 where
+the zoo manifest has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import pickle
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+from edgecompress.errors import UnknownNameError, UsageError, WeightsError
+from edgecompress.fsutil import sha256_file
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+MANIFEST = ZOO_DIR / "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    architecture: str
+    weights: Path
+    source: str  # "zoo" or "user"
+    input_size: int | None = None
+    num_classes: int | None = None
+    params: int | None = None
+    flops: int | None = None
+    test_accuracy: float | None = None
+    sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weights"] = str(self.weights)
+        return d
+
+
+@lru_cache(maxsize=1)
+def _zoo() -> dict[str, ModelEntry]:
+    if not MANIFEST.exists():
+        return {}
+    data = json.loads(MANIFEST.read_text())
+    entries = {}
+    for row in data["models"]:
+        entries[row["name"]] = ModelEntry(
+            name=row["name"],
+            architecture=row["architecture"],
+            weights=ZOO_DIR / row["file"],
+            source="zoo",
+            input_size=row["input_size"],
+            num_classes=row["num_classes"],
+            params=row["params"],
+            flops=row["flops"],
+            test_accuracy=row["test_accuracy"],
+            sha256=row["sha256"],
+        )
+    return entries
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _zoo() if fnmatch.fnmatch(n, pattern))
+
+
+def get_model(name: str) -> ModelEntry:
+    zoo = _zoo()
+    if name not in zoo:
+        raise UnknownNameError("model", name, zoo)
+    return zoo[name]
+
+
+def parse_model_spec(spec: str) -> ModelEntry:
+    """``NAME`` (zoo) or ``timm:ARCH=path/to/weights.pth`` (user weights)."""
+    if not spec.startswith("timm:"):
+        return get_model(spec)
+    body = spec[len("timm:"):]
+    if "=" not in body:
+        raise UsageError(f"model {spec!r}: write timm:ARCH=path/to/weights.pth")
+    arch, path = body.split("=", 1)
+    import timm
+
+    if arch not in timm.list_models():
+        raise UnknownNameError("timm architecture", arch, timm.list_models())
+    weights = Path(path).expanduser()
+    if not weights.is_file():
+        raise WeightsError(f"weights file {weights} does not exist")
+    zoo_match = {e.sha256: e for e in _zoo().values()}
+    digest = sha256_file(weights)
+    known = zoo_match.get(digest)
+    return ModelEntry(
+        name=f"{arch}@{weights.stem}",
+        architecture=arch,
+        weights=weights,
+        source="user",
+        sha256=digest,
+        test_accuracy=known.test_accuracy if known else None,
+    )
+
+
+def load_model(entry: ModelEntry, num_classes: int):
+    """Build ``entry.architecture`` with ``num_classes`` outputs and load its weights (fp32, eval mode)."""
+    import timm
+    import torch
+
+    if not entry.weights.is_file():
+        raise WeightsError(f"weights file {entry.weights} for {entry.name} does not exist")
+    if entry.source == "zoo" and entry.sha256 and sha256_file(entry.weights) != entry.sha256:
+        raise WeightsError(f"weights file {entry.weights} does not match the zoo manifest's sha256")
+    if entry.num_classes is not None and entry.num_classes != num_classes:
+        raise UsageError(
+            f"model {entry.name} was trained for {entry.num_classes} classes; the data has {num_classes}"
+        )
+    try:
+        state = torch.load(entry.weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise WeightsError(f"cannot read weights file {entry.weights}: {str(exc).splitlines()[0][:200]}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {entry.weights} holds no state dict")
+    model = timm.create_model(entry.architecture, pretrained=False, num_classes=num_classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights file {entry.weights} does not fit architecture {entry.architecture}: "
+            f"{len(missing)} missing and {len(unexpected)} unexpected tensors"
+            + (f" (first missing: {missing[0]})" if missing else "")
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            head = "; is the number of classes right?" if tensor.ndim and key.startswith(("classifier", "fc", "head")) else ""
+            raise WeightsError(
+                f"weights file {entry.weights}: tensor {key} has shape {tuple(tensor.shape)}, "
+                f"{entry.architecture} expects {tuple(expected[key].shape)}{head}"
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.eval()

@@ -1,0 +1,257 @@
+"""The build pipeline: plan -> compress -> export -> calibrate -> verify -> benchmark -> report.
+
+Each stage is a function from one typed artifact to the next, writing only
+into the directory it is given. :class:`Pipeline` chooses those directories
+inside the run directory, writes each stage to a temporary name and renames it
+when complete, with the stage's spec hash in ``stage.json``; a resumed build
+reuses every finished stage whose hash matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress.data import Dataset
+from edgecompress.errors import EdgecompressError, NumericalError
+from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.models import ModelEntry, load_model
+from edgecompress.runtimes.base import export_onnx
+from edgecompress.targets import Target
+from edgecompress.train import finetune, predict_torch
+
+BENCH_WARMUP = 20
+BENCH_RUNS = 200
+
+
+# ---------------------------------------------------------------- artifacts
+@dataclasses.dataclass(frozen=True)
+class CompressedModel:
+    candidate: Candidate
+    checkpoint: Path  # pickled torch module (our own file; pruning changes the architecture)
+    baseline_accuracy: float
+    pruned_accuracy_torch: float
+    params: int
+    zero_share: float
+    finetune_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedModel:
+    candidate: Candidate
+    onnx: Path  # fp32 ONNX every runtime starts from
+    artifact: Path  # in the runtime's format, at fp32/fp16 (int8 comes from calibrate)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedModel:
+    candidate: Candidate
+    artifact: Path
+    calibration: dict  # {"source": "real"|"none", "samples": int}
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedModel:
+    candidate: Candidate
+    artifact: Path
+    accuracy: float
+    per_class_accuracy: list
+    verified_in: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkResult:
+    candidate: Candidate
+    artifact: Path
+    measured: dict | None  # runner output; None when nothing could be measured
+    where: str
+
+
+def _to_json(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Path):
+        return {"__path__": str(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    return obj
+
+
+def _candidate_from(d: dict) -> Candidate:
+    return Candidate(model=d["model"], prune=PruneSpec(**d["prune"]), quant=QuantSpec(**d["quant"]))
+
+
+def _from_json(cls, data: dict, stage_dir: Path):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        if f.name == "candidate":
+            value = _candidate_from(value)
+        elif isinstance(value, dict) and "__path__" in value:
+            value = stage_dir / value["__path__"]
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _relative(obj, base: Path):
+    """The artifact with paths inside ``base`` made relative to it (for stage.json)."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Path) and base in value.parents:
+            changes[f.name] = value.relative_to(base)
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- stages
+def _zero_share(model) -> float:
+    weights = [p.detach() for p in model.parameters() if p.ndim > 1]
+    total = sum(w.numel() for w in weights)
+    return float(sum(int((w == 0).sum()) for w in weights) / max(total, 1))
+
+
+def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_spec: FinetuneSpec, out: Path, *, progress=None) -> CompressedModel:
+    """Prune (if asked), fine-tune briefly on the train split, save the torch model."""
+    import torch
+
+    model = load_model(entry, data.num_classes)
+    x_test, y_test = data.split("test")
+    baseline_accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
+    method = get_method(candidate.prune.method)
+    example = torch.zeros(data.input_shape)
+    steps = 0
+    if method.kind != "none":
+        model = method.prepare(model, candidate.prune.ratio, example)
+        steps = finetune_spec.steps
+        model = finetune(
+            model, *data.split("train"), steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
+            seed=finetune_spec.seed, on_step=progress,
+        )
+        model = method.finalize(model, example).eval()
+    accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
+    checkpoint = out / "model.pt"
+    torch.save(model, checkpoint)
+    return CompressedModel(
+        candidate=candidate, checkpoint=checkpoint, baseline_accuracy=baseline_accuracy,
+        pruned_accuracy_torch=accuracy, params=sum(p.numel() for p in model.parameters()),
+        zero_share=_zero_share(model), finetune_steps=steps,
+    )
+
+
+def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path) -> ExportedModel:
+    import torch
+
+    model = torch.load(compressed.checkpoint, weights_only=False)
+    onnx_path = export_onnx(model, data.input_shape, out / "model_fp32.onnx")
+    runtime_dir = out / "runtime"
+    runtime_dir.mkdir()
+    precision = compressed.candidate.quant.precision
+    artifact = target.runtime().export(onnx_path, "fp32" if precision == "int8" else precision, runtime_dir)
+    return ExportedModel(candidate=compressed.candidate, onnx=onnx_path, artifact=artifact)
+
+
+def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path) -> CalibratedModel:
+    """int8: NNCF post-training quantization of the exported graph on the calibration split."""
+    if exported.candidate.quant.precision != "int8":
+        return CalibratedModel(candidate=exported.candidate, artifact=exported.artifact, calibration={"source": "none", "samples": 0})
+    images, _ = data.split("calib")
+    artifact = target.runtime().quantize(exported.artifact, images, out)
+    return CalibratedModel(
+        candidate=exported.candidate, artifact=artifact, calibration={"source": "real", "samples": int(len(images))}
+    )
+
+
+def run_session(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([session(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list:
+    return [float((pred[labels == c] == c).mean()) if (labels == c).any() else None for c in range(num_classes)]
+
+
+def verify(calibrated: CalibratedModel, target: Target, data: Dataset) -> VerifiedModel:
+    """Top-1 accuracy of the artifact itself, run in a runtime, on the test split."""
+    runtime = target.runtime()
+    images, labels = data.split("test")
+    logits = run_session(runtime.session(calibrated.artifact), images)
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        raise NumericalError(f"{calibrated.candidate.id}: {bad} of {len(labels)} test outputs hold NaN or Inf")
+    pred = logits.argmax(1)
+    where = "onnxruntime (QDQ/ONNX graph; the TensorRT engine is built on the device)" if runtime.name == "tensorrt" else runtime.name
+    return VerifiedModel(
+        candidate=calibrated.candidate, artifact=calibrated.artifact, accuracy=float((pred == labels).mean()),
+        per_class_accuracy=per_class_accuracy(pred, labels, data.num_classes), verified_in=where,
+    )
+
+
+def benchmark(verified: VerifiedModel, target: Target) -> BenchmarkResult:
+    runtime = target.runtime()
+    measured = runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS)
+    where = "this machine" if measured is not None else "not measured: no device; latency is the target model's prediction"
+    return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
+
+
+# ---------------------------------------------------------------- orchestration
+class Pipeline:
+    """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
+
+    def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec):
+        self.run_dir = Path(run_dir)
+        self.target = target
+        self.data = data
+        self.entries = entries
+        self.finetune_spec = finetune_spec
+        self.reused: list[str] = []
+
+    def candidate_dir(self, candidate: Candidate) -> Path:
+        return self.run_dir / "candidates" / candidate.id
+
+    def _stage(self, candidate: Candidate, name: str, key: str, cls, fn):
+        stage_dir = self.candidate_dir(candidate) / name
+        marker = stage_dir / "stage.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if saved.get("spec_hash") == key:
+                self.reused.append(f"{candidate.id}/{name}")
+                return _from_json(cls, saved["artifact"], stage_dir)
+        with atomic_path(stage_dir) as tmp:
+            tmp.mkdir()
+            started = time.time()
+            artifact = fn(tmp)
+            write_json(tmp / "stage.json", {
+                "stage": name, "spec_hash": key, "seconds": round(time.time() - started, 3),
+                "artifact": _to_json(_relative(artifact, tmp)),
+            })
+        return _from_json(cls, _to_json(_relative(artifact, tmp)), stage_dir)
+
+    def run_candidate(self, candidate: Candidate, *, progress=None) -> tuple[CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult]:
+        entry = self.entries[candidate.model]
+        data_key = self.data.fingerprint()
+        k_compress = spec_hash("compress", candidate, self.finetune_spec, entry.sha256, data_key)
+        compressed = self._stage(candidate, "compress", k_compress, CompressedModel,
+                                 lambda out: compress(candidate, entry, self.data, self.finetune_spec, out, progress=progress))
+        k_export = spec_hash("export", k_compress, self.target.name)
+        exported = self._stage(candidate, "export", k_export, ExportedModel,
+                               lambda out: export(compressed, self.target, self.data, out))
+        k_calib = spec_hash("calibrate", k_export)
+        calibrated = self._stage(candidate, "calibrate", k_calib, CalibratedModel,
+                                 lambda out: calibrate(exported, self.target, self.data, out))
+        k_verify = spec_hash("verify", k_calib)
+        verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
+                               lambda out: verify(calibrated, self.target, self.data))
+        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS)
+        benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
+                              lambda out: benchmark(verified, self.target))
+        return compressed, calibrated, verified, benched
+
+
+class CandidateRejected(EdgecompressError):
+    """A candidate that failed a check (budget, accuracy, numerics); the build tries the next."""
