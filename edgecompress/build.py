@@ -169,6 +169,7 @@ def run_build(options: BuildOptions, console=None) -> dict:
                 break
 
     report = _report(options, the_plan, outcomes, chosen, data, entries, run_dir, plan_ms, started)
+    report["reused_stages"] = pipeline.reused
     write_report(run_dir, report)
     if chosen is None:
         built = [(cid, o) for cid, o in outcomes.items() if "measured" in o]
@@ -210,6 +211,7 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
         "predicted": None,
         "candidates": candidates,
         "wall_seconds": None,
+        "run_dir": str(run_dir),
     }
     if chosen:
         est, record = chosen

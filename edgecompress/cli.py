@@ -45,10 +45,12 @@ def cli(debug):
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--max-tries", default=4, show_default=True, type=click.IntRange(1, 100), help="Candidates to build before giving up.")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
+@click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000), help="Optimiser steps of fine-tuning after pruning.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, as_json):
+def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps, as_json):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
+    from edgecompress.methods import FinetuneSpec
     from edgecompress.targets import get_target
 
     if resume and force:
@@ -59,6 +61,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
         out=out, resume=resume, force=force, max_tries=max_tries, image_size=image_size, command=command_line(),
+        finetune=FinetuneSpec(steps=finetune_steps),
     )
     report = run_build(options)
     if as_json:
@@ -69,8 +72,8 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
         lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report['predicted']['latency_ms']:.3f} ms predicted (not measured)"
         click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: "
                    f"{lat_text}, accuracy {m['accuracy'] * 100:.2f}% (uncompressed {m['baseline_accuracy'] * 100:.2f}%)")
-        click.echo(f"artifact: {Path(options.out or '.') / report['artifact'] if options.out else report['artifact']}")
-        click.echo(f"report: {report.get('report_path', 'report.html in the run directory')}")
+        click.echo(f"artifact: {Path(report['run_dir']) / report['artifact']}")
+        click.echo(f"report: {Path(report['run_dir']) / 'report.html'}")
 
 
 @cli.command()

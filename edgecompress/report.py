@@ -9,9 +9,9 @@ from pathlib import Path
 from edgecompress.fsutil import write_json, write_text
 
 
-def _scatter_svg(points: list[dict], budget_ms: float | None, *, width=720, height=380) -> str:
+def _scatter_svg(points: list[dict], budget_ms: float | None, *, width=720, height=400) -> str:
     """Accuracy vs latency. points: {x, y, kind: predicted|measured|chosen, label}."""
-    pad_l, pad_r, pad_t, pad_b = 60, 20, 20, 50
+    pad_l, pad_r, pad_t, pad_b = 60, 20, 20, 70
     xs = [p["x"] for p in points if p["x"] and p["x"] > 0] + ([budget_ms] if budget_ms else [])
     ys = [p["y"] for p in points if p["y"] is not None]
     if not xs or not ys:
@@ -34,7 +34,7 @@ def _scatter_svg(points: list[dict], budget_ms: float | None, *, width=720, heig
         parts.append(f'<text x="{sx(10 ** lx):.1f}" y="{height - pad_b + 16}" font-size="11" text-anchor="middle">{10 ** lx:.3g}</text>')
         ly = y_lo + (y_hi - y_lo) * i / 5
         parts.append(f'<text x="{pad_l - 6}" y="{sy(ly) + 4:.1f}" font-size="11" text-anchor="end">{ly * 100:.1f}%</text>')
-    parts.append(f'<text x="{(width + pad_l) / 2}" y="{height - 12}" font-size="12" text-anchor="middle">latency, ms (log scale)</text>')
+    parts.append(f'<text x="{(width + pad_l) / 2}" y="{height - pad_b + 34}" font-size="12" text-anchor="middle">latency, ms (log scale)</text>')
     parts.append(f'<text x="14" y="{(height - pad_b) / 2}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {(height - pad_b) / 2})">top-1 accuracy</text>')
     if budget_ms:
         bx = sx(budget_ms)
@@ -50,9 +50,9 @@ def _scatter_svg(points: list[dict], budget_ms: float | None, *, width=720, heig
             if p["kind"] == kind and p["x"] and p["y"] is not None:
                 parts.append(f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" {style[kind]}><title>{html.escape(p["label"])}</title></circle>')
     legend = [("predicted (not built)", "#8aa8d8"), ("built and measured", "#f0a030"), ("chosen", "#080")]
-    for i, (text, colour) in enumerate(legend):
-        y = pad_t + 14 + 16 * i
-        parts.append(f'<circle cx="{width - 170}" cy="{y - 4}" r="5" fill="{colour}"/><text x="{width - 160}" y="{y}" font-size="11">{text}</text>')
+    for i, (text, colour) in enumerate(legend):  # one row under the axis, clear of the points
+        x = pad_l + 10 + 190 * i
+        parts.append(f'<circle cx="{x}" cy="{height - 12}" r="5" fill="{colour}"/><text x="{x + 10}" y="{height - 8}" font-size="11">{text}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -63,6 +63,12 @@ def _fmt(value, digits=3, suffix=""):
     if isinstance(value, float):
         return f"{value:.{digits}f}{suffix}"
     return f"{value}{suffix}"
+
+
+def _calibration_text(calibration: dict | None) -> str:
+    if not calibration or calibration.get("source") == "none":
+        return "none needed (no int8)"
+    return f"{calibration['samples']} images from the {calibration['source']} calibration split"
 
 
 def render_html(report: dict) -> str:
@@ -122,7 +128,7 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>top-1 accuracy</th><td>max drop {_fmt(budget.get("max_accuracy_drop"), 3)}</td><td>{_fmt(predicted.get("accuracy"), 4)}</td><td>{_fmt(measured.get("accuracy"), 4)} (uncompressed {_fmt(measured.get("baseline_accuracy"), 4)})</td></tr>
 </table>
 <p class="note">Latency and memory: {latency_note}. Accuracy: {html.escape(report.get("verified_in", ""))}, on {report.get("test_samples", "?")} held-out test images.
-Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calibration: {html.escape(str(report.get("calibration")))}.</p>
+Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calibration: {html.escape(_calibration_text(report.get("calibration")))}.</p>
 <h2>Candidates</h2>
 {_scatter_svg(points, budget.get("latency_ms"))}
 <p class="note">{len(report["candidates"])} candidates considered; those built are listed below.</p>

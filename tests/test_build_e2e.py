@@ -1,0 +1,79 @@
+"""End-to-end builds through the CLI (slow: minutes)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgecompress.cli import main
+from edgecompress.data import load_digits
+
+pytestmark = pytest.mark.slow
+
+
+def _build(tmp_path, *extra):
+    out = tmp_path / "run"
+    code = main(["build", "--out", str(out), "--finetune-steps", "30", *extra])
+    return code, out
+
+
+def test_build_openvino_end_to_end(tmp_path, capsys):
+    code, out = _build(tmp_path, "--target", "openvino-cpu", "--latency", "0.25ms",
+                       "--model", "lcnet_050", "--model", "mobilenetv3_small_100")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    for key in ("target", "budget", "choice", "artifact", "measured", "predicted", "candidates"):
+        assert key in report
+    assert set(report["budget"]) == {"latency_ms", "memory_mb", "max_accuracy_drop"}
+    assert set(report["choice"]) >= {"model", "prune_method", "prune_ratio", "precision"}
+    m = report["measured"]
+    assert m["latency_ms_median"] <= 0.25 and m["latency_ms_p90"] >= m["latency_ms_median"]
+    assert m["peak_memory_mb"] > 0 and m["model_size_mb"] > 0
+    assert any(c["tried"] for c in report["candidates"])
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "budget 0.25 ms" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+
+    # Someone else loads the artifact in OpenVINO and gets the reported accuracy.
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(out / report["artifact"]), "CPU")
+    x, y = load_digits(32).split("test")
+    pred = np.concatenate([compiled(x[i:i + 64])[0] for i in range(0, len(x), 64)]).argmax(1)
+    assert abs(float((pred == y).mean()) - m["accuracy"]) <= 0.002
+
+    # Resume: every stage is reused and the choice is the same.
+    code = main(["build", "--out", str(out), "--resume", "--finetune-steps", "30", "--target", "openvino-cpu",
+                 "--latency", "0.25ms", "--model", "lcnet_050", "--model", "mobilenetv3_small_100"])
+    assert code == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["choice"] == report["choice"] and again["measured"] == report["measured"]
+
+
+def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
+    code, out = _build(tmp_path, "--target", "jetson-orin", "--latency", "0.2ms", "--model", "mobilenetv3_small_100")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "jetson-orin-agx"
+    assert report["measured"]["latency_ms_median"] is None  # nothing measured without the device
+    assert "not measured" in report["measured_where"]
+    assert report["measured"]["accuracy"] > 0.5
+    script = (out / "artifact" / "build_engine.sh").read_text()
+    assert "trtexec --onnx=model.onnx" in script
+
+
+def test_user_data_and_weights(tmp_path, capsys, weights_file):
+    from conftest import write_images
+
+    write_images(tmp_path / "data", [str(i) for i in range(10)], per_class=12)
+    code, out = _build(tmp_path, "--target", "ort-cpu", "--latency", "50ms", "--data", str(tmp_path / "data"),
+                       "--model", f"timm:lcnet_050={weights_file}", "--image-size", "24")
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["image_size"] == 24 and report["choice"]["model"].startswith("lcnet_050@")
+
+
+def test_nothing_fits_exit_2_names_fastest(tmp_path, capsys):
+    code, out = _build(tmp_path, "--target", "ort-cpu", "--latency", "0.02ms", "--model", "lcnet_050", "--max-tries", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and "no candidate met the budget" in err and "the fastest built was" in err
+    assert (out / "report.json").exists()

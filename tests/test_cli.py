@@ -1,0 +1,106 @@
+"""Every bad input: exit code 2, one line on stderr, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgecompress.cli import main
+
+from conftest import write_images
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+BAD_INPUTS = [
+    (["build", "--target", "openvino-cpu", "--latency", "abc"], "cannot read latency budget"),
+    (["build", "--target", "openvino-cpu", "--latency", "-1ms"], "cannot read latency budget"),
+    (["build", "--target", "openvino-cpu", "--latency", "0ms"], "must be greater than zero"),
+    (["build", "--target", "openvino-cpu", "--latency", "10"], "needs a unit"),
+    (["build", "--target", "openvino-cpu", "--latency", "0.00001ms"], "out of reach"),
+    (["build", "--target", "openvino-cpu", "--memory", "1KB"], "out of reach"),
+    (["build", "--target", "jetson-orin-nano", "--latency", "1ms", "--memory", "20GB"], "exceeds jetson-orin-nano's RAM"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--max-accuracy-drop", "150%"], "between 0% and 100%"),
+    (["build", "--target", "openvino-cpu"], "give a budget"),
+    (["build", "--target", "jetson-orn", "--latency", "1ms"], "did you mean 'jetson-orin'"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "resnet10"], "did you mean 'resnet10t'"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18"], "timm:ARCH=path"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18=/nonexistent.pth"], "does not exist"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--data", "/nonexistent"], "does not exist"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume"], "--resume needs --out"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume", "--force", "--out", "x"], "contradict"),
+    (["build", "--latency", "1ms"], "Missing option '--target'"),
+    (["bench", "/nonexistent.onnx", "--target", "ort-cpu"], "does not exist"),
+    (["nosuchcommand"], "No such command"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_data_without_model(capsys, tmp_path):
+    write_images(tmp_path, ["a", "b"], per_class=10)
+    code, _, err = run_cli(capsys, "build", "--target", "ort-cpu", "--latency", "1ms", "--data", str(tmp_path))
+    assert code == 2 and "pass your models as --model timm:ARCH=weights.pth" in err
+
+
+def test_classes_do_not_match_model(capsys, tmp_path, weights_file):
+    write_images(tmp_path / "data", ["a", "b", "c"], per_class=10)
+    code, _, err = run_cli(capsys, "build", "--target", "ort-cpu", "--latency", "1ms", "--data", str(tmp_path / "data"),
+                           "--model", f"timm:lcnet_050={weights_file}", "--out", str(tmp_path / "run"))
+    assert code == 2 and "number of classes" in err
+
+
+def test_existing_out_dir_is_refused_and_kept(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "build", "--target", "ort-cpu", "--latency", "1ms", "--out", str(out))
+    assert code == 2 and "--resume" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_targets_json(capsys):
+    code, out, _ = run_cli(capsys, "targets", "--json")
+    assert code == 0
+    names = {t["name"] for t in json.loads(out)}
+    assert {"ort-cpu", "openvino-cpu", "jetson-orin-agx"} <= names
+
+
+def test_plan_json(capsys):
+    code, out, _ = run_cli(capsys, "plan", "--target", "openvino-cpu", "--latency", "0.3ms", "--top", "5", "--json")
+    assert code == 0
+    rows = json.loads(out)["recommendations"]
+    assert len(rows) == 5 and all(r["predicted"]["latency_ms"] > 0 for r in rows)
+
+
+def test_real_process_bad_input_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "edgecompress.cli", "build", "--target", "nope", "--latency", "1ms"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_internal_error_exit_1_with_debug_hint(capsys, monkeypatch):
+    import edgecompress.targets as targets
+
+    def boom(pattern="*"):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(targets, "list_targets", boom)
+    code, _, err = run_cli(capsys, "targets")
+    assert code == 1 and "--debug" in err and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "targets"])

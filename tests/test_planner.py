@@ -1,0 +1,79 @@
+import pytest
+
+from edgecompress.costmodel import predict_cost
+from edgecompress.errors import BudgetError, UsageError
+from edgecompress.layers import profile_layers
+from edgecompress.methods import severity
+from edgecompress.models import get_model, list_models, load_model
+from edgecompress.planner import Budget, check_reachable, plan
+from edgecompress.targets import get_target
+
+
+@pytest.fixture(scope="module")
+def facts():
+    profiles, accuracies = {}, {}
+    for name in list_models():
+        entry = get_model(name)
+        profiles[name] = profile_layers(load_model(entry, 10), (1, 3, 32, 32))
+        accuracies[name] = entry.test_accuracy
+    return profiles, accuracies
+
+
+def test_cost_model_directions(facts):
+    profiles, _ = facts
+    layers = profiles["resnet10t"]
+    t = get_target("openvino-cpu")
+    dense = predict_cost(layers, t, "fp32")
+    assert predict_cost(layers, t, "fp32", channel_keep=0.5).latency_ms < dense.latency_ms
+    assert predict_cost(layers, t, "int8").latency_ms < dense.latency_ms
+    assert predict_cost(layers, t, "int8").memory_mb < dense.memory_mb
+    assert predict_cost(layers, t, "fp32", channel_keep=0.5).params < 0.35 * dense.params
+
+
+@pytest.mark.parametrize("target_name", ["ort-cpu", "openvino-cpu", "jetson-orin-nano"])
+@pytest.mark.parametrize("latency_ms", [0.1, 0.3, 1.0])
+def test_plan_respects_budget_and_ranks(facts, target_name, latency_ms):
+    profiles, accuracies = facts
+    p = plan(get_target(target_name), Budget(latency_ms=latency_ms), profiles, accuracies)
+    fits = [e for e in p.ranked if e.fits]
+    assert p.ranked[: len(fits)] == tuple(fits)  # everything inside the budget comes first
+    assert all(e.cost.latency_ms <= latency_ms for e in fits)
+    assert all(e.cost.latency_ms > latency_ms for e in p.ranked[len(fits):])
+    keys = [(-e.accuracy, severity(e.candidate)) for e in fits]
+    assert keys == sorted(keys)
+
+
+def test_plan_memory_budget(facts):
+    profiles, accuracies = facts
+    p = plan(get_target("ort-cpu"), Budget(memory_mb=12.0), profiles, accuracies)
+    assert all(e.cost.memory_mb <= 12.0 for e in p.ranked if e.fits)
+
+
+def test_unreachable_budget_names_fastest(facts):
+    profiles, accuracies = facts
+    p = plan(get_target("openvino-cpu"), Budget(latency_ms=0.0001), profiles, accuracies)
+    with pytest.raises(BudgetError, match="out of reach.*fastest candidate.*predicted at"):
+        check_reachable(p)
+
+
+def test_budget_over_ram(facts):
+    profiles, accuracies = facts
+    with pytest.raises(BudgetError, match="exceeds jetson-orin-nano's RAM"):
+        plan(get_target("jetson-orin-nano"), Budget(latency_ms=1, memory_mb=9000), profiles, accuracies)
+
+
+def test_no_budget(facts):
+    with pytest.raises(UsageError, match="give a budget"):
+        plan(get_target("ort-cpu"), Budget(), *facts)
+
+
+def test_jetson_int8_and_sparsity_model(facts):
+    """Unstructured sparsity is free of speed-up on dense kernels; int8 helps compute-bound convs."""
+    from edgecompress.methods import get_method
+
+    profiles, accuracies = facts
+    p = plan(get_target("jetson-orin-agx"), Budget(latency_ms=1.0), profiles, accuracies)
+    by_id = {e.candidate.id: e for e in p.ranked}
+    dense = by_id["resnet10t__dense__fp32"].cost.latency_ms
+    assert by_id["resnet10t__nncf.magnitude_global-0.90__fp32"].cost.latency_ms == pytest.approx(dense)
+    assert get_method("nncf.magnitude_global").channel_keep(0.9) == 1.0

@@ -1,0 +1,114 @@
+"""Each pipeline stage on a small zoo model, for every target's runtime."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgecompress import pipeline
+from edgecompress.errors import NumericalError
+from edgecompress.methods import METHODS, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method
+from edgecompress.models import get_model, load_model
+from edgecompress.targets import get_target
+
+MODEL = "lcnet_050"
+TINY_FT = FinetuneSpec(steps=3, batch_size=16)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_contract(method, digits):
+    """prepare + finalize keeps the output shape; pruning does what its kind says."""
+    spec = get_method(method)
+    model = load_model(get_model(MODEL), 10)
+    params = sum(p.numel() for p in model.parameters())
+    example = torch.zeros(digits.input_shape)
+    ratio = 0.0 if spec.kind == "none" else 0.5
+    pruned = spec.finalize(spec.prepare(model, ratio, example), example).eval()
+    assert pruned(example).shape == (1, 10)
+    if spec.kind == "channel":
+        assert sum(p.numel() for p in pruned.parameters()) < 0.6 * params
+    if spec.kind == "unstructured":
+        assert pipeline._zero_share(pruned) == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def compressed_channel(tmp_path_factory, digits):
+    cand = Candidate(model=MODEL, prune=PruneSpec(method="torch_pruning.l1", ratio=0.5), quant=QuantSpec(precision="int8"))
+    out = tmp_path_factory.mktemp("compress")
+    return pipeline.compress(cand, get_model(MODEL), digits, TINY_FT, out)
+
+
+def test_compress_removes_channels_and_finetunes(compressed_channel):
+    assert compressed_channel.checkpoint.is_file()
+    assert compressed_channel.params < get_model(MODEL).params * 0.6
+    assert compressed_channel.finetune_steps == TINY_FT.steps
+    assert compressed_channel.baseline_accuracy == pytest.approx(get_model(MODEL).test_accuracy)
+
+
+def test_compress_unstructured_keeps_sparsity_after_finetune(tmp_path, digits):
+    cand = Candidate(model=MODEL, prune=PruneSpec(method="nncf.magnitude_global", ratio=0.7), quant=QuantSpec())
+    out = pipeline.compress(cand, get_model(MODEL), digits, TINY_FT, tmp_path)
+    assert out.zero_share == pytest.approx(0.7, abs=0.05)
+
+
+@pytest.mark.parametrize("target_name", ["ort-cpu", "openvino-cpu", "jetson-orin-agx"])
+def test_export_calibrate_verify_benchmark(target_name, compressed_channel, digits, tmp_path):
+    target = get_target(target_name)
+    exported = pipeline.export(compressed_channel, target, digits, (tmp_path / "e").resolve())
+    exported.onnx.parent.mkdir(exist_ok=True)
+    calib_dir = tmp_path / "c"
+    calib_dir.mkdir()
+    calibrated = pipeline.calibrate(exported, target, digits, calib_dir)
+    assert calibrated.calibration == {"source": "real", "samples": len(digits.split("calib")[1])}
+    if target.runtime_name == "onnxruntime" or target.runtime_name == "tensorrt":
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(calibrated.artifact)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # explicit quantization (QDQ)
+    verified = pipeline.verify(calibrated, target, digits)
+    # int8 of the fine-tuned pruned model stays close to its torch accuracy.
+    assert abs(verified.accuracy - compressed_channel.pruned_accuracy_torch) < 0.05
+    pipeline.BENCH_RUNS, pipeline.BENCH_WARMUP = 20, 2
+    result = pipeline.benchmark(verified, target)
+    if target.local:
+        assert result.measured["latency_ms_median"] > 0 and result.measured["runs"] == 20
+        assert result.measured["model_size_mb"] > 0
+    else:
+        assert result.measured is None and "not measured" in result.where
+
+
+def test_verify_rejects_nan(tmp_path, digits):
+    """A model whose outputs turn NaN is caught at verify."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Div", ["input", "zero"], ["d"])
+    flat = helper.make_node("GlobalAveragePool", ["d"], ["p"])
+    reshape = helper.make_node("Flatten", ["p"], ["f"])
+    pad = helper.make_node("Tile", ["f", "reps"], ["logits"])
+    graph = helper.make_graph(
+        [node, flat, reshape, pad], "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 30])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]), helper.make_tensor("reps", TensorProto.INT64, [2], [1, 10])],
+    )
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    cand = Candidate(model=MODEL, prune=PruneSpec(), quant=QuantSpec())
+    calibrated = pipeline.CalibratedModel(candidate=cand, artifact=path, calibration={})
+    with pytest.raises(NumericalError, match="NaN or Inf"):
+        pipeline.verify(calibrated, get_target("ort-cpu"), digits)
+
+
+def test_pipeline_reuses_finished_stages(tmp_path, small_digits):
+    entries = {MODEL: get_model(MODEL)}
+    cand = Candidate(model=MODEL, prune=PruneSpec(), quant=QuantSpec(precision="fp32"))
+    pipeline.BENCH_RUNS, pipeline.BENCH_WARMUP = 10, 1
+    first = pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT)
+    a = first.run_candidate(cand)
+    assert first.reused == []
+    second = pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT)
+    b = second.run_candidate(cand)
+    assert len(second.reused) == 5
+    assert a[2].accuracy == b[2].accuracy and a[3].measured == b[3].measured
+    # No temporary directories are left beside the stages.
+    assert not [p for p in tmp_path.rglob("*.tmp")]
