@@ -17,7 +17,7 @@ from edgecompress.layers import profile_layers
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
 from edgecompress.pipeline import Pipeline, per_class_accuracy
-from edgecompress.planner import Budget, Plan, check_reachable, plan
+from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.report import write_report
 from edgecompress.targets import Target
 from edgecompress.train import predict_torch
@@ -65,16 +65,22 @@ def model_facts(entries: dict[str, ModelEntry], data: Dataset):
     return profiles, accuracies
 
 
-def prepare_run_dir(options: BuildOptions) -> Path:
+def check_run_dir(options: BuildOptions) -> Path:
+    """Where the run goes; refuses to touch an existing run without --resume/--force. No side effects."""
     out = options.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        if options.resume:
-            return out
-        if not options.force:
-            raise RunDirError(f"output directory {out} exists; pass --resume to continue it or --force to replace it")
-        shutil.rmtree(out)
-    elif options.resume:
+    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if exists and not out.is_dir():
+        raise RunDirError(f"output path {out} exists and is not a directory")
+    if exists and not (options.resume or options.force):
+        raise RunDirError(f"output directory {out} exists; pass --resume to continue it or --force to replace it")
+    if options.resume and not exists:
         raise RunDirError(f"nothing to resume: {out} does not exist")
+    return out
+
+
+def prepare_run_dir(options: BuildOptions, out: Path) -> Path:
+    if options.force and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -100,18 +106,20 @@ def run_build(options: BuildOptions, console=None) -> dict:
     console = console or Console(stderr=True)
     started = time.time()
     target = options.target
+    validate_budget(options.budget, target)
     data = load_dataset(options.data_dir, options.image_size)
     if data.skipped_files:
         console.print(f"[yellow]skipped {data.skipped_files} unreadable images in {options.data_dir}[/]")
     entries = resolve_models(options.model_specs, data)
-    run_dir = prepare_run_dir(options)
-    write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
-                                        "budget": options.budget.to_dict()})
+    out = check_run_dir(options)
     profiles, accuracies = model_facts(entries, data)
     t_plan = time.perf_counter()
     the_plan = plan(target, options.budget, profiles, accuracies)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
+    run_dir = prepare_run_dir(options, out)
+    write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
+                                        "budget": options.budget.to_dict()})
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
                   f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
 

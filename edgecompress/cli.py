@@ -37,7 +37,8 @@ def cli(debug):
 @click.option("--target", "target_name", required=True, help="Device target (see `edgecompress targets`).")
 @click.option("--latency", help="Latency budget, e.g. 10ms, 800us, 1.2s (median, batch 1).")
 @click.option("--memory", help="Memory budget, e.g. 8MB, 512KiB.")
-@click.option("--max-accuracy-drop", "max_drop", help="Allowed top-1 drop, e.g. 1% or 0.01.")
+@click.option("--max-accuracy-drop", "max_drop", default="2%", show_default=True,
+              help="Allowed top-1 drop against the uncompressed model, e.g. 1% or 0.01.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder directory (default: the embedded digits).")
 @click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<timestamp>).")
@@ -110,7 +111,7 @@ def plan(target_name, latency, memory, max_drop, models, top, as_json):
     for e in the_plan.ranked[:top]:
         table.add_row(e.candidate.id, f"{e.cost.latency_ms:.3f}", f"{e.cost.memory_mb:.1f}",
                       f"{e.accuracy * 100:.2f}%" if e.accuracy is not None else "?", "yes" if e.fits else "no")
-    Console().print(table)
+    Console(width=max(Console().width, 130)).print(table)
 
 
 @cli.command()

@@ -107,7 +107,10 @@ def _nncf_magnitude(mode_name: str):
     def prepare(model, ratio, example_input):
         import nncf
 
-        return nncf.prune(model, getattr(nncf.PruneMode, mode_name), ratio=ratio, examples_inputs=example_input)
+        from edgecompress.runtimes.base import nncf_quiet
+
+        with nncf_quiet():
+            return nncf.prune(model, getattr(nncf.PruneMode, mode_name), ratio=ratio, examples_inputs=example_input)
 
     return prepare
 

@@ -50,7 +50,7 @@ def test_build_openvino_end_to_end(tmp_path, capsys):
 
 
 def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
-    code, out = _build(tmp_path, "--target", "jetson-orin", "--latency", "0.2ms", "--model", "mobilenetv3_small_100")
+    code, out = _build(tmp_path, "--target", "jetson-orin", "--latency", "2ms", "--model", "mobilenetv3_small_100")
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == "jetson-orin-agx"
@@ -73,7 +73,7 @@ def test_user_data_and_weights(tmp_path, capsys, weights_file):
 
 
 def test_nothing_fits_exit_2_names_fastest(tmp_path, capsys):
-    code, out = _build(tmp_path, "--target", "ort-cpu", "--latency", "0.02ms", "--model", "lcnet_050", "--max-tries", "1")
+    code, out = _build(tmp_path, "--target", "ort-cpu", "--latency", "0.035ms", "--model", "lcnet_050", "--max-tries", "1")
     err = capsys.readouterr().err
     assert code == 2 and "no candidate met the budget" in err and "the fastest built was" in err
     assert (out / "report.json").exists()

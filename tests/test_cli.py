@@ -11,6 +11,12 @@ from edgecompress.cli import main
 from conftest import write_images
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Default run directories (runs/<timestamp>) land in a temporary cwd, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()

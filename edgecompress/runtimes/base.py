@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -36,6 +37,11 @@ def export_onnx(model, input_shape: tuple[int, ...], path: Path) -> Path:
     return path
 
 
+def nncf_quiet():
+    """NNCF draws progress bars on stdout; keep stdout for the tool's own output (--json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def calibration_dataset(images: np.ndarray, transform: Callable | None = None):
     import nncf
 
@@ -50,7 +56,8 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path) -> Path:
 
     model = onnx.load(str(src))
     dataset = calibration_dataset(calib_images, lambda x: {INPUT_NAME: x})
-    quantized = nncf.quantize(model, dataset, subset_size=len(calib_images))
+    with nncf_quiet():
+        quantized = nncf.quantize(model, dataset, subset_size=len(calib_images))
     onnx.save(quantized, str(dst))
     return dst
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.runtimes.base import calibration_dataset, run_local_benchmark
+from edgecompress.runtimes.base import calibration_dataset, nncf_quiet, run_local_benchmark
 
 
 class OpenVinoRuntime:
@@ -34,7 +34,8 @@ class OpenVinoRuntime:
         import openvino as ov
 
         model = ov.Core().read_model(str(artifact))
-        quantized = nncf.quantize(model, calibration_dataset(calib_images), subset_size=len(calib_images))
+        with nncf_quiet():
+            quantized = nncf.quantize(model, calibration_dataset(calib_images), subset_size=len(calib_images))
         dst = out_dir / "model.xml"
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
         return dst
