@@ -72,15 +72,17 @@ class BenchmarkResult:
     where: str
 
 
-def _to_json(obj):
+def _to_json(obj, run_dir: Path):
+    """JSON for stage.json; paths inside the run directory are stored relative to it."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _to_json(getattr(obj, f.name), run_dir) for f in dataclasses.fields(obj)}
     if isinstance(obj, Path):
-        return {"__path__": str(obj)}
+        path = obj.resolve()
+        return {"__path__": str(path.relative_to(run_dir)) if run_dir in path.parents else str(path)}
     if isinstance(obj, (list, tuple)):
-        return [_to_json(x) for x in obj]
+        return [_to_json(x, run_dir) for x in obj]
     if isinstance(obj, dict):
-        return {k: _to_json(v) for k, v in obj.items()}
+        return {k: _to_json(v, run_dir) for k, v in obj.items()}
     return obj
 
 
@@ -88,25 +90,25 @@ def _candidate_from(d: dict) -> Candidate:
     return Candidate(model=d["model"], prune=PruneSpec(**d["prune"]), quant=QuantSpec(**d["quant"]))
 
 
-def _from_json(cls, data: dict, stage_dir: Path):
+def _from_json(cls, data: dict, run_dir: Path):
     kwargs = {}
     for f in dataclasses.fields(cls):
         value = data[f.name]
         if f.name == "candidate":
             value = _candidate_from(value)
         elif isinstance(value, dict) and "__path__" in value:
-            value = stage_dir / value["__path__"]
+            value = run_dir / value["__path__"]  # an absolute stored path stays absolute
         kwargs[f.name] = value
     return cls(**kwargs)
 
 
-def _relative(obj, base: Path):
-    """The artifact with paths inside ``base`` made relative to it (for stage.json)."""
+def _moved(obj, old: Path, new: Path):
+    """The artifact with paths under ``old`` (the temporary stage dir) moved under ``new``."""
     changes = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, Path) and base in value.parents:
-            changes[f.name] = value.relative_to(base)
+        if isinstance(value, Path) and old in value.resolve().parents:
+            changes[f.name] = new / value.resolve().relative_to(old)
     return dataclasses.replace(obj, **changes)
 
 
@@ -204,7 +206,7 @@ class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
 
     def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
         self.entries = entries
@@ -221,16 +223,16 @@ class Pipeline:
             saved = json.loads(marker.read_text())
             if saved.get("spec_hash") == key:
                 self.reused.append(f"{candidate.id}/{name}")
-                return _from_json(cls, saved["artifact"], stage_dir)
+                return _from_json(cls, saved["artifact"], self.run_dir)
         with atomic_path(stage_dir) as tmp:
             tmp.mkdir()
             started = time.time()
-            artifact = fn(tmp)
+            artifact = _moved(fn(tmp), tmp.resolve(), stage_dir)
             write_json(tmp / "stage.json", {
                 "stage": name, "spec_hash": key, "seconds": round(time.time() - started, 3),
-                "artifact": _to_json(_relative(artifact, tmp)),
+                "artifact": _to_json(artifact, self.run_dir),
             })
-        return _from_json(cls, _to_json(_relative(artifact, tmp)), stage_dir)
+        return artifact
 
     def run_candidate(self, candidate: Candidate, *, progress=None) -> tuple[CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult]:
         entry = self.entries[candidate.model]

@@ -17,9 +17,11 @@ def _build(tmp_path, *extra):
     return code, out
 
 
-def test_build_openvino_end_to_end(tmp_path, capsys):
-    code, out = _build(tmp_path, "--target", "openvino-cpu", "--latency", "0.25ms",
-                       "--model", "lcnet_050", "--model", "mobilenetv3_small_100")
+def test_build_openvino_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative run directory, as the default runs/<timestamp> is
+    code = main(["build", "--out", "run", "--finetune-steps", "30", "--target", "openvino-cpu", "--latency", "0.25ms",
+                 "--model", "lcnet_050", "--model", "mobilenetv3_small_100"])
+    out = tmp_path / "run"
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     for key in ("target", "budget", "choice", "artifact", "measured", "predicted", "candidates"):
@@ -42,7 +44,7 @@ def test_build_openvino_end_to_end(tmp_path, capsys):
     assert abs(float((pred == y).mean()) - m["accuracy"]) <= 0.002
 
     # Resume: every stage is reused and the choice is the same.
-    code = main(["build", "--out", str(out), "--resume", "--finetune-steps", "30", "--target", "openvino-cpu",
+    code = main(["build", "--out", "run", "--resume", "--finetune-steps", "30", "--target", "openvino-cpu",
                  "--latency", "0.25ms", "--model", "lcnet_050", "--model", "mobilenetv3_small_100"])
     assert code == 0
     again = json.loads((out / "report.json").read_text())
