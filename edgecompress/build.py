@@ -230,7 +230,7 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
             for f in calibrated.artifact.parent.iterdir():
                 if f.name != "stage.json" and f.is_file():
                     shutil.copy2(f, tmp / f.name)
-            notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision)
+            notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape)
             if "build_command" in notes:
                 (tmp / "build_engine.sh").write_text("#!/bin/sh\nset -e\ncd \"$(dirname \"$0\")\"\n" + notes["build_command"] + "\n")
         x, y = data.split("test")

@@ -60,7 +60,7 @@ def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
     assert "not measured" in report["measured_where"]
     assert report["measured"]["accuracy"] > 0.5
     script = (out / "artifact" / "build_engine.sh").read_text()
-    assert "trtexec --onnx=model.onnx" in script
+    assert "trtexec --onnx=model.onnx --shapes=input:1x3x32x32" in script
 
 
 def test_user_data_and_weights(tmp_path, capsys, weights_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,17 +63,36 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path) -> Path:
     return dst
 
 
-class OnnxSessionMixin:
-    """Run an ONNX file in ONNX Runtime's CPU provider (verification)."""
+class OnnxArtifactRuntime:
+    """A runtime whose artifact is an ONNX file: fp32 as exported, int8 as QDQ ONNX.
 
-    @staticmethod
-    def onnx_session(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    Verification runs the file in ONNX Runtime's CPU provider.
+    """
+
+    name = "onnx"
+
+    def __init__(self, target):
+        self.target = target
+
+    def export(self, onnx_fp32: Path, precision: str, out_dir: Path) -> Path:
+        # fp32, fp16 (a build flag on the device) and the graph int8 calibration starts from are one file.
+        dst = out_dir / "model.onnx"
+        shutil.copyfile(onnx_fp32, dst)
+        return dst
+
+    def quantize(self, artifact: Path, calib_images, out_dir: Path) -> Path:
+        return quantize_onnx(artifact, calib_images, out_dir / "model.onnx")
+
+    def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
+        return {}
 
 
 def run_local_benchmark(runtime_name: str, artifact: Path, *, warmup: int, runs: int) -> dict:

@@ -9,17 +9,13 @@ int8 arithmetic) and its latency is the target model's prediction.
 from __future__ import annotations
 
 import shlex
-import shutil
 from pathlib import Path
 
-from edgecompress.runtimes.base import INPUT_NAME, OnnxSessionMixin, quantize_onnx
+from edgecompress.runtimes.base import INPUT_NAME, OnnxArtifactRuntime
 
 
-class TensorRtRuntime(OnnxSessionMixin):
+class TensorRtRuntime(OnnxArtifactRuntime):
     name = "tensorrt"
-
-    def __init__(self, target):
-        self.target = target
 
     @staticmethod
     def version() -> str:
@@ -29,17 +25,6 @@ class TensorRtRuntime(OnnxSessionMixin):
             return tensorrt.__version__
         except ImportError:
             return "not installed here (engine built on the device)"
-
-    def export(self, onnx_fp32: Path, precision: str, out_dir: Path) -> Path:
-        dst = out_dir / "model.onnx"
-        shutil.copyfile(onnx_fp32, dst)
-        return dst
-
-    def quantize(self, artifact: Path, calib_images, out_dir: Path) -> Path:
-        return quantize_onnx(artifact, calib_images, out_dir / "model.onnx")
-
-    def session(self, artifact: Path):
-        return self.onnx_session(artifact)
 
     def benchmark(self, artifact: Path, *, warmup: int, runs: int) -> dict | None:
         """None: nothing can be measured without the device."""
@@ -59,5 +44,5 @@ class TensorRtRuntime(OnnxSessionMixin):
         args.append(f"--saveEngine={Path(onnx_name).stem}.plan")
         return shlex.join(args)
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape=(1, 3, 32, 32)) -> dict:
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
         return {"build_command": self.trtexec_command(artifact.name, precision, input_shape)}
