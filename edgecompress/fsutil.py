@@ -22,6 +22,24 @@ class DiskFullError(EdgecompressError):
     exit_code = 2
 
 
+# Below this much free space at the moment a write fails, the failure is taken as disk full:
+# torch.save reports ENOSPC as an opaque RuntimeError ("unexpected pos ...").
+_FULL_BELOW_BYTES = 1 << 20
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _FULL_BELOW_BYTES
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place on success.
@@ -38,8 +56,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp_target, final)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+    except DiskFullError as exc:  # from a nested write: name the artifact, not its temporary
+        raise DiskFullError(f"disk full while writing {final}; nothing was replaced") from exc
+    except (OSError, RuntimeError) as exc:
+        if _disk_full(exc, tmp):
             raise DiskFullError(f"disk full while writing {final}; nothing was replaced") from exc
         raise
     finally:
