@@ -72,7 +72,7 @@ def check_run_dir(options: BuildOptions) -> Path:
     if exists and not out.is_dir():
         raise RunDirError(f"output path {out} exists and is not a directory")
     if exists and not (options.resume or options.force):
-        raise RunDirError(f"output directory {out} exists; pass --resume to continue it or --force to replace it")
+        raise RunDirError(f"output directory {out} exists; pass --resume {out} to continue it or --force to replace it")
     if options.resume and not exists:
         raise RunDirError(f"nothing to resume: {out} does not exist")
     return out

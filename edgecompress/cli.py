@@ -42,7 +42,7 @@ def cli(debug):
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder directory (default: the embedded digits).")
 @click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<timestamp>).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out, reusing finished stages.")
+@click.option("--resume", type=click.Path(path_type=Path), metavar="DIR", help="Continue the run in DIR, reusing finished stages.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--max-tries", default=4, show_default=True, type=click.IntRange(1, 100), help="Candidates to build before giving up.")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
@@ -56,12 +56,14 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
 
     if resume and force:
         raise UsageError("--resume and --force contradict each other; pick one")
-    if resume and out is None:
-        raise UsageError("--resume needs --out DIR, the run to continue")
+    if resume and out is not None and Path(out) != Path(resume):
+        raise UsageError(f"--resume {resume} and --out {out} name different run directories")
+    if resume:
+        out = resume
     target = get_target(target_name)
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
-        out=out, resume=resume, force=force, max_tries=max_tries, image_size=image_size, command=command_line(),
+        out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(),
         finetune=FinetuneSpec(steps=finetune_steps),
     )
     report = run_build(options)

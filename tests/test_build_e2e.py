@@ -44,7 +44,7 @@ def test_build_openvino_end_to_end(tmp_path, capsys, monkeypatch):
     assert abs(float((pred == y).mean()) - m["accuracy"]) <= 0.002
 
     # Resume: every stage is reused and the choice is the same.
-    code = main(["build", "--out", "run", "--resume", "--finetune-steps", "30", "--target", "openvino-cpu",
+    code = main(["build", "--resume", "run", "--finetune-steps", "30", "--target", "openvino-cpu",
                  "--latency", "0.25ms", "--model", "lcnet_050", "--model", "mobilenetv3_small_100"])
     assert code == 0
     again = json.loads((out / "report.json").read_text())

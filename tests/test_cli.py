@@ -38,8 +38,10 @@ BAD_INPUTS = [
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18"], "timm:ARCH=path"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18=/nonexistent.pth"], "does not exist"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--data", "/nonexistent"], "does not exist"),
-    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume"], "--resume needs --out"),
-    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume", "--force", "--out", "x"], "contradict"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume"], "requires an argument"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume", "nowhere"], "nothing to resume"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume", "x", "--force"], "contradict"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume", "x", "--out", "y"], "different run directories"),
     (["build", "--latency", "1ms"], "Missing option '--target'"),
     (["bench", "/nonexistent.onnx", "--target", "ort-cpu"], "does not exist"),
     (["nosuchcommand"], "No such command"),
@@ -54,6 +56,47 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
     assert len(lines) == 1, err
     assert message in lines[0]
     assert "Traceback" not in err
+
+
+def _truncated(tmp_path, weights_file):
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    return ["--model", f"timm:lcnet_050={weights_file}"]
+
+
+def _corrupt_data(tmp_path, weights_file):
+    write_images(tmp_path / "d", ["a", "b"], per_class=4)
+    for i in range(3):
+        (tmp_path / "d" / "a" / f"bad{i}.png").write_bytes(b"not an image")
+    return ["--data", str(tmp_path / "d"), "--model", f"timm:lcnet_050={weights_file}"]
+
+
+def _one_class(tmp_path, weights_file):
+    write_images(tmp_path / "d", ["only"], per_class=4)
+    return ["--data", str(tmp_path / "d"), "--model", f"timm:lcnet_050={weights_file}"]
+
+
+def _empty_data(tmp_path, weights_file):
+    (tmp_path / "d").mkdir()
+    return ["--data", str(tmp_path / "d"), "--model", f"timm:lcnet_050={weights_file}"]
+
+
+FILE_INPUTS = [
+    (_truncated, "cannot read weights file"),
+    (lambda tmp, w: ["--model", f"timm:mobilenetv2_050={w}"], "does not fit architecture mobilenetv2_050"),
+    (_corrupt_data, "cannot be read"),
+    (_one_class, "one class"),
+    (_empty_data, "no class folders"),
+    (lambda tmp, w: ["--data", str(w), "--model", f"timm:lcnet_050={w}"], "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("make_args, message", FILE_INPUTS, ids=["truncated-weights", "wrong-arch", "corrupt-images",
+                                                                  "one-class", "empty-data", "data-is-a-file"])
+def test_bad_files_one_line_exit_2(capsys, tmp_path, weights_file, make_args, message):
+    argv = ["build", "--target", "ort-cpu", "--latency", "1ms", *make_args(tmp_path, weights_file)]
+    code, _, err = run_cli(capsys, *argv)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
 
 
 def test_data_without_model(capsys, tmp_path):

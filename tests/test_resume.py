@@ -47,7 +47,7 @@ def test_kill_in_stage_then_resume(tmp_path, stage, uninterrupted):
     for stage_dir in out.glob("candidates/*/*"):
         if not stage_dir.name.startswith("."):
             assert (stage_dir / "stage.json").exists(), stage_dir
-    done = subprocess.run(_cmd(out, "--resume"), capture_output=True, text=True)
+    done = subprocess.run(_cmd(out, "--resume", str(out)), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["choice"] == uninterrupted["choice"]
