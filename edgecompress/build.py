@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from edgecompress import __version__
+from edgecompress.bundle import make_bundle
 from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.errors import BudgetError, EdgecompressError, NumericalError, RunDirError, UsageError
-from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.fsutil import write_json
 from edgecompress.layers import profile_layers
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
@@ -33,6 +33,7 @@ class BuildOptions:
     resume: bool = False
     force: bool = False
     max_tries: int = 4
+    archive: bool = False
     image_size: int = 32
     finetune: FinetuneSpec = FinetuneSpec()
     command: str = ""
@@ -224,22 +225,21 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
     if chosen:
         est, record = chosen
         compressed, calibrated, verified, benched = record["stages"]
-        artifact_dir = run_dir / "artifact"
-        with atomic_path(artifact_dir) as tmp:
-            tmp.mkdir()
-            for f in calibrated.artifact.parent.iterdir():
-                if f.name != "stage.json" and f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape)
-            if "build_command" in notes:
-                (tmp / "build_engine.sh").write_text("#!/bin/sh\nset -e\ncd \"$(dirname \"$0\")\"\n" + notes["build_command"] + "\n")
+        notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape)
+        bundle_dir = make_bundle(
+            run_dir / "bundle", artifact=calibrated.artifact, runtime_name=target.runtime_name,
+            runtime_version=report["runtime_version"], target_name=target.name, precision=est.candidate.quant.precision,
+            class_names=data.class_names, preprocess=data.preprocess.to_dict(), command=options.command,
+            deploy_notes=notes, archive=options.archive,
+        )
         x, y = data.split("test")
         original = load_model(entries[est.candidate.model], data.num_classes)
         original_pred = predict_torch(original, x).argmax(1)
         report.update({
             "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
             "choice_id": est.candidate.id,
-            "artifact": str((artifact_dir / calibrated.artifact.name).relative_to(run_dir)),
+            "artifact": str((bundle_dir / calibrated.artifact.name).relative_to(run_dir)),
+            "bundle": str(bundle_dir.relative_to(run_dir)),
             "measured": record["measured"],
             "measured_where": benched.where,
             "benchmark": benched.measured,
@@ -265,7 +265,7 @@ def _method_description(candidate) -> str:
     return method.description if method.kind == "none" else f"{method.description}, ratio {candidate.prune.ratio:.2f}"
 
 
-def command_line() -> str:
+def command_line(argv: list[str]) -> str:
     import shlex
 
-    return shlex.join(["edgecompress", *sys.argv[1:]])
+    return shlex.join(["edgecompress", *argv])

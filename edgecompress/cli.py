@@ -47,8 +47,9 @@ def cli(debug):
 @click.option("--max-tries", default=4, show_default=True, type=click.IntRange(1, 100), help="Candidates to build before giving up.")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000), help="Optimiser steps of fine-tuning after pruning.")
+@click.option("--archive", is_flag=True, help="Also write the bundle as bundle.tar.gz.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps, as_json):
+def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps, archive, as_json):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
     from edgecompress.methods import FinetuneSpec
@@ -63,8 +64,8 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
     target = get_target(target_name)
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
-        out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(),
-        finetune=FinetuneSpec(steps=finetune_steps),
+        out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
+        finetune=FinetuneSpec(steps=finetune_steps), archive=archive,
     )
     report = run_build(options)
     if as_json:
@@ -75,7 +76,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
         lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report['predicted']['latency_ms']:.3f} ms predicted (not measured)"
         click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: "
                    f"{lat_text}, accuracy {m['accuracy'] * 100:.2f}% (uncompressed {m['baseline_accuracy'] * 100:.2f}%)")
-        click.echo(f"artifact: {Path(report['run_dir']) / report['artifact']}")
+        click.echo(f"bundle: {Path(report['run_dir']) / report['bundle']}")
         click.echo(f"report: {Path(report['run_dir']) / 'report.html'}")
 
 
@@ -151,11 +152,39 @@ def bench(artifact, target_name, runs, warmup):
     click.echo(json.dumps(result, indent=2))
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle, images, top_k, as_json):
+    """Classify IMAGES with BUNDLE (checks its sha256 manifest first)."""
+    from edgecompress.bundle import predict as run_predict
+
+    results = run_predict(bundle, list(images), top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["image"] + "\t" + "  ".join(f"{t['label']} {t['probability']:.4f}" for t in r["top"]))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle):
+    """Check BUNDLE's sha256 manifest and that its artifact loads and runs."""
+    from edgecompress.bundle import verify_bundle
+
+    result = verify_bundle(bundle)
+    click.echo(f"{result['bundle']}: {result['files']} files match the manifest; the {result['precision']} "
+               f"artifact for {result['target']} loads and runs in {result['runtime']}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        cli.main(args=argv, prog_name="edgecompress", standalone_mode=False)
+        cli.main(args=argv, prog_name="edgecompress", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

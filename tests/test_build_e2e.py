@@ -59,7 +59,7 @@ def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
     assert report["measured"]["latency_ms_median"] is None  # nothing measured without the device
     assert "not measured" in report["measured_where"]
     assert report["measured"]["accuracy"] > 0.5
-    script = (out / "artifact" / "build_engine.sh").read_text()
+    script = (out / "bundle" / "build_engine.sh").read_text()
     assert "trtexec --onnx=model.onnx --shapes=input:1x3x32x32" in script
 
 
