@@ -180,6 +180,47 @@ def verify(bundle):
                f"artifact for {result['target']} loads and runs in {result['runtime']}")
 
 
+@cli.group()
+def meta():
+    """The meta-dataset and the meta-predictor."""
+
+
+@meta.command("collect")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file; rows already in it are skipped.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path))
+@click.option("--models", "models", multiple=True, help="Repeatable (default: the zoo).")
+@click.option("--methods", "methods", multiple=True, help="Repeatable (default: every pruning method).")
+@click.option("--ratios", help="Comma-separated ratios for every method (default: per-method grids up to 0.9 / 0.7).")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True)
+@click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000))
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024))
+@click.option("--address", help="Address of an existing Ray cluster (default: a local Ray instance).")
+def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address):
+    """Compress every (model, method, ratio, precision) and record the measured accuracy."""
+    from rich.console import Console
+
+    from edgecompress.collect import PRECISIONS, collect
+    from edgecompress.methods import FinetuneSpec, list_methods
+    from edgecompress.models import list_models
+    from edgecompress.units import parse_fraction
+
+    precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in precision_list if p not in PRECISIONS]
+    if bad or not precision_list:
+        raise UsageError(f"--precisions: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(PRECISIONS)}")
+    ratio_list = None
+    if ratios:
+        ratio_list = [parse_fraction(r.strip()) for r in ratios.split(",")]
+        if any(r >= 1 for r in ratio_list):
+            raise UsageError("--ratios must be below 1")
+    if data_dir is not None and not models:
+        raise UsageError("with --data, name the models: --models timm:ARCH=weights.pth")
+    result = collect(out=out, models=list(models) or list_models(), methods=list(methods) or list_methods(),
+                     ratios=ratio_list, precisions=precision_list, finetune=FinetuneSpec(steps=finetune_steps),
+                     data_dir=data_dir, image_size=image_size, address=address, console=Console(stderr=True))
+    click.echo(json.dumps(result))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
