@@ -11,7 +11,7 @@ from pathlib import Path
 from edgecompress import __version__
 from edgecompress.bundle import make_bundle
 from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
-from edgecompress.errors import BudgetError, EdgecompressError, NumericalError, RunDirError, UsageError
+from edgecompress.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.fsutil import write_json
 from edgecompress.layers import profile_layers
 from edgecompress.methods import FinetuneSpec

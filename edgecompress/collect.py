@@ -77,12 +77,7 @@ def run_job(job: CollectJob) -> list[dict]:
         compress_seconds = time.time() - started
         for precision in job.precisions:
             t0 = time.time()
-            cand_p = dataclasses.replace(cand, quant=QuantSpec(precision=precision))
-            comp_p = dataclasses.replace(compressed, candidate=cand_p)
-            for sub in ("e", "q"):
-                (tmp / precision / sub).mkdir(parents=True)
-            exported = pipeline.export(comp_p, target, data, tmp / precision / "e")
-            calibrated = pipeline.calibrate(exported, target, data, tmp / precision / "q")
+            calibrated = pipeline.at_precision(compressed, precision, target, data, tmp)
             try:
                 accuracy = pipeline.verify(calibrated, target, data).accuracy
             except pipeline.NumericalError:

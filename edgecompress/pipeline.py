@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress.data import Dataset
-from edgecompress.errors import EdgecompressError, NumericalError
+from edgecompress.errors import NumericalError
 from edgecompress.fsutil import atomic_path, write_json
 from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.models import ModelEntry, load_model
@@ -201,6 +201,16 @@ def benchmark(verified: VerifiedModel, target: Target) -> BenchmarkResult:
     return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
 
 
+def at_precision(compressed: CompressedModel, precision: str, target: Target, data: Dataset, workdir: Path) -> CalibratedModel:
+    """Export and calibrate one compressed model at another precision (for sweeps that compress once)."""
+    candidate = dataclasses.replace(compressed.candidate, quant=QuantSpec(precision=precision))
+    compressed = dataclasses.replace(compressed, candidate=candidate)
+    for sub in ("export", "calibrate"):
+        (workdir / precision / sub).mkdir(parents=True)
+    exported = export(compressed, target, data, workdir / precision / "export")
+    return calibrate(exported, target, data, workdir / precision / "calibrate")
+
+
 # ---------------------------------------------------------------- orchestration
 class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
@@ -253,7 +263,3 @@ class Pipeline:
         benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
                               lambda out: benchmark(verified, self.target))
         return compressed, calibrated, verified, benched
-
-
-class CandidateRejected(EdgecompressError):
-    """A candidate that failed a check (budget, accuracy, numerics); the build tries the next."""

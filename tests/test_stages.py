@@ -1,6 +1,5 @@
 """Each pipeline stage on a small zoo model, for every target's runtime."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -47,12 +47,7 @@ def measure(target_name: str, model_name: str, data, workdir: Path) -> list[dict
     compressed = pipeline.compress(base, entry, data, FinetuneSpec(steps=0), cdir / "c")
     rows = []
     for precision in target.precisions:
-        cand = dataclasses.replace(base, quant=QuantSpec(precision=precision))
-        comp = dataclasses.replace(compressed, candidate=cand)
-        for sub in ("e", "q"):
-            (cdir / precision / sub).mkdir(parents=True)
-        exported = pipeline.export(comp, target, data, cdir / precision / "e")
-        calibrated = pipeline.calibrate(exported, target, data, cdir / precision / "q")
+        calibrated = pipeline.at_precision(compressed, precision, target, data, cdir)
         verified = pipeline.verify(calibrated, target, data)
         measured = pipeline.benchmark(verified, target).measured
         rows.append({
