@@ -221,6 +221,43 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     click.echo(json.dumps(result))
 
 
+@meta.command("train")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained predictor.")
+def meta_train(data_path, out):
+    """Train the LightGBM meta-predictor (expected and upper-bound accuracy drop)."""
+    from edgecompress.collect import read_rows
+    from edgecompress.models import ZOO_DIR
+    from edgecompress.predictor import Predictor
+
+    path = data_path or ZOO_DIR / "meta.parquet"
+    if not path.is_file():
+        raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
+    rows = read_rows(path)
+    Predictor.fit(rows).save(out)
+    click.echo(f"trained on {len(rows)} rows from {path}; saved to {out}")
+
+
+@meta.command("eval")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
+@click.option("--json", "as_json", is_flag=True)
+def meta_eval(data_path, as_json):
+    """Leave-one-architecture-out evaluation, LightGBM against a ridge baseline."""
+    from edgecompress.collect import read_rows
+    from edgecompress.models import ZOO_DIR
+    from edgecompress.predictor import Predictor, leave_one_architecture_out, recommend_ms
+
+    path = data_path or ZOO_DIR / "meta.parquet"
+    if not path.is_file():
+        raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
+    rows = read_rows(path)
+    result = {"lightgbm": leave_one_architecture_out(rows, "lightgbm"), "ridge": leave_one_architecture_out(rows, "ridge")}
+    result.update({k: result["lightgbm"][k] for k in ("loao_mae_pp", "loao_spearman")})
+    result["recommend_ms_median"] = recommend_ms(Predictor.fit(rows), rows)
+    result["not_yet_measured"] = ["regret_vs_oracle_pp", "win_rate_vs_static_erm"]
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -229,7 +266,7 @@ def main(argv=None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("edgecompress: interrupted; finished stages are kept (rerun with --resume)", err=True)
+        click.echo("edgecompress: interrupted; finished work is kept (build: rerun with --resume DIR; meta collect: rerun the same command)", err=True)
         return 130
     except click.ClickException as exc:
         if debug:
@@ -242,7 +279,7 @@ def main(argv=None) -> int:
         click.echo(f"edgecompress: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("edgecompress: interrupted; finished stages are kept (rerun with --resume)", err=True)
+        click.echo("edgecompress: interrupted; finished work is kept (build: rerun with --resume DIR; meta collect: rerun the same command)", err=True)
         return 130
     except Exception as exc:  # an internal error: a bug, not bad input
         if debug:

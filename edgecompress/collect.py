@@ -118,13 +118,14 @@ def append_rows(path: Path, new_rows: list[dict]) -> int:
 
 
 def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size) -> list[CollectJob]:
+    """Every (model, method, ratio), models innermost: a partial collection covers every architecture."""
     jobs = []
-    for model in models:
-        for method in methods:
-            get_method(method)
-            method_ratios = DEFAULT_RATIOS.get(method, (0.5,)) if ratios is None else (
-                (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
-            for ratio in method_ratios:
+    for method in methods:
+        get_method(method)
+        method_ratios = DEFAULT_RATIOS.get(method, (0.5,)) if ratios is None else (
+            (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
+        for ratio in method_ratios:
+            for model in models:
                 jobs.append(CollectJob(model_spec=model, method=method, ratio=float(ratio), precisions=tuple(precisions),
                                        finetune=finetune, data_dir=str(data_dir) if data_dir else None, image_size=image_size))
     return jobs

@@ -1,0 +1,64 @@
+"""The meta-predictor on the meta-dataset shipped with the zoo (real collected rows)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgecompress.cli import main
+from edgecompress.collect import read_rows
+from edgecompress.models import ZOO_DIR
+from edgecompress.predictor import Predictor, leave_one_architecture_out
+
+META = ZOO_DIR / "meta.parquet"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return read_rows(META)
+
+
+def test_shipped_meta_dataset_is_real_and_consistent(rows):
+    assert len(rows) >= 30
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["accuracy_drop"] == pytest.approx(r["parent_accuracy"] - r["accuracy"])
+        assert r["wall_seconds"] > 0
+    dense_fp32 = [r for r in rows if r["method"] == "none" and r["precision"] == "fp32"]
+    for r in dense_fp32:  # no compression: the drop is nil
+        assert abs(r["accuracy_drop"]) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["lightgbm", "ridge"])
+def test_fit_predict(rows, kind):
+    predictor = Predictor.fit(rows, kind)
+    mean, upper = predictor.predict(rows)
+    assert np.isfinite(mean).all() and (upper >= mean).all()
+    truth = np.asarray([r["accuracy_drop"] for r in rows])
+    assert np.mean(np.abs(mean - truth)) < np.mean(np.abs(truth - truth.mean()))  # beats predicting the mean
+
+
+def test_save_load_round_trip(rows, tmp_path):
+    predictor = Predictor.fit(rows)
+    predictor.save(tmp_path / "p")
+    loaded = Predictor.load(tmp_path / "p")
+    for a, b in zip(predictor.predict(rows), loaded.predict(rows)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_loao_and_cli(rows, capsys):
+    if len({r["architecture"] for r in rows}) < 2:
+        pytest.fail("the shipped meta-dataset must cover at least two architectures")
+    result = leave_one_architecture_out(rows, "lightgbm")
+    assert result["loao_mae_pp"] >= 0 and 0 <= result["upper_bound_coverage"] <= 1
+    assert main(["meta", "eval", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("loao_mae_pp", "loao_spearman", "recommend_ms_median", "lightgbm", "ridge"):
+        assert key in out
+
+
+def test_train_errors(tmp_path, capsys):
+    assert main(["meta", "train", "--data", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "p")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(Exception, match="at least 10"):
+        Predictor.fit(read_rows(META)[:5])
