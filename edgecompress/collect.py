@@ -118,10 +118,13 @@ def append_rows(path: Path, new_rows: list[dict]) -> int:
 
 
 def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size) -> list[CollectJob]:
-    """Every (model, method, ratio), models innermost: a partial collection covers every architecture."""
+    """Every (model, method, ratio), models innermost: a partial collection covers every architecture.
+
+    The uncompressed baselines come first, then channel pruning (what speeds up dense kernels), then the rest.
+    """
     jobs = []
-    for method in methods:
-        get_method(method)
+    order = {"none": 0, "channel": 1}
+    for method in sorted(methods, key=lambda m: (order.get(get_method(m).kind, 2), m)):
         method_ratios = DEFAULT_RATIOS.get(method, (0.5,)) if ratios is None else (
             (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
         for ratio in method_ratios:
