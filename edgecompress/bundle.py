@@ -10,6 +10,7 @@ files alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -106,21 +107,12 @@ def check_files(bundle: Path, manifest: dict) -> None:
 
 
 def open_session(bundle: Path, manifest: dict):
-    """The artifact loaded in the runtime that runs it here (ONNX Runtime for TensorRT's QDQ ONNX)."""
+    """The artifact loaded by its runtime's class (TensorRT's QDQ ONNX runs in ONNX Runtime here)."""
+    from edgecompress.targets import runtime_class
+
     artifact = bundle / manifest["artifact"]
     try:
-        if manifest["runtime"] == "openvino":
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(str(artifact), "CPU")
-            return lambda x: compiled(x)[0]
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
+        return runtime_class(manifest["runtime"])(None).session(artifact)
     except Exception as exc:  # the runtimes raise their own types for a corrupt model
         raise BundleError(f"bundle {bundle}: {artifact.name} does not load in {manifest['runtime']}: "
                           f"{str(exc).splitlines()[0][:200]}") from exc
@@ -143,16 +135,15 @@ def verify_bundle(bundle: Path) -> dict:
 
 
 def preprocess_image(path: Path, spec: dict) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One image as the model's batch-1 input, by the bundle's preprocess.json."""
+    from edgecompress.data import Preprocess, _normalise, _read_image
 
-    size = spec["image_size"]
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"cannot read image {path}") from exc
-    x = (arr * spec["scale"] - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    fields = {f.name for f in dataclasses.fields(Preprocess)}
+    pre = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k in fields})
+    arr = _read_image(Path(path), pre.image_size)
+    if arr is None:
+        raise UsageError(f"cannot read image {path}")
+    return _normalise(arr[None], pre)
 
 
 def predict(bundle: Path, images: list[Path], top_k: int = 1) -> list[dict]:

@@ -28,6 +28,16 @@ RUNTIMES = {
 KERNEL_KINDS = ("conv", "depthwise", "pointwise", "linear")
 
 
+def runtime_class(name: str):
+    """The class that drives runtime ``name``, imported on first use."""
+    import importlib
+
+    if name not in RUNTIMES:
+        raise UnknownNameError("runtime", name, RUNTIMES)
+    module_name, class_name = RUNTIMES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def builtin_targets_dir() -> Path:
     """``targets/`` in a source checkout, or its installed copy inside the package."""
     installed = Path(__file__).parent / "targets_data"
@@ -64,10 +74,7 @@ class Target:
     path: Path
 
     def runtime(self):
-        module_name, class_name = RUNTIMES[self.runtime_name].split(":")
-        import importlib
-
-        return getattr(importlib.import_module(module_name), class_name)(self)
+        return runtime_class(self.runtime_name)(self)
 
     def host_ram_mb(self) -> float:
         if self.ram_mb is not None:
