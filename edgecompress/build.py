@@ -17,6 +17,7 @@ from edgecompress.layers import profile_layers
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
 from edgecompress.pipeline import Pipeline, per_class_accuracy
+from edgecompress.predictor import AccuracyModel
 from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.report import write_report
 from edgecompress.targets import Target
@@ -37,6 +38,7 @@ class BuildOptions:
     image_size: int = 32
     finetune: FinetuneSpec = FinetuneSpec()
     command: str = ""
+    device: tuple | None = None  # (remote.DeviceSpec, remote.SshOptions): benchmark there over SSH
 
 
 def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntry]:
@@ -114,8 +116,9 @@ def run_build(options: BuildOptions, console=None) -> dict:
     entries = resolve_models(options.model_specs, data)
     out = check_run_dir(options)
     profiles, accuracies = model_facts(entries, data)
+    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     t_plan = time.perf_counter()
-    the_plan = plan(target, options.budget, profiles, accuracies)
+    the_plan = plan(target, options.budget, profiles, accuracies, accuracy_model=accuracy_model)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
     run_dir = prepare_run_dir(options, out)
@@ -124,7 +127,7 @@ def run_build(options: BuildOptions, console=None) -> dict:
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
                   f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
 
-    pipeline = Pipeline(run_dir, target, data, entries, options.finetune)
+    pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device)
     outcomes: dict[str, dict] = {}
     ratios: list[float] = []
     chosen = None
@@ -246,7 +249,10 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
             "verified_in": verified.verified_in,
             "calibration": calibrated.calibration,
             "finetune": dataclasses.asdict(options.finetune) if compressed.finetune_steps else None,
-            "predicted": {"latency_ms": est.cost.latency_ms, "memory_mb": est.cost.memory_mb, "accuracy": est.accuracy},
+            "predicted": {"latency_ms": est.cost.latency_ms, "memory_mb": est.cost.memory_mb, "accuracy": est.accuracy,
+                          "accuracy_low": est.accuracy_low},
+            "device": ({"name": str(options.device[0]), "accuracy": (benched.measured or {}).get("accuracy"),
+                        "eval_samples": (benched.measured or {}).get("eval_samples")} if options.device else None),
             "per_class_accuracy": {
                 "classes": list(data.class_names),
                 "original": per_class_accuracy(original_pred, y, data.num_classes),

@@ -26,6 +26,31 @@ def _budget(latency, memory, max_drop):
     )
 
 
+def _device_options(fn):
+    """--device and its SSH options, shared by build and bench."""
+    options = [
+        click.option("--device", "device", metavar="USER@HOST[:PORT]", help="Benchmark on this device over SSH."),
+        click.option("--identity", type=click.Path(path_type=Path), help="SSH private key (default: agent and ~/.ssh keys)."),
+        click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file (default: ~/.ssh/known_hosts)."),
+        click.option("--accept-new-host-key", is_flag=True, help="Trust and record a host key seen for the first time."),
+        click.option("--remote-python", default="python3", show_default=True, help="Python on the device (with numpy and the runtime)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _device(device, identity, known_hosts, accept_new_host_key, remote_python):
+    if device is None:
+        if identity or known_hosts or accept_new_host_key:
+            raise UsageError("--identity, --known-hosts and --accept-new-host-key need --device USER@HOST")
+        return None
+    from edgecompress.remote import SshOptions, parse_device
+
+    return parse_device(device), SshOptions(identity=identity, known_hosts=known_hosts,
+                                            accept_new_host_key=accept_new_host_key, python=remote_python)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="edgecompress")
@@ -49,7 +74,9 @@ def cli(debug):
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000), help="Optimiser steps of fine-tuning after pruning.")
 @click.option("--archive", is_flag=True, help="Also write the bundle as bundle.tar.gz.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps, archive, as_json):
+@_device_options
+def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps,
+          archive, as_json, device, identity, known_hosts, accept_new_host_key, remote_python):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
     from edgecompress.methods import FinetuneSpec
@@ -66,6 +93,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
         out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
         finetune=FinetuneSpec(steps=finetune_steps), archive=archive,
+        device=_device(device, identity, known_hosts, accept_new_host_key, remote_python),
     )
     report = run_build(options)
     if as_json:
@@ -90,31 +118,42 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
 @click.option("--json", "as_json", is_flag=True)
 def plan(target_name, latency, memory, max_drop, models, top, as_json):
     """Rank candidates for TARGET without compressing anything."""
+    import time
+
+    from rich.console import Console
+
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data import load_digits
     from edgecompress.planner import plan as make_plan
+    from edgecompress.predictor import AccuracyModel
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
     budget = _budget(latency, memory, max_drop)
     data = load_digits(32)
+    console = Console(stderr=True)
     profiles, accuracies = model_facts(resolve_models(tuple(models), data), data)
-    the_plan = make_plan(target, budget, profiles, accuracies)
+    accuracy_model = AccuracyModel.shipped(resolve_models(tuple(models), data), data, accuracies, console)
+    start = time.perf_counter()
+    the_plan = make_plan(target, budget, profiles, accuracies, accuracy_model=accuracy_model)
+    plan_ms = (time.perf_counter() - start) * 1e3
     rows = [e.to_dict() for e in the_plan.ranked[:top]]
     if as_json:
         click.echo(json.dumps({"target": target.name, "budget": budget.to_dict(), "accuracy_basis": the_plan.accuracy_basis,
-                               "recommendations": rows}, indent=2))
+                               "plan_ms": plan_ms, "candidates": len(the_plan.ranked), "recommendations": rows}, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{target.name}: top {len(rows)} (accuracy: {the_plan.accuracy_basis})")
-    for col in ("candidate", "pred. latency ms", "pred. memory MB", "pred. accuracy", "fits"):
+    inside = sum(e.fits for e in the_plan.ranked)
+    table = Table(title=f"{target.name}: top {len(rows)} of {len(the_plan.ranked)} candidates, {inside} inside the budget "
+                        f"(planned in {plan_ms:.0f} ms)", caption=f"accuracy: {the_plan.accuracy_basis}")
+    for col in ("candidate", "pred. latency ms", "pred. memory MB", "pred. accuracy", "lower bound", "fits"):
         table.add_column(col)
     for e in the_plan.ranked[:top]:
+        pct = lambda v: f"{v * 100:.2f}%" if v is not None else "?"  # noqa: E731
         table.add_row(e.candidate.id, f"{e.cost.latency_ms:.3f}", f"{e.cost.memory_mb:.1f}",
-                      f"{e.accuracy * 100:.2f}%" if e.accuracy is not None else "?", "yes" if e.fits else "no")
-    Console(width=max(Console().width, 130)).print(table)
+                      pct(e.accuracy), pct(e.accuracy_low), "yes" if e.fits else "no")
+    Console(width=max(Console().width, 140)).print(table)
 
 
 @cli.command()
@@ -139,17 +178,48 @@ def targets(pattern, as_json):
 @click.option("--target", "target_name", required=True)
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(0, 100000))
-def bench(artifact, target_name, runs, warmup):
-    """Time ARTIFACT in TARGET's runtime (batch 1) and print JSON."""
+@click.option("--eval-npz", type=click.Path(path_type=Path), help="npz with 'images' and 'labels': also measure top-1 there.")
+@click.option("--log-dir", type=click.Path(path_type=Path), help="Keep the device's raw log here (with --device).")
+@_device_options
+def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identity, known_hosts, accept_new_host_key, remote_python):
+    """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
     if not artifact.is_file():
         raise UsageError(f"artifact {artifact} does not exist")
-    result = target.runtime().benchmark(artifact, warmup=warmup, runs=runs)
-    if result is None:
-        raise UsageError(f"{target.name} cannot be measured on this machine (no device); see the build's predicted latency")
+    if eval_npz is not None and not eval_npz.is_file():
+        raise UsageError(f"--eval-npz {eval_npz} does not exist")
+    remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python)
+    runtime = target.runtime()
+    if remote is not None:
+        from edgecompress.remote import remote_benchmark
+
+        flags = runtime.trtexec_flags(_onnx_precision(artifact), _onnx_input_shape(artifact)) if runtime.name == "tensorrt" else None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        result = remote_benchmark(*remote, runtime.name, artifact, warmup=warmup, runs=runs, eval_npz=eval_npz,
+                                  trtexec_args=flags, log_dir=log_dir)
+    else:
+        result = runtime.benchmark(artifact, warmup=warmup, runs=runs)
+        if result is None:
+            raise UsageError(f"{target.name} cannot be measured on this machine (no device); pass --device USER@HOST")
     click.echo(json.dumps(result, indent=2))
+
+
+def _onnx_precision(path: Path) -> str:
+    """int8 for an explicit-quantization (QDQ) graph; fp16 otherwise (TensorRT's usual build)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "int8" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp16"
+
+
+def _onnx_input_shape(path: Path) -> tuple[int, ...]:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
 
 
 @cli.command()
@@ -242,19 +312,16 @@ def meta_train(data_path, out):
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--json", "as_json", is_flag=True)
 def meta_eval(data_path, as_json):
-    """Leave-one-architecture-out evaluation, LightGBM against a ridge baseline."""
+    """Leave-one-architecture-out accuracy and recommendation quality, LightGBM against a ridge baseline."""
     from edgecompress.collect import read_rows
     from edgecompress.models import ZOO_DIR
-    from edgecompress.predictor import Predictor, leave_one_architecture_out, recommend_ms
+    from edgecompress.predictor import Predictor, evaluate
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():
         raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
     rows = read_rows(path)
-    result = {"lightgbm": leave_one_architecture_out(rows, "lightgbm"), "ridge": leave_one_architecture_out(rows, "ridge")}
-    result.update({k: result["lightgbm"][k] for k in ("loao_mae_pp", "loao_spearman")})
-    result["recommend_ms_median"] = recommend_ms(Predictor.fit(rows), rows)
-    result["not_yet_measured"] = ["regret_vs_oracle_pp", "win_rate_vs_static_erm"]
+    result = evaluate(rows)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 

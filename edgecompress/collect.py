@@ -20,14 +20,9 @@ from pathlib import Path
 
 from edgecompress.errors import UsageError
 from edgecompress.fsutil import atomic_path
-from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.methods import DEFAULT_SWEEP, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
-DEFAULT_RATIOS = {
-    "none": (0.0,),
-    "nncf.magnitude_global": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "nncf.magnitude_local": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "torch_pruning.l1": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-}
+DEFAULT_RATIOS = DEFAULT_SWEEP
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
 KEY_COLUMNS = ("dataset", "model", "method", "ratio", "precision", "recipe")
@@ -54,7 +49,7 @@ def run_job(job: CollectJob) -> list[dict]:
 
     from edgecompress import pipeline
     from edgecompress.data import load_dataset
-    from edgecompress.features import method_features, model_features
+    from edgecompress.features import Featurizer
     from edgecompress.models import load_model, parse_model_spec
     from edgecompress.targets import get_target
 
@@ -62,11 +57,8 @@ def run_job(job: CollectJob) -> list[dict]:
     data = load_dataset(Path(job.data_dir) if job.data_dir else None, job.image_size)
     entry = parse_model_spec(job.model_spec)
     target = get_target(EVAL_TARGET)
-    method = get_method(job.method)
     parent = load_model(entry, data.num_classes)
-    base_features = {**model_features(parent, data.input_shape),
-                     **method_features(parent, method.kind, job.ratio, job.method.endswith("_local")),
-                     **{f"f_{k}": v for k, v in data.features().items()}}
+    featurizer = Featurizer(parent, data, _test_accuracy(parent, data))
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +74,6 @@ def run_job(job: CollectJob) -> list[dict]:
                 accuracy = pipeline.verify(calibrated, target, data).accuracy
             except pipeline.NumericalError:
                 accuracy = 0.0  # non-finite outputs: as useless as a wrong answer
-            bits = {"fp32": 32, "fp16": 16, "int8": 8}[precision]
             rows.append({
                 "dataset": data.fingerprint(), "model": entry.name, "architecture": entry.architecture,
                 "method": job.method, "ratio": float(job.ratio), "precision": precision,
@@ -93,9 +84,58 @@ def run_job(job: CollectJob) -> list[dict]:
                 "params_after": compressed.params, "zero_share": compressed.zero_share,
                 "eval_runtime": EVAL_TARGET,
                 "wall_seconds": compress_seconds + (time.time() - t0),
-                **base_features, "f_precision_bits": bits, "f_parent_accuracy": compressed.baseline_accuracy,
+                **featurizer.candidate_features(job.method, job.ratio, precision),
             })
     return rows
+
+
+def _test_accuracy(model, data) -> float:
+    from edgecompress.train import evaluate_torch
+
+    return evaluate_torch(model, *data.split("test"))
+
+
+def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console=None) -> int:
+    """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured.
+
+    Features are a pure function of (model, dataset, method, ratio, precision), so after a feature
+    change the collected accuracies stay valid; rows are rewritten all at once (atomic rename).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from rich.progress import Progress
+
+    from edgecompress.data import load_dataset
+    from edgecompress.features import FEATURE_DOCS, Featurizer
+    from edgecompress.models import get_model, list_models, load_model
+
+    rows = read_rows(path)
+    if not rows:
+        raise UsageError(f"{path} holds no rows to refresh")
+    data = load_dataset(Path(data_dir) if data_dir else None, image_size)
+    zoo = set(list_models())
+    unknown = sorted({r["model"] for r in rows} - zoo)
+    if unknown:
+        raise UsageError(f"--refresh-features recomputes zoo models only; {path} also has {', '.join(unknown)}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = []
+    by_model: dict[str, list[dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(r)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("refresh features", total=len(rows))
+        for name, model_rows in by_model.items():
+            model = load_model(get_model(name), data.num_classes)
+            featurizer = Featurizer(model, data, _test_accuracy(model, data))
+            for r in sorted(model_rows, key=lambda r: (r["method"], r["ratio"])):
+                kept = {k: v for k, v in r.items() if not k.startswith("f_")}
+                feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
+                out.append({**kept, **{k: feats[k] for k in FEATURE_DOCS}})
+                progress.advance(bar)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(out), tmp)
+    return len(out)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -1,16 +1,34 @@
-"""Meta-features of a (model, pruning method, ratio) candidate, from the model alone: no compression.
+"""Meta-features of a (model, pruning method, ratio, precision) candidate, without compressing it.
 
 Each feature is documented in one line in FEATURE_DOCS; the meta-dataset and the
-meta-predictor use exactly these names.
+meta-predictor use exactly these names. :class:`Featurizer` does the per-model
+work once (weight statistics, the parent's outputs on the calibration images),
+so the features of every candidate of a model cost a few sorts and, for the
+one-shot proxies, one forward pass each.
+
+The one-shot proxies (``f_oneshot_*``) are the cheap sensitivity measurements
+the meta-compression literature calls zero-cost proxies: the candidate's
+pruning mask is applied with the method's own code, BatchNorm statistics
+are re-estimated on the calibration images, int8 or fp16 arithmetic is
+simulated in torch (per-channel symmetric int8 weights, per-tensor min/max
+activations, as NNCF's defaults do), and the result is compared with the
+parent on ``ONESHOT_SAMPLES`` calibration images. No fine-tuning, no export,
+no runtime: tens of milliseconds per candidate for the zoo.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgecompress.layers import profile_layers
+
+FEATURES_VERSION = 2
+ONESHOT_SAMPLES = 128
+_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
 FEATURE_DOCS = {
     "f_params": "parameter count of the uncompressed model",
@@ -36,9 +54,12 @@ FEATURE_DOCS = {
     "f_method_local": "1 if the ratio applies per layer rather than over the whole model",
     "f_mass_below_global": "share of total |w| mass in the weights a global magnitude threshold at the ratio removes",
     "f_mass_below_local": "mean over layers of the |w| mass share a per-layer threshold at the ratio removes",
+    "f_max_layer_pruned_global": "largest share of one layer's weights under the global threshold (1 = a layer wiped out)",
     "f_channel_l1_mass_pruned": "mean over layers of the L1-norm share of the ratio's weakest output channels",
     "f_channel_keep_macs": "predicted share of MACs left after channel pruning at the ratio (1 otherwise)",
     "f_precision_bits": "bits of the precision (32, 16, 8)",
+    "f_oneshot_agreement": "share of calibration images where the one-shot candidate (mask + simulated precision, no fine-tuning) agrees with the parent's top-1",
+    "f_oneshot_logit_rel_err": "relative L2 error of the one-shot candidate's logits against the parent's on the calibration images",
     "f_num_classes": "number of classes in the dataset",
     "f_image_size": "input resolution (square)",
     "f_train_samples": "training samples available for fine-tuning",
@@ -52,66 +73,195 @@ def _kurtosis(x: np.ndarray) -> float:
     return float((x**4).mean() / var**2 - 3.0) if var > 0 else 0.0
 
 
-def model_features(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
-    """The method-independent part (cache it per model)."""
-    layers = profile_layers(model, input_shape)
-    macs = sum(l.macs for l in layers) or 1
-    params_w = sum(l.weights for l in layers) or 1
-    weights = [m.weight.detach().float().numpy().ravel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    allw = np.abs(np.concatenate(weights))
-    kurt = [_kurtosis(w) for w in weights if w.size > 8]
-    ranges = [float(np.abs(w).max() / (w.std() + 1e-12)) for w in weights if w.size > 8]
-    norm_types = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
-    return {
-        "f_params": sum(p.numel() for p in model.parameters()),
-        "f_flops": 2 * macs,
-        "f_depth": len(layers),
-        "f_n_conv": sum(l.kind == "conv" for l in layers),
-        "f_n_depthwise": sum(l.kind == "depthwise" for l in layers),
-        "f_n_pointwise": sum(l.kind == "pointwise" for l in layers),
-        "f_n_linear": sum(l.kind == "linear" for l in layers),
-        "f_n_norm": sum(isinstance(m, norm_types) for m in model.modules()),
-        "f_share_depthwise_macs": sum(l.macs for l in layers if l.kind == "depthwise") / macs,
-        "f_share_pointwise_macs": sum(l.macs for l in layers if l.kind == "pointwise") / macs,
-        "f_share_depthwise_params": sum(l.weights for l in layers if l.kind == "depthwise") / params_w,
-        "f_w_abs_q10": float(np.quantile(allw, 0.1)),
-        "f_w_abs_q50": float(np.quantile(allw, 0.5)),
-        "f_w_abs_q90": float(np.quantile(allw, 0.9)),
-        "f_w_kurtosis_mean": float(np.mean(kurt)),
-        "f_w_kurtosis_max": float(np.max(kurt)),
-        "f_w_range_ratio_max": float(np.max(ranges)),
-    }
+def _weighted_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def method_features(model: nn.Module, kind: str, ratio: float, local: bool) -> dict:
-    """Cheap sensitivity proxies for pruning ``model`` at ``ratio`` with a method of ``kind``."""
-    weights = [m.weight.detach().float().abs() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    flat = torch.cat([w.ravel() for w in weights])
-    total = float(flat.sum()) or 1.0
-    if ratio > 0:
-        threshold = torch.quantile(flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:1_000_000]], ratio)
-        below_global = float(flat[flat <= threshold].sum()) / total
-        below_local = float(np.mean([
-            float(w.ravel()[w.ravel() <= torch.quantile(w.ravel(), ratio)].sum()) / (float(w.sum()) or 1.0)
-            for w in weights if w.numel() > 1
-        ]))
-        channel = []
-        for w in weights:
-            if w.shape[0] > 1:
-                norms = w.reshape(w.shape[0], -1).sum(1).sort().values
-                k = int(round(ratio * len(norms)))
-                channel.append(float(norms[:k].sum() / (norms.sum() or 1.0)))
-        channel_mass = float(np.mean(channel)) if channel else 0.0
-    else:
-        below_global = below_local = channel_mass = 0.0
-    keep = 1.0 - ratio
-    return {
-        "f_ratio": ratio,
-        "f_method_unstructured": int(kind == "unstructured"),
-        "f_method_channel": int(kind == "channel"),
-        "f_method_local": int(local),
-        "f_mass_below_global": below_global,
-        "f_mass_below_local": below_local,
-        "f_channel_l1_mass_pruned": channel_mass,
-        "f_channel_keep_macs": keep * keep if kind == "channel" else 1.0,
-    }
+def _mass_share(sorted_cumsum: np.ndarray, ratio: float) -> float:
+    k = int(round(ratio * len(sorted_cumsum)))
+    return float(sorted_cumsum[k - 1] / sorted_cumsum[-1]) if k > 0 and sorted_cumsum[-1] > 0 else 0.0
+
+
+class Featurizer:
+    """Features of every candidate of one model on one dataset; per-model work is done once."""
+
+    def __init__(self, model: nn.Module, data, parent_accuracy: float):
+        self.model = model.eval()
+        self.input_shape = data.input_shape
+        self.parent_accuracy = float(parent_accuracy)
+        self.data_features = {f"f_{k}": v for k, v in data.features().items()}
+        self.images = torch.from_numpy(data.split("calib")[0][:ONESHOT_SAMPLES])
+        with torch.no_grad():
+            self.parent_logits = model(self.images)
+        weights = [m.weight.detach().float().abs().numpy() for m in _weighted_layers(model)]
+        self._layer_sorted = [np.sort(w.ravel()) for w in weights]
+        self._layer_cumsum = [np.cumsum(s, dtype=np.float64) for s in self._layer_sorted]
+        flat = np.sort(np.concatenate(self._layer_sorted))
+        self._global_sorted, self._global_cumsum = flat, np.cumsum(flat, dtype=np.float64)
+        self._channel_cumsum = [
+            np.cumsum(np.sort(w.reshape(w.shape[0], -1).sum(1)), dtype=np.float64) for w in weights if w.shape[0] > 1
+        ]
+        self._model_features = None
+        self._pruned = {}
+
+    # ------------------------------------------------------------ per model
+    def model_features(self) -> dict:
+        if self._model_features is None:
+            model = self.model
+            layers = profile_layers(model, self.input_shape)
+            macs = sum(l.macs for l in layers) or 1
+            params_w = sum(l.weights for l in layers) or 1
+            signed = [m.weight.detach().float().numpy().ravel() for m in _weighted_layers(model)]
+            kurt = [_kurtosis(w) for w in signed if w.size > 8]
+            ranges = [float(np.abs(w).max() / (w.std() + 1e-12)) for w in signed if w.size > 8]
+            norm_types = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+            q = self._global_sorted
+            self._model_features = {
+                "f_params": sum(p.numel() for p in model.parameters()),
+                "f_flops": 2 * macs,
+                "f_depth": len(layers),
+                "f_n_conv": sum(l.kind == "conv" for l in layers),
+                "f_n_depthwise": sum(l.kind == "depthwise" for l in layers),
+                "f_n_pointwise": sum(l.kind == "pointwise" for l in layers),
+                "f_n_linear": sum(l.kind == "linear" for l in layers),
+                "f_n_norm": sum(isinstance(m, norm_types) for m in model.modules()),
+                "f_share_depthwise_macs": sum(l.macs for l in layers if l.kind == "depthwise") / macs,
+                "f_share_pointwise_macs": sum(l.macs for l in layers if l.kind == "pointwise") / macs,
+                "f_share_depthwise_params": sum(l.weights for l in layers if l.kind == "depthwise") / params_w,
+                "f_w_abs_q10": float(q[int(0.1 * (len(q) - 1))]),
+                "f_w_abs_q50": float(q[int(0.5 * (len(q) - 1))]),
+                "f_w_abs_q90": float(q[int(0.9 * (len(q) - 1))]),
+                "f_w_kurtosis_mean": float(np.mean(kurt)),
+                "f_w_kurtosis_max": float(np.max(kurt)),
+                "f_w_range_ratio_max": float(np.max(ranges)),
+            }
+        return self._model_features
+
+    # ------------------------------------------------------------ per method and ratio
+    def method_features(self, kind: str, ratio: float, local: bool) -> dict:
+        """Weight-magnitude sensitivity proxies for pruning at ``ratio`` (sorted once, O(layers) per ratio)."""
+        below_global = below_local = channel_mass = max_layer = 0.0
+        if ratio > 0:
+            below_global = _mass_share(self._global_cumsum, ratio)
+            k = int(round(ratio * len(self._global_sorted)))
+            threshold = self._global_sorted[k - 1] if k > 0 else -1.0
+            max_layer = max(float(np.searchsorted(s, threshold, side="right")) / len(s) for s in self._layer_sorted)
+            below_local = float(np.mean([_mass_share(c, ratio) for c in self._layer_cumsum if len(c) > 1]))
+            channel_mass = float(np.mean([_mass_share(c, ratio) for c in self._channel_cumsum])) if self._channel_cumsum else 0.0
+        return {
+            "f_ratio": ratio,
+            "f_method_unstructured": int(kind == "unstructured"),
+            "f_method_channel": int(kind == "channel"),
+            "f_method_local": int(local),
+            "f_mass_below_global": below_global,
+            "f_mass_below_local": below_local,
+            "f_max_layer_pruned_global": max_layer,
+            "f_channel_l1_mass_pruned": channel_mass,
+            "f_channel_keep_macs": (1.0 - ratio) ** 2 if kind == "channel" else 1.0,
+        }
+
+    # ------------------------------------------------------------ one-shot proxies
+    def _one_shot_pruned(self, method_name: str, ratio: float) -> nn.Module:
+        from edgecompress.methods import get_method
+
+        key = (method_name, ratio)
+        if key not in self._pruned:
+            method = get_method(method_name)
+            model = copy.deepcopy(self.model)
+            if method.kind != "none":
+                example = torch.zeros(self.input_shape)
+                model = method.finalize(method.prepare(model, ratio, example), example)
+                recalibrate_batchnorm(model, self.images)
+            self._pruned = {key: model.eval()}  # keep one: the precisions of a (method, ratio) come together
+        return self._pruned[key]
+
+    def oneshot_features(self, method_name: str, ratio: float, precision: str) -> dict:
+        model = copy.deepcopy(self._one_shot_pruned(method_name, ratio))
+        with torch.no_grad():
+            logits = simulate_precision(model, precision, self.images)(self.images)
+        ref = self.parent_logits
+        return {
+            "f_oneshot_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
+            "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - ref) / (torch.linalg.norm(ref) + 1e-12)),
+        }
+
+    # ------------------------------------------------------------ everything
+    def candidate_features(self, method_name: str, ratio: float, precision: str) -> dict:
+        from edgecompress.methods import get_method
+
+        method = get_method(method_name)
+        return {
+            **self.model_features(),
+            **self.method_features(method.kind, ratio, method_name.endswith("_local")),
+            "f_precision_bits": _BITS[precision],
+            **self.oneshot_features(method_name, ratio, precision),
+            **self.data_features,
+            "f_parent_accuracy": self.parent_accuracy,
+        }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+    """Re-estimate BatchNorm statistics after pruning (a cheap stand-in for the first steps of fine-tuning)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for i in range(0, len(images), 32):
+        model(images[i:i + 32])
+    model.eval()
+    for m, momentum in saved:
+        m.momentum = momentum
+
+
+def simulate_precision(model: nn.Module, precision: str, calib_images: torch.Tensor) -> nn.Module:
+    """Make ``model`` (modified in place) compute as the runtime would at ``precision``, in fp32 torch.
+
+    int8: per-output-channel symmetric int8 weights and per-tensor asymmetric uint8
+    inputs to every conv/linear, ranges from min/max on ``calib_images``.
+    fp16: weights and conv/linear inputs rounded to half precision.
+    """
+    layers = _weighted_layers(model)
+    if precision == "fp32":
+        return model
+    if precision == "fp16":
+        for layer in layers:
+            layer.weight.data = layer.weight.data.half().float()
+        for layer in layers:
+            layer.register_forward_pre_hook(lambda _m, inp: (inp[0].half().float(),))
+        return model
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}")
+    ranges: dict[nn.Module, list[float]] = {}
+
+    def observe(module, inp):
+        lo, hi = float(inp[0].min()), float(inp[0].max())
+        old = ranges.setdefault(module, [lo, hi])
+        old[0], old[1] = min(old[0], lo), max(old[1], hi)
+
+    hooks = [layer.register_forward_pre_hook(observe) for layer in layers]
+    with torch.no_grad():
+        model.eval()(calib_images)
+    for h in hooks:
+        h.remove()
+    for layer in layers:
+        w = layer.weight.data
+        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
+        layer.weight.data = torch.clamp(torch.round(w / scale), -127, 127) * scale
+
+    def fake_quant(module, inp):
+        lo, hi = ranges[module]
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = max(hi - lo, 1e-12) / 255.0
+        zero = round(-lo / scale)
+        q = torch.clamp(torch.round(inp[0] / scale) + zero, 0, 255)
+        return ((q - zero) * scale,)
+
+    for layer in layers:
+        if layer in ranges:
+            layer.register_forward_pre_hook(fake_quant)
+    return model

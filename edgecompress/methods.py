@@ -160,15 +160,16 @@ METHODS: dict[str, PruneMethod] = {
     ]
 }
 
-# What `build` and `plan` sweep by default: method -> ratios.
+# The ratios `plan`, `build` and `meta collect` sweep: method -> ratios. One grid for all three,
+# so the meta-dataset holds every candidate the planner can propose for the zoo.
 DEFAULT_SWEEP = {
     "none": (0.0,),
-    "nncf.magnitude_global": (0.5, 0.7, 0.9),
-    "torch_pruning.l1": (0.25, 0.5, 0.7),
+    "nncf.magnitude_global": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "nncf.magnitude_local": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "torch_pruning.l1": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
 }
 
-# Pre-meta-predictor ranking: at equal parent accuracy, prefer the least
-# severe compression. Channel pruning is taken as more harmful than the same
+# Tie-break at equal predicted accuracy: prefer the least severe compression. Channel pruning is taken as more harmful than the same
 # share of unstructured sparsity, int8 as mildly harmful, fp16 as harmless.
 _KIND_SEVERITY = {"none": 0.0, "unstructured": 0.5, "channel": 1.0}
 _PRECISION_SEVERITY = {"fp32": 0.0, "fp16": 0.001, "int8": 0.02}

@@ -194,11 +194,32 @@ def verify(calibrated: CalibratedModel, target: Target, data: Dataset) -> Verifi
     )
 
 
-def benchmark(verified: VerifiedModel, target: Target) -> BenchmarkResult:
+def benchmark(verified: VerifiedModel, target: Target, data: Dataset, out: Path, device=None) -> BenchmarkResult:
+    """Time the artifact here, or on ``device`` (a (DeviceSpec, SshOptions) pair) over SSH.
+
+    On a device, the test split goes along and the runner measures the artifact's accuracy there too.
+    """
     runtime = target.runtime()
-    measured = runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS)
-    where = "this machine" if measured is not None else "not measured: no device; latency is the target model's prediction"
-    return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
+    if device is None:
+        measured = runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS)
+        where = "this machine" if measured is not None else "not measured: no device; latency is the target model's prediction"
+        return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
+    from edgecompress.remote import remote_benchmark
+
+    spec, ssh = device
+    eval_npz, flags = None, None
+    if runtime.name == "tensorrt":
+        flags = runtime.trtexec_flags(verified.candidate.quant.precision, data.input_shape)
+    else:
+        images, labels = data.split("test")
+        eval_npz = out / "eval.npz"
+        np.savez(eval_npz, images=images, labels=labels)
+    measured = remote_benchmark(spec, ssh, runtime.name, verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS,
+                                eval_npz=eval_npz, trtexec_args=flags, log_dir=out)
+    if eval_npz is not None:
+        eval_npz.unlink()
+    return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured,
+                           where=f"device {spec} over SSH")
 
 
 def at_precision(compressed: CompressedModel, precision: str, target: Target, data: Dataset, workdir: Path) -> CalibratedModel:
@@ -215,12 +236,14 @@ def at_precision(compressed: CompressedModel, precision: str, target: Target, da
 class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
 
-    def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec):
+    def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec,
+                 device=None):
         self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
         self.entries = entries
         self.finetune_spec = finetune_spec
+        self.device = device  # (DeviceSpec, SshOptions) or None: benchmark here
         self.reused: list[str] = []
 
     def candidate_dir(self, candidate: Candidate) -> Path:
@@ -259,7 +282,7 @@ class Pipeline:
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
                                lambda out: verify(calibrated, self.target, self.data))
-        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS)
+        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, str(self.device[0]) if self.device else "local")
         benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
-                              lambda out: benchmark(verified, self.target))
+                              lambda out: benchmark(verified, self.target, self.data, out, self.device))
         return compressed, calibrated, verified, benched

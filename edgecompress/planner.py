@@ -1,11 +1,17 @@
-"""plan: enumerate candidates, predict their cost, rank them inside the budget.
+"""plan: enumerate candidates, predict their cost and accuracy, rank them inside the budget.
 
-Until the meta-predictor lands (issue 3), a candidate's predicted accuracy is
-its parent's uncompressed accuracy, and candidates inside the budget are
-ranked by that accuracy, then by how severe their compression is
-(methods.severity), then by predicted latency: the most accurate model,
-compressed as little as the budget allows. Candidates outside the budget
-follow, fastest first, as fallbacks.
+Cost comes from the target's model (costmodel); accuracy from an accuracy
+model, normally the meta-predictor (predictor.AccuracyModel): an expected
+accuracy and a lower bound. The ranking:
+
+1. inside the latency and memory budget, and, when ``max_accuracy_drop`` is
+   set, with the lower bound inside the allowed drop (the plan does not
+   promise what it cannot keep): highest expected accuracy first, then the
+   least severe compression (methods.severity), then the lowest latency;
+2. inside the budget but without that guarantee, in the same order;
+3. outside the budget, fastest first, as fallbacks.
+
+Without an accuracy model, a candidate's accuracy is its parent's.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from edgecompress.layers import LayerProfile
 from edgecompress.methods import DEFAULT_SWEEP, Candidate, PruneSpec, QuantSpec, get_method, severity
 from edgecompress.targets import Target
 
-ACCURACY_BASIS = "parent's uncompressed accuracy (no accuracy model yet)"
+ACCURACY_BASIS = "parent's uncompressed accuracy (no accuracy model)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +43,9 @@ class Estimate:
     candidate: Candidate
     cost: CostPrediction
     accuracy: float | None
-    fits: bool
+    fits: bool  # latency and memory inside the budget (predicted), and the accuracy bound when one is set
+    accuracy_low: float | None = None
+    parent_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +55,7 @@ class Estimate:
                 "latency_ms": self.cost.latency_ms,
                 "memory_mb": self.cost.memory_mb,
                 "accuracy": self.accuracy,
+                "accuracy_low": self.accuracy_low,
                 "macs": self.cost.macs,
                 "params": self.cost.params,
             },
@@ -85,28 +94,45 @@ def enumerate_candidates(models: list[str], target: Target, sweep: dict | None =
     return out
 
 
+def estimate_cost(model: str, method: str, ratio: float, precision: str,
+                  profiles: dict[str, list[LayerProfile]], target: Target) -> CostPrediction:
+    keep = get_method(method).channel_keep(ratio)
+    return predict_cost(profiles[model], target, precision, channel_keep=keep)
+
+
 def plan(
     target: Target,
     budget: Budget,
     profiles: dict[str, list[LayerProfile]],
     accuracies: dict[str, float | None],
     sweep: dict | None = None,
+    accuracy_model=None,
 ) -> Plan:
+    """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies."""
     validate_budget(budget, target)
-    estimates = []
-    for cand in enumerate_candidates(sorted(profiles), target, sweep):
-        keep = get_method(cand.prune.method).channel_keep(cand.prune.ratio)
-        cost = predict_cost(profiles[cand.model], target, cand.quant.precision, channel_keep=keep)
-        fits = (budget.latency_ms is None or cost.latency_ms <= budget.latency_ms) and (
+    candidates = enumerate_candidates(sorted(profiles), target, sweep)
+    if accuracy_model is not None:
+        expected, lower = accuracy_model(candidates)
+        basis = accuracy_model.basis
+    else:
+        expected = lower = [accuracies.get(c.model) for c in candidates]
+        basis = ACCURACY_BASIS
+    groups: tuple[list, list, list] = ([], [], [])
+    for cand, acc, low in zip(candidates, expected, lower):
+        cost = estimate_cost(cand.model, cand.prune.method, cand.prune.ratio, cand.quant.precision, profiles, target)
+        inside = (budget.latency_ms is None or cost.latency_ms <= budget.latency_ms) and (
             budget.memory_mb is None or cost.memory_mb <= budget.memory_mb
         )
-        estimates.append(Estimate(cand, cost, accuracies.get(cand.model), fits))
-    inside = sorted(
-        (e for e in estimates if e.fits),
-        key=lambda e: (-(e.accuracy or 0.0), severity(e.candidate), e.cost.latency_ms),
-    )
-    outside = sorted((e for e in estimates if not e.fits), key=lambda e: e.cost.latency_ms)
-    return Plan(target=target.name, budget=budget, ranked=tuple(inside + outside))
+        parent = accuracies.get(cand.model)
+        trusted = (budget.max_accuracy_drop is None or parent is None or low is None
+                   or parent - low <= budget.max_accuracy_drop + 1e-9)
+        est = Estimate(cand, cost, None if acc is None else float(acc), inside and trusted,
+                       None if low is None else float(low), parent)
+        groups[0 if est.fits else 1 if inside else 2].append(est)
+    by_accuracy = lambda e: (-(e.accuracy or 0.0), severity(e.candidate), e.cost.latency_ms)  # noqa: E731
+    ranked = sorted(groups[0], key=by_accuracy) + sorted(groups[1], key=by_accuracy) + sorted(
+        groups[2], key=lambda e: e.cost.latency_ms)
+    return Plan(target=target.name, budget=budget, ranked=tuple(ranked), accuracy_basis=basis)
 
 
 def check_reachable(the_plan: Plan, *, slack: float = 2.0) -> None:

@@ -1,6 +1,6 @@
 """The meta-predictor: accuracy drop of a compressed candidate, from meta-features alone.
 
-A LightGBM regressor gives the expected drop; a second one, trained with the
+A LightGBM regressor (Huber loss) gives the expected drop; a second one, trained with the
 quantile loss at ``UPPER_QUANTILE``, gives an upper bound of the drop (a lower
 confidence bound of the accuracy) for planning under ``--max-accuracy-drop``.
 A ridge regression on the same features is the baseline it must beat.
@@ -19,6 +19,7 @@ from edgecompress.features import FEATURE_DOCS
 from edgecompress.fsutil import atomic_path
 
 UPPER_QUANTILE = 0.9
+HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
 LGBM_PARAMS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15, "min_child_samples": 5,
                "subsample": 0.9, "subsample_freq": 1, "colsample_bytree": 0.9, "random_state": 0, "verbose": -1}
 
@@ -32,8 +33,11 @@ def matrix(rows: list[dict], features: list[str]) -> np.ndarray:
 
 
 class Predictor:
-    def __init__(self, features: list[str], mean, upper):
-        self.features, self.mean, self.upper = features, mean, upper
+    def __init__(self, features: list[str], mean, upper, kind: str = "lightgbm", rows: int | None = None):
+        self.features, self.mean, self.upper, self.kind, self.rows = features, mean, upper, kind, rows
+
+    def describe(self) -> str:
+        return f"{self.kind}, {self.rows} rows" if self.rows else self.kind
 
     @classmethod
     def fit(cls, rows: list[dict], kind: str = "lightgbm") -> "Predictor":
@@ -44,7 +48,8 @@ class Predictor:
         if kind == "lightgbm":
             import lightgbm as lgb
 
-            mean = lgb.LGBMRegressor(objective="regression", **LGBM_PARAMS).fit(x, y)
+            # Huber: a few collapsed candidates (drops of 60-90 pp) must not drag every other prediction.
+            mean = lgb.LGBMRegressor(objective="huber", alpha=HUBER_DELTA, **LGBM_PARAMS).fit(x, y)
             upper = lgb.LGBMRegressor(objective="quantile", alpha=UPPER_QUANTILE, **LGBM_PARAMS).fit(x, y)
         elif kind == "ridge":
             from sklearn.linear_model import Ridge
@@ -57,21 +62,27 @@ class Predictor:
             upper = _Shifted(mean, margin)
         else:
             raise UsageError(f"unknown regressor {kind!r}; use lightgbm or ridge")
-        return cls(features, mean, upper)
+        return cls(features, mean, upper, kind, len(rows))
 
     def predict(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """(expected drop, upper bound of the drop), as shares of accuracy."""
+        """(expected drop, upper bound of the drop), as shares of accuracy.
+
+        Neither is below zero: fine-tuning sometimes gains a little over the parent, but a planner that
+        promised gains would rank an unseen model by noise; at equal predicted drop the better parent wins.
+        """
         x = matrix(rows, self.features)
-        mean = self.mean.predict(x)
+        mean = np.clip(self.mean.predict(x), 0.0, None)
         return mean, np.maximum(self.upper.predict(x), mean)
 
     def save(self, directory: Path) -> None:
+        if self.kind != "lightgbm":
+            raise UsageError(f"only the LightGBM predictor can be saved (this one is {self.kind})")
         with atomic_path(directory) as tmp:
             tmp.mkdir()
             self.mean.booster_.save_model(str(tmp / "drop_mean.txt"))
             self.upper.booster_.save_model(str(tmp / "drop_upper.txt"))
             (tmp / "predictor.json").write_text(json.dumps(
-                {"kind": "lightgbm", "features": self.features, "upper_quantile": UPPER_QUANTILE}, indent=2))
+                {"kind": "lightgbm", "features": self.features, "upper_quantile": UPPER_QUANTILE, "rows": self.rows}, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "Predictor":
@@ -82,7 +93,7 @@ class Predictor:
             raise UsageError(f"{directory} holds no trained predictor (predictor.json missing)")
         meta = json.loads((directory / "predictor.json").read_text())
         return cls(meta["features"], _Booster(lgb.Booster(model_file=str(directory / "drop_mean.txt"))),
-                   _Booster(lgb.Booster(model_file=str(directory / "drop_upper.txt"))))
+                   _Booster(lgb.Booster(model_file=str(directory / "drop_upper.txt"))), meta["kind"], meta.get("rows"))
 
 
 class _Shifted:
@@ -101,30 +112,103 @@ class _Booster:
         return self.booster_.predict(x)
 
 
-def leave_one_architecture_out(rows: list[dict], kind: str) -> dict:
-    """Train without one architecture, predict it; MAE (pp) and within-architecture Spearman."""
-    from scipy.stats import spearmanr
-
+def loao_predictions(rows: list[dict], kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (expected, upper-bound) drop from a predictor trained without its architecture."""
     archs = sorted({r["architecture"] for r in rows})
     if len(archs) < 2:
         raise UsageError("leave-one-architecture-out needs rows from at least two architectures")
-    errors, spearmans, covered = [], [], []
+    mean, upper = np.zeros(len(rows)), np.zeros(len(rows))
     for arch in archs:
-        train = [r for r in rows if r["architecture"] != arch]
-        test = [r for r in rows if r["architecture"] == arch]
-        predictor = Predictor.fit(train, kind)
-        mean, upper = predictor.predict(test)
-        truth = np.asarray([r["accuracy_drop"] for r in test])
-        errors.extend(np.abs(mean - truth) * 100)
-        covered.extend(truth <= upper)
-        if len(test) > 2 and np.ptp(truth) > 0:
-            spearmans.append(float(spearmanr(-mean, -truth).statistic))
+        held = [i for i, r in enumerate(rows) if r["architecture"] == arch]
+        predictor = Predictor.fit([r for r in rows if r["architecture"] != arch], kind)
+        m, u = predictor.predict([rows[i] for i in held])
+        mean[held], upper[held] = m, u
+    return mean, upper
+
+
+def leave_one_architecture_out(rows: list[dict], kind: str, predictions=None) -> dict:
+    """Train without one architecture, predict it: MAE (pp), within-architecture Spearman, bound coverage."""
+    from scipy.stats import spearmanr
+
+    mean, upper = predictions if predictions is not None else loao_predictions(rows, kind)
+    truth = np.asarray([r["accuracy_drop"] for r in rows])
+    errors = np.abs(mean - truth) * 100
+    spearmans = []
+    for arch in sorted({r["architecture"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["architecture"] == arch]
+        if len(idx) > 2 and np.ptp(truth[idx]) > 0 and np.ptp(mean[idx]) > 0:
+            spearmans.append(float(spearmanr(mean[idx], truth[idx]).statistic))
     return {
         "loao_mae_pp": float(np.mean(errors)),
+        "loao_median_abs_error_pp": float(np.median(errors)),
         "loao_spearman": float(np.mean(spearmans)) if spearmans else None,
-        "upper_bound_coverage": float(np.mean(covered)),
-        "architectures": len(archs),
+        "upper_bound_coverage": float(np.mean(truth <= upper + 1e-9)),
+        "architectures": len({r["architecture"] for r in rows}),
         "rows": len(rows),
+    }
+
+
+LATENCY_QUANTILES = (0.05, 0.15, 0.3, 0.5, 0.75)
+MAX_DROPS = (0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def scenario_eval(rows: list[dict], predictions, latencies: dict[str, np.ndarray]) -> dict:
+    """Recommendation quality over (target, latency budget, max drop) scenarios, against the oracle and static ERM.
+
+    ``latencies[target]`` is every row's predicted latency on that target (the cost model both the planner
+    and the oracle see). Budgets are quantiles of those latencies, so every target gets tight and loose ones.
+    The recommendation is the planner's rule on held-out predictions: among rows inside the latency budget
+    whose upper-bound drop is within the max drop, the highest expected accuracy (else the lowest upper-bound
+    drop). The oracle is the best measured accuracy inside both limits. Static ERM is the one (method, ratio,
+    precision) that, always used on the most accurate parent it lets fit, scores best over all scenarios.
+    """
+    mean, upper = predictions
+    acc = np.asarray([r["accuracy"] for r in rows])
+    drop = np.asarray([r["accuracy_drop"] for r in rows])
+    parent = np.asarray([r["parent_accuracy"] for r in rows])
+    config = [(r["method"], r["ratio"], r["precision"]) for r in rows]
+    scenarios = []
+    for target, lat in latencies.items():
+        for q in LATENCY_QUANTILES:
+            for max_drop in MAX_DROPS:
+                scenarios.append((target, float(np.quantile(lat, q)), max_drop))
+
+    def static_choice(cfg, target, budget, max_drop):
+        idx = [i for i, c in enumerate(config) if c == cfg and latencies[target][i] <= budget]
+        if not idx:
+            return None
+        i = max(idx, key=lambda i: parent[i])
+        return acc[i] if drop[i] <= max_drop else None
+
+    configs = sorted(set(config))
+    erm = max(configs, key=lambda c: np.mean([static_choice(c, *sc) or 0.0 for sc in scenarios]))
+    regrets, wins, feasible, counted = [], [], [], 0
+    for target, budget, max_drop in scenarios:
+        inside = latencies[target] <= budget
+        ok = inside & (drop <= max_drop)
+        if not ok.any():
+            continue  # nothing meets this scenario: no oracle to compare with
+        counted += 1
+        oracle = acc[ok].max()
+        trusted = np.flatnonzero(inside & (upper <= max_drop))
+        if len(trusted):
+            pick = trusted[np.argmax(parent[trusted] - mean[trusted])]
+        else:
+            pick = np.flatnonzero(inside)[np.argmin(upper[inside])]
+        pick_ok = bool(drop[pick] <= max_drop)
+        regrets.append((oracle - acc[pick]) * 100)
+        feasible.append(pick_ok)
+        static = static_choice(erm, target, budget, max_drop)
+        wins.append(pick_ok and (static is None or acc[pick] >= static - 1e-9))
+    return {
+        "regret_vs_oracle_pp": float(np.median(regrets)),
+        "regret_vs_oracle_mean_pp": float(np.mean(regrets)),
+        "win_rate_vs_static_erm": float(np.mean(wins)),
+        "recommendation_feasible_share": float(np.mean(feasible)),
+        "static_erm": {"method": erm[0], "ratio": erm[1], "precision": erm[2]},
+        "scenarios": counted,
+        "scenarios_without_solution": len(scenarios) - counted,
+        "targets": sorted(latencies),
     }
 
 
@@ -137,3 +221,110 @@ def recommend_ms(predictor: Predictor, rows: list[dict], repeats: int = 20) -> f
         int(np.argmin(upper))
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
+
+
+SCENARIO_TARGETS = ("openvino-cpu", "jetson-orin-agx")
+REGRESSORS = ("lightgbm", "ridge")
+
+
+def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, np.ndarray]:
+    """Predicted latency of every meta-dataset row on each target (zoo models' layer profiles)."""
+    from edgecompress.data import load_digits
+    from edgecompress.layers import profile_layers
+    from edgecompress.models import get_model, load_model
+    from edgecompress.planner import estimate_cost
+    from edgecompress.targets import get_target
+
+    data = load_digits(32)
+    profiles = {m: profile_layers(load_model(get_model(m), data.num_classes), data.input_shape)
+                for m in sorted({r["model"] for r in rows})}
+    out = {}
+    for name in target_names:
+        target = get_target(name)
+        out[name] = np.asarray([estimate_cost(r["model"], r["method"], r["ratio"], r["precision"], profiles, target).latency_ms
+                                for r in rows])
+    return out
+
+
+def evaluate(rows: list[dict]) -> dict:
+    """``meta eval``: every regressor's held-out accuracy and recommendation quality; the best is reported on top."""
+    latencies = row_latencies(rows)
+    result = {}
+    for kind in REGRESSORS:
+        preds = loao_predictions(rows, kind)
+        result[kind] = {**leave_one_architecture_out(rows, kind, preds), **scenario_eval(rows, preds, latencies)}
+    best = min(REGRESSORS, key=lambda k: (result[k]["regret_vs_oracle_pp"], result[k]["loao_mae_pp"]))
+    summary = {k: result[best][k] for k in ("loao_mae_pp", "loao_spearman", "regret_vs_oracle_pp", "win_rate_vs_static_erm")}
+    summary["recommend_ms_median"] = recommend_ms(Predictor.fit(rows, best), rows)
+    return {**summary, "regressor": best, **result}
+
+
+def shipped_predictor_dir() -> Path:
+    from edgecompress.models import ZOO_DIR
+
+    return ZOO_DIR / "predictor"
+
+
+class AccuracyModel:
+    """Expected accuracy and lower bound of plan candidates, for planner.plan.
+
+    Features of a zoo model on the embedded digits are read from the shipped
+    meta-dataset (it holds every candidate of the sweep); anything else is
+    featurized on the spot (features.Featurizer: seconds per model, shown as progress).
+    """
+
+    def __init__(self, predictor: Predictor, entries: dict, data, accuracies: dict[str, float], *,
+                 meta_rows: list[dict] | None = None, console=None, source: str = "shipped"):
+        self.predictor, self.entries, self.data, self.accuracies = predictor, entries, data, accuracies
+        self.console = console
+        fingerprint = data.fingerprint()
+        self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
+                       for r in (meta_rows or []) if r["dataset"] == fingerprint}
+        self.basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
+                      f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
+
+    @classmethod
+    def shipped(cls, entries, data, accuracies, console=None) -> "AccuracyModel | None":
+        """The predictor and meta-dataset that ship with the zoo; None where they are missing."""
+        from edgecompress.collect import read_rows
+        from edgecompress.models import ZOO_DIR
+
+        directory = shipped_predictor_dir()
+        if not (directory / "predictor.json").is_file():
+            return None
+        return cls(Predictor.load(directory), entries, data, accuracies,
+                   meta_rows=read_rows(ZOO_DIR / "meta.parquet"), console=console)
+
+    def _features(self, candidates) -> list[dict]:
+        from edgecompress.features import FEATURE_DOCS, Featurizer
+        from edgecompress.models import load_model
+
+        rows: list[dict | None] = []
+        missing = []
+        for i, c in enumerate(candidates):
+            known = self._known.get((c.model, c.prune.method, c.prune.ratio, c.quant.precision))
+            rows.append(known)
+            if known is None or any(f not in known for f in self.predictor.features):
+                missing.append(i)
+        if missing:
+            from rich.progress import Progress
+
+            featurizers = {}
+            with Progress(console=self.console, transient=True) as progress:
+                bar = progress.add_task("meta-features of unseen candidates", total=len(missing))
+                # One pruning per (model, method, ratio): its precisions reuse the pruned copy.
+                key = lambda i: (candidates[i].model, candidates[i].prune.method, candidates[i].prune.ratio)  # noqa: E731
+                for i in sorted(missing, key=key):
+                    c = candidates[i]
+                    if c.model not in featurizers:
+                        model = load_model(self.entries[c.model], self.data.num_classes)
+                        featurizers = {c.model: Featurizer(model, self.data, self.accuracies[c.model])}
+                    rows[i] = featurizers[c.model].candidate_features(c.prune.method, c.prune.ratio, c.quant.precision)
+                    progress.advance(bar)
+        return [{f: r[f] for f in FEATURE_DOCS if f in r} for r in rows]
+
+    def __call__(self, candidates) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._features(candidates)
+        mean, upper = self.predictor.predict(rows)
+        parent = np.asarray([self.accuracies[c.model] for c in candidates])
+        return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)

@@ -125,8 +125,9 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>latency p90, ms</th><td></td><td></td><td>{_fmt(measured.get("latency_ms_p90"))}</td></tr>
 <tr><th>memory, MB</th><td>{_fmt(budget.get("memory_mb"), 1)}</td><td>{_fmt(predicted.get("memory_mb"), 1)}</td><td>{_fmt(measured.get("peak_memory_mb"), 1)}</td></tr>
 <tr><th>model file, MB</th><td></td><td></td><td>{_fmt(measured.get("model_size_mb"), 2)}</td></tr>
-<tr><th>top-1 accuracy</th><td>max drop {_fmt(budget.get("max_accuracy_drop"), 3)}</td><td>{_fmt(predicted.get("accuracy"), 4)}</td><td>{_fmt(measured.get("accuracy"), 4)} (uncompressed {_fmt(measured.get("baseline_accuracy"), 4)})</td></tr>
-</table>
+<tr><th>top-1 accuracy</th><td>max drop {_fmt(budget.get("max_accuracy_drop"), 3)}</td><td>{_fmt(predicted.get("accuracy"), 4)}
+(lower bound {_fmt(predicted.get("accuracy_low"), 4)})</td><td>{_fmt(measured.get("accuracy"), 4)} (uncompressed {_fmt(measured.get("baseline_accuracy"), 4)})</td></tr>
+{_device_row(report)}</table>
 <p class="note">Latency and memory: {latency_note}. Accuracy: {html.escape(report.get("verified_in", ""))}, on {report.get("test_samples", "?")} held-out test images.
 Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calibration: {html.escape(_calibration_text(report.get("calibration")))}.</p>
 <h2>Candidates</h2>
@@ -138,6 +139,16 @@ Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calib
 <table><tr><th>class</th><th>original</th><th>compressed</th></tr>{class_rows}</table>
 </body></html>
 """
+
+
+def _device_row(report: dict) -> str:
+    device = report.get("device")
+    if not device:
+        return ""
+    acc = device.get("accuracy")
+    text = (f"{_fmt(acc, 4)} on {device.get('eval_samples')} test images, run on the device" if acc is not None
+            else "not measured on the device (trtexec times the engine; accuracy is the host's)")
+    return f'<tr><th>top-1 on {html.escape(device["name"])}</th><td></td><td></td><td>{text}</td></tr>'
 
 
 def write_report(run_dir: Path, report: dict) -> None:

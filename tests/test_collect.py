@@ -1,5 +1,6 @@
 """Meta-dataset collection: features on every zoo model; resume after an interruption (slow)."""
 
+import copy
 import math
 import os
 import signal
@@ -10,21 +11,61 @@ import time
 import pytest
 
 from edgecompress.collect import read_rows
-from edgecompress.features import FEATURE_DOCS, method_features, model_features
+from edgecompress.features import FEATURE_DOCS, Featurizer
 from edgecompress.models import get_model, list_models, load_model
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_features_on_every_zoo_model(name):
+def test_features_on_every_zoo_model(name, digits):
     model = load_model(get_model(name), 10)
-    feats = model_features(model, (1, 3, 32, 32))
-    for kind, ratio, local in [("none", 0.0, False), ("unstructured", 0.7, False), ("unstructured", 0.5, True), ("channel", 0.5, False)]:
-        feats.update(method_features(model, kind, ratio, local))
-        assert all(math.isfinite(v) for v in feats.values())
-        if ratio:
-            assert 0 < feats["f_mass_below_global"] < ratio  # the pruned weights are the small ones
-    assert set(feats) <= set(FEATURE_DOCS)
-    assert feats["f_params"] == get_model(name).params
+    featurizer = Featurizer(model, digits, get_model(name).test_accuracy)
+    dense = featurizer.candidate_features("none", 0.0, "fp32")
+    assert set(dense) == set(FEATURE_DOCS)  # every feature, each documented
+    assert dense["f_params"] == get_model(name).params
+    assert dense["f_oneshot_agreement"] == 1.0 and dense["f_oneshot_logit_rel_err"] == 0.0  # nothing changed
+    for method, ratio, precision in [("nncf.magnitude_global", 0.7, "fp32"), ("nncf.magnitude_local", 0.5, "int8"),
+                                     ("torch_pruning.l1", 0.5, "fp16")]:
+        feats = featurizer.candidate_features(method, ratio, precision)
+        assert all(math.isfinite(v) for v in feats.values()), feats
+        assert 0 < feats["f_mass_below_global"] < ratio  # the pruned weights are the small ones
+        assert ratio <= feats["f_max_layer_pruned_global"] <= 1
+        assert 0 <= feats["f_oneshot_agreement"] <= 1 and feats["f_oneshot_logit_rel_err"] > 0
+
+
+def test_simulated_int8_changes_outputs_a_little(digits):
+    import torch
+
+    from edgecompress.features import simulate_precision
+
+    model = load_model(get_model("resnet10t"), 10)
+    x = torch.from_numpy(digits.split("calib")[0][:64])
+    with torch.no_grad():
+        ref = model(x)
+        fake = simulate_precision(copy.deepcopy(model), "int8", x)(x)
+        half = simulate_precision(copy.deepcopy(model), "fp16", x)(x)
+    err8 = float(torch.linalg.norm(fake - ref) / torch.linalg.norm(ref))
+    err16 = float(torch.linalg.norm(half - ref) / torch.linalg.norm(ref))
+    assert 0 < err16 < err8 < 0.2
+    assert (fake.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def test_refresh_features_keeps_measurements(tmp_path):
+
+    from edgecompress.collect import refresh_features
+    from edgecompress.models import ZOO_DIR
+
+    rows = [r for r in read_rows(ZOO_DIR / "meta.parquet") if r["model"] == "lcnet_050"][:4]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "meta.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "f_ratio": -1.0} for r in rows]), path)
+    assert refresh_features(path) == len(rows)
+    fresh = read_rows(path)
+    for old, new in zip(sorted(rows, key=lambda r: (r["method"], r["ratio"])), fresh):
+        assert new["accuracy"] == old["accuracy"] and new["wall_seconds"] == old["wall_seconds"]
+        assert new["f_ratio"] == old["ratio"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",

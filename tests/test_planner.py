@@ -79,3 +79,65 @@ def test_jetson_int8_and_sparsity_model(facts):
     dense = by_id["resnet10t__dense__fp32"].cost.latency_ms
     assert by_id["resnet10t__nncf.magnitude_global-0.90__fp32"].cost.latency_ms == pytest.approx(dense)
     assert get_method("nncf.magnitude_global").channel_keep(0.9) == 1.0
+
+
+@pytest.fixture(scope="module")
+def accuracy_model(facts):
+    from edgecompress.build import resolve_models
+    from edgecompress.data import load_digits
+    from edgecompress.predictor import AccuracyModel
+
+    data = load_digits(32)
+    model = AccuracyModel.shipped(resolve_models((), data), data, facts[1])
+    assert model is not None, "the trained predictor must ship with the package (edgecompress/zoo/predictor)"
+    return model
+
+
+def test_plan_with_the_meta_predictor(facts, accuracy_model):
+    profiles, accuracies = facts
+    p = plan(get_target("openvino-cpu"), Budget(latency_ms=0.3), profiles, accuracies, accuracy_model=accuracy_model)
+    assert "meta-predictor" in p.accuracy_basis
+    fits = [e for e in p.ranked if e.fits]
+    assert fits
+    for e in p.ranked:
+        assert 0 <= e.accuracy_low <= e.accuracy <= 1
+        assert e.accuracy <= e.parent_accuracy + 1e-9  # no promised gains over the parent
+    keys = [(-e.accuracy, severity(e.candidate), e.cost.latency_ms) for e in fits]
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("max_drop", [0.001, 0.01, 0.05])
+def test_plan_keeps_the_accuracy_promise(facts, accuracy_model, max_drop):
+    """With --max-accuracy-drop, 'fits' means the lower bound is inside it; the rest of the budget follows."""
+    profiles, accuracies = facts
+    p = plan(get_target("openvino-cpu"), Budget(latency_ms=0.3, max_accuracy_drop=max_drop), profiles, accuracies,
+             accuracy_model=accuracy_model)
+    fits = [e for e in p.ranked if e.fits]
+    inside_untrusted = [e for e in p.ranked if not e.fits and e.cost.latency_ms <= 0.3]
+    assert all(e.parent_accuracy - e.accuracy_low <= max_drop + 1e-9 for e in fits)
+    assert all(e.parent_accuracy - e.accuracy_low > max_drop for e in inside_untrusted)
+    assert p.ranked[:len(fits) + len(inside_untrusted)] == tuple(fits + inside_untrusted)
+    loose = plan(get_target("openvino-cpu"), Budget(latency_ms=0.3), profiles, accuracies, accuracy_model=accuracy_model)
+    assert len(fits) <= sum(e.fits for e in loose.ranked)
+
+
+def test_plan_scores_an_unseen_model_from_its_features(tmp_path, facts):
+    """A user's model (not in the meta-dataset) is featurized on the spot and scored by the same predictor."""
+    import torch
+
+    from edgecompress.build import model_facts, resolve_models
+    from edgecompress.data import load_digits
+    from edgecompress.predictor import AccuracyModel
+
+    data = load_digits(32)
+    weights = tmp_path / "mine.pth"
+    torch.save(load_model(get_model("lcnet_050"), 10).state_dict(), weights)
+    entries = resolve_models((f"timm:lcnet_050={weights}",), data)
+    profiles, accuracies = model_facts(entries, data)
+    model = AccuracyModel.shipped(entries, data, accuracies)
+    sweep = {"none": (0.0,), "torch_pruning.l1": (0.3,)}
+    p = plan(get_target("openvino-cpu"), Budget(latency_ms=10), profiles, accuracies, sweep=sweep, accuracy_model=model)
+    assert len(p.ranked) == 6 and all(0 < e.accuracy <= 1 for e in p.ranked)
+    dense = {e.candidate.quant.precision: e for e in p.ranked if e.candidate.prune.method == "none"}
+    pruned = {e.candidate.quant.precision: e for e in p.ranked if e.candidate.prune.method != "none"}
+    assert all(pruned[k].accuracy_low <= dense[k].accuracy_low + 1e-9 for k in dense)

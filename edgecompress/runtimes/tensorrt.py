@@ -31,9 +31,9 @@ class TensorRtRuntime(OnnxArtifactRuntime):
         return None
 
     @staticmethod
-    def trtexec_command(onnx_name: str, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> str:
+    def trtexec_flags(precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> list[str]:
         shape = "x".join(str(d) for d in input_shape)
-        args = ["trtexec", f"--onnx={onnx_name}", f"--shapes={INPUT_NAME}:{shape}"]
+        args = [f"--shapes={INPUT_NAME}:{shape}"]
         if precision == "fp16":
             args.append("--fp16")
         elif precision == "int8":
@@ -41,8 +41,12 @@ class TensorRtRuntime(OnnxArtifactRuntime):
             args += ["--int8", "--fp16"]
         if sparse:
             args.append("--sparsity=enable")
-        args.append(f"--saveEngine={Path(onnx_name).stem}.plan")
-        return shlex.join(args)
+        return args
+
+    @classmethod
+    def trtexec_command(cls, onnx_name: str, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> str:
+        return shlex.join(["trtexec", f"--onnx={onnx_name}", *cls.trtexec_flags(precision, input_shape, sparse=sparse),
+                           f"--saveEngine={Path(onnx_name).stem}.plan"])
 
     def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
         return {"build_command": self.trtexec_command(artifact.name, precision, input_shape)}

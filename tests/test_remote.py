@@ -1,0 +1,206 @@
+"""--device over a real OpenSSH server on loopback: copy, run, fetch, clean up; host keys, failures, quoting."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecompress.cli import main
+from edgecompress.models import get_model, load_model
+from edgecompress.remote import DeviceSpec, SshOptions, parse_device
+from edgecompress.runtimes.base import export_onnx
+from edgecompress.targets import get_target
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sshd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    reason = sshd.available()
+    if reason:
+        pytest.skip(f"no loopback sshd: {reason}")
+    srv = sshd.start(tmp_path_factory.mktemp("sshd"))
+    yield srv
+    sshd.stop(srv)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, digits):
+    """lcnet_050 from the zoo as ONNX (ort-cpu) and OpenVINO IR (openvino-cpu), plus a test subset."""
+    out = tmp_path_factory.mktemp("artifacts")
+    onnx = export_onnx(load_model(get_model("lcnet_050"), 10), digits.input_shape, out / "model_fp32.onnx")
+    made = {}
+    for target in ("ort-cpu", "openvino-cpu"):
+        d = out / target
+        d.mkdir()
+        made[target] = get_target(target).runtime().export(onnx, "fp32", d)
+    images, labels = digits.split("test")
+    np.savez(out / "eval.npz", images=images[:100], labels=labels[:100])
+    return made, out / "eval.npz"
+
+
+def _device_args(server, *extra):
+    return ["--device", server.device, "--identity", str(server.identity), "--known-hosts", str(server.known_hosts),
+            "--remote-python", sys.executable, *extra]
+
+
+def _remote_dirs():
+    return set(Path("/tmp").glob("edgecompress.*"))
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu"])
+def test_bench_on_device_matches_local(server, artifacts, target, capsys, tmp_path):
+    made, eval_npz = artifacts
+    before = _remote_dirs()
+    assert main(["bench", str(made[target]), "--target", target, "--runs", "100", "--eval-npz", str(eval_npz),
+                 "--log-dir", str(tmp_path / "logs"), *_device_args(server)]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert _remote_dirs() == before  # the remote temporary directory is gone
+    assert remote["device"] == server.device
+    assert (tmp_path / "logs" / "device.log").read_text().startswith("$ ")
+    local = get_target(target).runtime().benchmark(made[target], warmup=20, runs=100)
+    # Same machine behind the SSH hop: same arithmetic, same speed within noise (the minimum is the
+    # figure least moved by other work on a 2-core machine; the median gets a wider band).
+    assert remote["runtime_version"] == local["runtime_version"]
+    assert 0.5 < remote["latency_ms_min"] / local["latency_ms_min"] < 2.0
+    assert 1 / 3 < remote["latency_ms_median"] / local["latency_ms_median"] < 3.0
+    assert remote["model_size_mb"] == pytest.approx(local["model_size_mb"])
+    assert remote["eval_samples"] == 100 and remote["accuracy"] > 0.9
+
+
+def test_unknown_host_key_is_refused_then_accepted_explicitly(server, artifacts, tmp_path, capsys):
+    made, _ = artifacts
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    args = ["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--runs", "5", "--device", server.device,
+            "--identity", str(server.identity), "--known-hosts", str(known), "--remote-python", sys.executable]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "host key not in" in err and "--accept-new-host-key" in err and "Traceback" not in err
+    assert main([*args, "--accept-new-host-key"]) == 0
+    assert server.host_key_pub.split()[1] in known.read_text()  # recorded for next time
+    capsys.readouterr()
+    assert main(args) == 0  # now known
+
+
+def test_changed_host_key_is_refused(server, artifacts, tmp_path, capsys):
+    import subprocess
+
+    made, _ = artifacts
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    other = (tmp_path / "other.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{server.port} {other[0]} {other[1]}\n")
+    for extra in ([], ["--accept-new-host-key"]):  # accepting new keys never accepts a changed one
+        rc = main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--runs", "5", "--device", server.device,
+                   "--identity", str(server.identity), "--known-hosts", str(known), *extra])
+        assert rc == 2
+        assert "does not match" in capsys.readouterr().err
+
+
+def test_authentication_failure(server, artifacts, tmp_path, capsys):
+    import subprocess
+
+    made, _ = artifacts
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    rc = main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--device", server.device,
+               "--identity", str(tmp_path / "stranger"), "--known-hosts", str(server.known_hosts)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "authentication failed" in err and "stranger" in err
+
+
+def test_unreachable_device(artifacts, tmp_path, capsys):
+    import socket
+
+    made, _ = artifacts
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket closes
+    known = tmp_path / "k"
+    known.write_text("")
+    rc = main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--device", f"nobody@127.0.0.1:{port}",
+               "--known-hosts", str(known)])
+    assert rc == 2
+    assert "cannot connect" in capsys.readouterr().err
+
+
+def test_names_are_quoted_not_interpreted(server, artifacts, tmp_path, capsys):
+    """A file name with shell syntax reaches the device as one argument."""
+    import shutil
+
+    made, _ = artifacts
+    canary = "edgecompress_injection_canary"  # a remote shell would create it in the login directory
+    evil = tmp_path / f"m; touch {canary}; $(touch {canary}) `touch {canary}` '.onnx"
+    shutil.copyfile(made["ort-cpu"], evil)
+    assert main(["bench", str(evil), "--target", "ort-cpu", "--runs", "5", *_device_args(server)]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_ms_median"] > 0
+    assert not (Path.home() / canary).exists() and not Path(canary).exists()
+
+
+def test_dropped_connection_mid_copy_is_retried(server, artifacts, monkeypatch, capsys):
+    import paramiko
+
+    made, _ = artifacts
+    real_put, calls = paramiko.SFTPClient.put, {"n": 0}
+
+    def flaky_put(self, localpath, remotepath, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            self.sock.close()  # the link drops under the first copy
+            raise EOFError("connection dropped")
+        return real_put(self, localpath, remotepath, *a, **k)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "put", flaky_put)
+    assert main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--runs", "5", *_device_args(server)]) == 0
+    assert calls["n"] >= 3  # the failed copy, its retry, the runner
+    monkeypatch.setattr(paramiko.SFTPClient, "put", lambda *a, **k: (_ for _ in ()).throw(EOFError("gone")))
+    rc = main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--runs", "5", *_device_args(server)])
+    assert rc == 2
+    assert "failed 3 times" in capsys.readouterr().err
+
+
+def test_missing_trtexec_on_device(server, artifacts, capsys, tmp_path):
+    made, _ = artifacts
+    rc = main(["bench", str(made["ort-cpu"]), "--target", "jetson-orin-nano", "--log-dir", str(tmp_path),
+               *_device_args(server)])
+    assert rc == 2
+    assert "trtexec not found" in capsys.readouterr().err
+
+
+def test_missing_runtime_on_device(server, artifacts, capsys):
+    """The device's python lacks the runtime: the runner's own error comes back in one line."""
+    made, _ = artifacts
+    args = _device_args(server)
+    args[args.index("--remote-python") + 1] = "/usr/bin/python3"  # Debian's python: no numpy, no runtimes
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no system python3 to play a bare device")
+    rc = main(["bench", str(made["openvino-cpu"]), "--target", "openvino-cpu", "--runs", "5", *args])
+    assert rc == 2
+    assert "runner failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("pi@raspberrypi.local", DeviceSpec("pi", "raspberrypi.local", 22)),
+    ("nvidia@10.0.0.7:2222", DeviceSpec("nvidia", "10.0.0.7", 2222)),
+    ("me@[::1]:22", DeviceSpec("me", "::1", 22)),
+])
+def test_parse_device(text, spec):
+    assert parse_device(text) == spec
+
+
+@pytest.mark.parametrize("text", ["host", "@host", "a@b:99999", "a@b;rm -rf /", "a b@c", "a@b:"])
+def test_parse_device_rejects(text, capsys):
+    assert main(["bench", __file__, "--target", "ort-cpu", "--device", text]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_ssh_options_need_device(capsys, artifacts):
+    made, _ = artifacts
+    assert main(["bench", str(made["ort-cpu"]), "--target", "ort-cpu", "--accept-new-host-key"]) == 2
+    assert "need --device" in capsys.readouterr().err
+    with pytest.raises(Exception, match="no such file"):
+        SshOptions(identity=Path("/nonexistent/key"))
