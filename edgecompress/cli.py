@@ -294,18 +294,25 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
 @meta.command("train")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained predictor.")
-def meta_train(data_path, out):
-    """Train the LightGBM meta-predictor (expected and upper-bound accuracy drop)."""
+@click.option("--regressor", type=click.Choice(["auto", "lightgbm", "ridge"]), default="auto", show_default=True,
+              help="auto: the one `meta eval` finds recommending best for held-out architectures.")
+def meta_train(data_path, out, regressor):
+    """Train the meta-predictor (expected and upper-bound accuracy drop)."""
     from edgecompress.collect import read_rows
     from edgecompress.models import ZOO_DIR
-    from edgecompress.predictor import Predictor
+    from edgecompress.predictor import Predictor, best_regressor, evaluate
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():
         raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
     rows = read_rows(path)
-    Predictor.fit(rows).save(out)
-    click.echo(f"trained on {len(rows)} rows from {path}; saved to {out}")
+    why = ""
+    if regressor == "auto":
+        result = evaluate(rows)
+        regressor = best_regressor(result)
+        why = f" (held-out regret {result[regressor]['regret_vs_oracle_pp']:.2f} pp)"
+    Predictor.fit(rows, regressor).save(out)
+    click.echo(f"trained {regressor}{why} on {len(rows)} rows from {path}; saved to {out}")
 
 
 @meta.command("eval")

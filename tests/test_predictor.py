@@ -38,12 +38,37 @@ def test_fit_predict(rows, kind):
     assert np.mean(np.abs(mean - truth)) < np.mean(np.abs(truth - truth.mean()))  # beats predicting the mean
 
 
-def test_save_load_round_trip(rows, tmp_path):
-    predictor = Predictor.fit(rows)
+@pytest.mark.parametrize("kind", ["lightgbm", "ridge"])
+def test_save_load_round_trip(rows, tmp_path, kind):
+    predictor = Predictor.fit(rows, kind)
     predictor.save(tmp_path / "p")
     loaded = Predictor.load(tmp_path / "p")
+    assert loaded.kind == kind and loaded.margin == predictor.margin
     for a, b in zip(predictor.predict(rows), loaded.predict(rows)):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_upper_bound_is_calibrated_for_unseen_architectures(rows):
+    """The conformal shift makes the held-out bound cover about what it claims (90%), not the ~65% of raw quantiles."""
+    from edgecompress.predictor import UPPER_QUANTILE
+
+    result = leave_one_architecture_out(rows, "lightgbm")
+    assert result["upper_bound_coverage"] >= UPPER_QUANTILE - 0.1
+
+
+def test_scenario_evaluation_against_oracle_and_static_erm(rows):
+    from edgecompress.predictor import loao_predictions, row_latencies, scenario_eval
+
+    latencies = row_latencies(rows)
+    preds = loao_predictions(rows, "ridge")
+    result = scenario_eval(rows, preds, latencies)
+    assert result["scenarios"] + result["scenarios_without_solution"] >= 50 and len(result["targets"]) == 2
+    assert result["regret_vs_oracle_pp"] >= 0 and 0 <= result["win_rate_vs_static_erm"] <= 1
+    # Perfect predictions: the recommendation is the oracle's choice in every scenario.
+    truth = np.asarray([r["accuracy_drop"] for r in rows])
+    perfect = scenario_eval(rows, (truth, truth), latencies)
+    assert perfect["regret_vs_oracle_pp"] == 0 and perfect["regret_vs_oracle_mean_pp"] == 0
+    assert perfect["recommendation_feasible_share"] == 1 and perfect["win_rate_vs_static_erm"] == 1
 
 
 def test_loao_and_cli(rows, capsys):

@@ -204,3 +204,37 @@ def test_ssh_options_need_device(capsys, artifacts):
     assert "need --device" in capsys.readouterr().err
     with pytest.raises(Exception, match="no such file"):
         SshOptions(identity=Path("/nonexistent/key"))
+
+
+@pytest.mark.slow
+def test_build_with_device_end_to_end(server, tmp_path, capsys):
+    """build --device: the benchmark and an accuracy run happen on the device; the report says so."""
+    out = tmp_path / "run"
+    code = main(["build", "--target", "openvino-cpu", "--latency", "5ms", "--model", "lcnet_050", "--finetune-steps", "20",
+                 "--out", str(out), *_device_args(server)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["measured_where"] == f"device {server.device} over SSH"
+    assert report["benchmark"]["device"] == server.device
+    assert report["device"]["name"] == server.device and report["device"]["eval_samples"] == report["test_samples"]
+    # The device ran the same artifact on the same test split: the same top-1 as the host's verification.
+    assert report["device"]["accuracy"] == pytest.approx(report["measured"]["accuracy"], abs=0.003)
+    assert "top-1 on " + server.device in (out / "report.html").read_text()
+    logs = list((out / "candidates").glob("*/benchmark/device.log"))
+    assert logs and "runner.py" in logs[0].read_text()
+    # The command line names the key file (to replay the build); the key itself goes nowhere.
+    written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".log", ".html"))
+    secret = [line for line in server.identity.read_text().splitlines() if line and not line.startswith("-----")]
+    assert secret and not any(line in written for line in secret)
+    assert "PRIVATE KEY" not in written
+
+
+def test_jetson_build_with_device_without_trtexec(server, tmp_path, capsys):
+    """A Jetson target on a device without TensorRT: one clear line, and the run directory is kept for --resume."""
+    out = tmp_path / "run"
+    code = main(["build", "--target", "jetson-orin-nano", "--latency", "50ms", "--model", "lcnet_050", "--finetune-steps", "0",
+                 "--max-accuracy-drop", "100%", "--out", str(out), *_device_args(server)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "trtexec not found" in err and "Traceback" not in err
+    assert list((out / "candidates").glob("*/verify/stage.json"))  # finished stages kept
