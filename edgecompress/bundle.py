@@ -30,8 +30,9 @@ MANIFEST = "manifest.json"
 EXAMPLES = {
     "onnxruntime": ("infer_onnxruntime.py", "infer_onnxruntime.cpp"),
     "openvino": ("infer_openvino.py",),
-    # The QDQ ONNX also runs in ONNX Runtime, which checks the bundle off the device.
-    "tensorrt": ("infer_onnxruntime.py", "infer_onnxruntime.cpp"),
+    # The engine examples run on the Jetson after build_engine.sh; the QDQ ONNX also runs in
+    # ONNX Runtime, which checks the bundle off the device.
+    "tensorrt": ("infer_tensorrt.py", "infer_tensorrt.cpp", "infer_onnxruntime.py", "infer_onnxruntime.cpp"),
 }
 ARTIFACT_NAMES = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.onnx"}
 

@@ -34,21 +34,23 @@ def _device_options(fn):
         click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file (default: ~/.ssh/known_hosts)."),
         click.option("--accept-new-host-key", is_flag=True, help="Trust and record a host key seen for the first time."),
         click.option("--remote-python", default="python3", show_default=True, help="Python on the device (with numpy and the runtime)."),
+        click.option("--remote-trtexec", help="trtexec on the device (default: PATH, then /usr/src/tensorrt/bin)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _device(device, identity, known_hosts, accept_new_host_key, remote_python):
+def _device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     if device is None:
-        if identity or known_hosts or accept_new_host_key:
-            raise UsageError("--identity, --known-hosts and --accept-new-host-key need --device USER@HOST")
+        if identity or known_hosts or accept_new_host_key or remote_trtexec:
+            raise UsageError("--identity, --known-hosts, --accept-new-host-key and --remote-trtexec need --device USER@HOST")
         return None
     from edgecompress.remote import SshOptions, parse_device
 
     return parse_device(device), SshOptions(identity=identity, known_hosts=known_hosts,
-                                            accept_new_host_key=accept_new_host_key, python=remote_python)
+                                            accept_new_host_key=accept_new_host_key, python=remote_python,
+                                            trtexec=remote_trtexec)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +78,7 @@ def cli(debug):
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @_device_options
 def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps,
-          archive, as_json, device, identity, known_hosts, accept_new_host_key, remote_python):
+          archive, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
     from edgecompress.methods import FinetuneSpec
@@ -93,7 +95,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
         out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
         finetune=FinetuneSpec(steps=finetune_steps), archive=archive,
-        device=_device(device, identity, known_hosts, accept_new_host_key, remote_python),
+        device=_device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec),
     )
     report = run_build(options)
     if as_json:
@@ -181,7 +183,8 @@ def targets(pattern, as_json):
 @click.option("--eval-npz", type=click.Path(path_type=Path), help="npz with 'images' and 'labels': also measure top-1 there.")
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep the device's raw log here (with --device).")
 @_device_options
-def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identity, known_hosts, accept_new_host_key, remote_python):
+def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identity, known_hosts, accept_new_host_key,
+          remote_python, remote_trtexec):
     """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
     from edgecompress.targets import get_target
 
@@ -190,7 +193,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         raise UsageError(f"artifact {artifact} does not exist")
     if eval_npz is not None and not eval_npz.is_file():
         raise UsageError(f"--eval-npz {eval_npz} does not exist")
-    remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python)
+    remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec)
     runtime = target.runtime()
     if remote is not None:
         from edgecompress.remote import remote_benchmark

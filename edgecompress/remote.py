@@ -65,6 +65,7 @@ class SshOptions:
     known_hosts: Path | None = None
     accept_new_host_key: bool = False
     python: str = "python3"  # the device's interpreter (a venv's python on many boards)
+    trtexec: str | None = None  # trtexec on the device; None: PATH, then JetPack's /usr/src/tensorrt/bin
     connect_timeout: float = 10.0
 
     def __post_init__(self):
@@ -192,7 +193,8 @@ def remote_benchmark(device: DeviceSpec, options: SshOptions, runtime_name: str,
                 conn.put(f, f"{workdir}/{f.name}")
             remote_artifact = f"{workdir}/{artifact.name}"
             if runtime_name == "tensorrt":
-                result = _run_trtexec(conn, device, workdir, remote_artifact, trtexec_args or [], warmup, runs, log_dir)
+                result = _run_trtexec(conn, device, workdir, remote_artifact, trtexec_args or [], warmup, runs, log_dir,
+                                      options.trtexec)
             else:
                 conn.put(RUNNER, f"{workdir}/runner.py")
                 args = [options.python, f"{workdir}/runner.py", "--runtime", runtime_name, "--artifact", remote_artifact,
@@ -219,13 +221,14 @@ def _keep_log(log_dir: Path | None, args: list[str], out: str, err: str) -> None
 
 
 def _run_trtexec(conn: Connection, device: DeviceSpec, workdir: str, onnx: str, extra: list[str], warmup: int, runs: int,
-                 log_dir: Path | None) -> dict:
+                 log_dir: Path | None, location: str | None) -> dict:
     from edgecompress.trtexec import TrtexecParseError, parse_trtexec
 
-    probe = " || ".join(f"command -v {shlex.quote(p)}" for p in TRTEXEC_LOCATIONS)
+    probe = " || ".join(f"command -v {shlex.quote(p)}" for p in ((location,) if location else TRTEXEC_LOCATIONS))
     rc, out, _ = conn.run_shell(probe, timeout=30)
     if rc != 0 or not out.strip():
-        raise DeviceError(f"{device}: trtexec not found (looked on PATH and in /usr/src/tensorrt/bin); install TensorRT")
+        where = location or "on PATH and in /usr/src/tensorrt/bin"
+        raise DeviceError(f"{device}: trtexec not found ({where}); install TensorRT or pass --remote-trtexec PATH")
     trtexec = out.strip().splitlines()[0]
     engine = f"{workdir}/model.plan"
     args = [trtexec, f"--onnx={onnx}", *extra, f"--saveEngine={engine}", f"--warmUp={max(warmup, 1) * 10}",

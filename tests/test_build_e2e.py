@@ -60,7 +60,13 @@ def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
     assert "not measured" in report["measured_where"]
     assert report["measured"]["accuracy"] > 0.5
     script = (out / "bundle" / "build_engine.sh").read_text()
-    assert "trtexec --onnx=model.onnx --shapes=input:1x3x32x32" in script
+    assert "trtexec --onnx=model.onnx --shapes=input:1x3x32x32" in script and "--saveEngine=model.plan" in script
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert {"infer_tensorrt.py", "infer_tensorrt.cpp", "build_engine.sh"} <= set(manifest["files"])
+    # The engine examples read what the script writes and the bundle's own preprocess.json names.
+    assert "model.plan" in (out / "bundle" / "infer_tensorrt.py").read_text()
+    pre = json.loads((out / "bundle" / "preprocess.json").read_text())
+    assert f'"{pre["input_name"]}"' in (out / "bundle" / "infer_tensorrt.cpp").read_text()
 
 
 def test_user_data_and_weights(tmp_path, capsys, weights_file):

@@ -155,3 +155,16 @@ def test_report_renders_in_chromium(run, tmp_path):
 
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50
+
+
+def test_tensorrt_examples_compile_where_tensorrt_is():
+    """The engine examples need TensorRT and CUDA (a Jetson, or a GPU machine with TensorRT installed)."""
+    from edgecompress.bundle import TEMPLATES
+
+    headers = [Path(p) for p in ("/usr/include/aarch64-linux-gnu", "/usr/include/x86_64-linux-gnu", "/usr/include")]
+    include = next((h for h in headers if (h / "NvInfer.h").exists()), None)
+    if include is None or not Path("/usr/local/cuda/include/cuda_runtime_api.h").exists():
+        pytest.skip("TensorRT and CUDA headers are not on this machine (no GPU here): the TensorRT examples "
+                    "are compiled on the device")
+    subprocess.run(["g++", "-std=c++17", "-fsyntax-only", str(TEMPLATES / "infer_tensorrt.cpp"), f"-I{include}",
+                    "-I/usr/local/cuda/include"], check=True)

@@ -238,3 +238,50 @@ def test_jetson_build_with_device_without_trtexec(server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trtexec not found" in err and "Traceback" not in err
     assert list((out / "candidates").glob("*/verify/stage.json"))  # finished stages kept
+
+
+def _recorded_trtexec(tmp_path, fixture="trt85_jetson_orin_nano_yolox.txt", fail=False):
+    """A stand-in for the device's trtexec: prints a real recorded trtexec log and writes the engine file.
+
+    Everything else on the path (probe, quoting, copy, engine size, parsing, clean-up) is the real one.
+    """
+    log = Path(__file__).parent / "fixtures" / "trtexec" / fixture
+    script = tmp_path / "trtexec"
+    script.write_text(f"""#!/bin/sh
+printf '%s\\n' "$@" > {tmp_path}/trtexec_args
+for a in "$@"; do case "$a" in --saveEngine=*) head -c 123456 /dev/zero > "${{a#--saveEngine=}}";; esac; done
+sed '/^# /d' {log}
+{"exit 1" if fail else "exit 0"}
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_tensorrt_on_device_parses_trtexec(server, artifacts, tmp_path, capsys, digits):
+    """A QDQ ONNX for a Jetson target: --int8 --fp16 and the input shape go to trtexec; its summary comes back."""
+    from edgecompress.runtimes.base import quantize_onnx
+
+    made, _ = artifacts
+    qdq = quantize_onnx(made["ort-cpu"], digits.split("calib")[0][:32], tmp_path / "model.onnx")
+    fake = _recorded_trtexec(tmp_path)
+    assert main(["bench", str(qdq), "--target", "jetson-orin-nano", "--runs", "50", "--log-dir", str(tmp_path / "logs"),
+                 *_device_args(server, "--remote-trtexec", str(fake))]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = json.loads((Path(__file__).parent / "fixtures" / "trtexec" / "EXPECTED.json").read_text())
+    want = expected["trt85_jetson_orin_nano_yolox.txt"]
+    assert result["latency_ms_median"] == pytest.approx(want["latency_ms_median"])
+    assert result["tensorrt_version"] == want["tensorrt_version"]
+    assert result["engine_size_mb"] == pytest.approx(0.123456) and result["device"] == server.device
+    args = (tmp_path / "trtexec_args").read_text().split("\n")
+    assert "--int8" in args and "--fp16" in args and "--shapes=input:1x3x32x32" in args and "--iterations=50" in args
+    assert "trtexec" in (tmp_path / "logs" / "device.log").read_text()
+
+
+def test_tensorrt_build_failure_keeps_the_log(server, artifacts, tmp_path, capsys):
+    made, _ = artifacts
+    fake = _recorded_trtexec(tmp_path, fail=True)
+    rc = main(["bench", str(made["ort-cpu"]), "--target", "jetson-orin-nano", "--log-dir", str(tmp_path / "logs"),
+               *_device_args(server, "--remote-trtexec", str(fake))])
+    assert rc == 2
+    assert "trtexec failed (exit 1)" in capsys.readouterr().err
+    assert "Performance summary" in (tmp_path / "logs" / "device.log").read_text()
