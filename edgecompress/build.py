@@ -30,6 +30,7 @@ class BuildOptions:
     budget: Budget
     data_dir: Path | None = None
     model_specs: tuple[str, ...] = ()
+    sweep: dict | None = None  # method -> ratios (None: methods.DEFAULT_SWEEP)
     out: Path | None = None
     resume: bool = False
     force: bool = False
@@ -118,7 +119,7 @@ def run_build(options: BuildOptions, console=None) -> dict:
     profiles, accuracies = model_facts(entries, data)
     accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     t_plan = time.perf_counter()
-    the_plan = plan(target, options.budget, profiles, accuracies, accuracy_model=accuracy_model)
+    the_plan = plan(target, options.budget, profiles, accuracies, sweep=options.sweep, accuracy_model=accuracy_model)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
     run_dir = prepare_run_dir(options, out)
@@ -228,7 +229,10 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
     if chosen:
         est, record = chosen
         compressed, calibrated, verified, benched = record["stages"]
-        notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape)
+        from edgecompress.methods import get_method
+
+        sparse = get_method(est.candidate.prune.method).sparse_pattern in target.sparse_kernels
+        notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape, sparse=sparse)
         bundle_dir = make_bundle(
             run_dir / "bundle", artifact=calibrated.artifact, runtime_name=target.runtime_name,
             runtime_version=report["runtime_version"], target_name=target.name, precision=est.candidate.quant.precision,

@@ -68,6 +68,8 @@ def cli(debug):
               help="Allowed top-1 drop against the uncompressed model, e.g. 1% or 0.01.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder directory (default: the embedded digits).")
 @click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
+@click.option("--method", "methods", multiple=True,
+              help="Pruning method to sweep; repeatable (default: those the shipped meta-dataset covers).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<timestamp>).")
 @click.option("--resume", type=click.Path(path_type=Path), metavar="DIR", help="Continue the run in DIR, reusing finished stages.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
@@ -77,11 +79,11 @@ def cli(debug):
 @click.option("--archive", is_flag=True, help="Also write the bundle as bundle.tar.gz.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @_device_options
-def build(target_name, latency, memory, max_drop, data_dir, models, out, resume, force, max_tries, image_size, finetune_steps,
+def build(target_name, latency, memory, max_drop, data_dir, models, methods, out, resume, force, max_tries, image_size, finetune_steps,
           archive, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
-    from edgecompress.methods import FinetuneSpec
+    from edgecompress.methods import FinetuneSpec, sweep_for
     from edgecompress.targets import get_target
 
     if resume and force:
@@ -93,7 +95,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
     target = get_target(target_name)
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
-        out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
+        sweep=sweep_for(methods), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
         finetune=FinetuneSpec(steps=finetune_steps), archive=archive,
         device=_device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec),
     )
@@ -116,9 +118,10 @@ def build(target_name, latency, memory, max_drop, data_dir, models, out, resume,
 @click.option("--memory")
 @click.option("--max-accuracy-drop", "max_drop")
 @click.option("--model", "models", multiple=True)
+@click.option("--method", "methods", multiple=True, help="Pruning method to sweep; repeatable.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True)
-def plan(target_name, latency, memory, max_drop, models, top, as_json):
+def plan(target_name, latency, memory, max_drop, models, methods, top, as_json):
     """Rank candidates for TARGET without compressing anything."""
     import time
 
@@ -126,6 +129,7 @@ def plan(target_name, latency, memory, max_drop, models, top, as_json):
 
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data import load_digits
+    from edgecompress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
     from edgecompress.predictor import AccuracyModel
     from edgecompress.targets import get_target
@@ -137,7 +141,7 @@ def plan(target_name, latency, memory, max_drop, models, top, as_json):
     profiles, accuracies = model_facts(resolve_models(tuple(models), data), data)
     accuracy_model = AccuracyModel.shipped(resolve_models(tuple(models), data), data, accuracies, console)
     start = time.perf_counter()
-    the_plan = make_plan(target, budget, profiles, accuracies, accuracy_model=accuracy_model)
+    the_plan = make_plan(target, budget, profiles, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model)
     plan_ms = (time.perf_counter() - start) * 1e3
     rows = [e.to_dict() for e in the_plan.ranked[:top]]
     if as_json:
@@ -335,9 +339,19 @@ def meta_eval(data_path, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+# Import-time chatter of third-party modules (torch's CUDA probe on a CPU machine, deprecation notes)
+# is not the user's business; --debug shows it.
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "torchao", "nncf")
+
+
 def main(argv=None) -> int:
+    import logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="edgecompress", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Exit as exc:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from edgecompress.errors import UsageError
 from edgecompress.fsutil import atomic_path
-from edgecompress.methods import DEFAULT_SWEEP, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.methods import RATIO_GRID, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
-DEFAULT_RATIOS = DEFAULT_SWEEP
+DEFAULT_RATIOS = RATIO_GRID
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
 KEY_COLUMNS = ("dataset", "model", "method", "ratio", "precision", "recipe")

@@ -5,7 +5,11 @@ peak throughput for the precision scaled by a per-kernel-kind efficiency, plus
 a fixed dispatch cost per layer; the model adds a per-inference overhead. The
 numbers live in the target's TOML. Channel pruning is modelled by shrinking
 each layer's channels; unstructured sparsity changes nothing on dense
-kernels (a target lists its sparse kernels when it has any).
+kernels. A sparsity pattern the target lists in ``sparse_kernels`` (2:4 on
+Ampere's sparse tensor cores) doubles the math rate of dense conv, 1x1 and
+linear layers at fp16/int8 and stores half the weights plus 2-bit indices;
+the per-layer dispatch cost is unchanged, which is why small models gain far
+less than 2x (FACTS.md: 1.24-1.47x for ResNet-50 on the DLA).
 
 This is the spine's model; issue 4 replaces the roofline with per-kernel
 regressors fitted on measurements.
@@ -59,8 +63,13 @@ def pruned_layers(layers: list[LayerProfile], channel_keep: float) -> list[Layer
     return out
 
 
-def predict_cost(layers: list[LayerProfile], target: Target, precision: str, *, channel_keep: float = 1.0) -> CostPrediction:
+SPARSE_KINDS = ("conv", "pointwise", "linear")
+
+
+def predict_cost(layers: list[LayerProfile], target: Target, precision: str, *, channel_keep: float = 1.0,
+                 sparse_pattern: str | None = None) -> CostPrediction:
     layers = pruned_layers(layers, channel_keep)
+    sparse = sparse_pattern is not None and sparse_pattern in target.sparse_kernels and precision in ("fp16", "int8")
     model = target.latency
     peak_ops = target.peak_gops[precision] * 1e9
     efficiency = model.int8_efficiency if precision == "int8" else model.efficiency
@@ -71,7 +80,11 @@ def predict_cost(layers: list[LayerProfile], target: Target, precision: str, *, 
     peak_act = 0
     for layer in layers:
         compute_s = 2 * layer.macs / (peak_ops * efficiency[layer.kind])
-        traffic = layer.weights * weight_bytes + (layer.in_elements + layer.out_elements) * act_bytes
+        layer_weight_bytes = layer.weights * weight_bytes
+        if sparse and layer.kind in SPARSE_KINDS:
+            compute_s /= 2.0
+            layer_weight_bytes = layer.weights * (weight_bytes / 2 + 1 / 8)  # half the values + 2-bit index each
+        traffic = layer_weight_bytes + (layer.in_elements + layer.out_elements) * act_bytes
         total_s += max(compute_s, traffic / bandwidth) + model.per_layer_us / 1e6
         peak_act = max(peak_act, (layer.in_elements + layer.out_elements) * act_bytes)
     params = sum(l.weights for l in layers)

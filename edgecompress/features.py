@@ -90,7 +90,9 @@ class Featurizer:
         self.input_shape = data.input_shape
         self.parent_accuracy = float(parent_accuracy)
         self.data_features = {f"f_{k}": v for k, v in data.features().items()}
-        self.images = torch.from_numpy(data.split("calib")[0][:ONESHOT_SAMPLES])
+        calib_images, calib_labels = data.split("calib")
+        self.images = torch.from_numpy(calib_images[:ONESHOT_SAMPLES])
+        self.labels = torch.from_numpy(calib_labels[:ONESHOT_SAMPLES])
         with torch.no_grad():
             self.parent_logits = model(self.images)
         weights = [m.weight.detach().float().abs().numpy() for m in _weighted_layers(model)]
@@ -150,7 +152,7 @@ class Featurizer:
             channel_mass = float(np.mean([_mass_share(c, ratio) for c in self._channel_cumsum])) if self._channel_cumsum else 0.0
         return {
             "f_ratio": ratio,
-            "f_method_unstructured": int(kind == "unstructured"),
+            "f_method_unstructured": int(kind in ("unstructured", "semi-structured")),
             "f_method_channel": int(kind == "channel"),
             "f_method_local": int(local),
             "f_mass_below_global": below_global,
@@ -162,7 +164,7 @@ class Featurizer:
 
     # ------------------------------------------------------------ one-shot proxies
     def _one_shot_pruned(self, method_name: str, ratio: float) -> nn.Module:
-        from edgecompress.methods import get_method
+        from edgecompress.methods import PruneData, get_method
 
         key = (method_name, ratio)
         if key not in self._pruned:
@@ -170,7 +172,7 @@ class Featurizer:
             model = copy.deepcopy(self.model)
             if method.kind != "none":
                 example = torch.zeros(self.input_shape)
-                model = method.finalize(method.prepare(model, ratio, example), example)
+                model = method.finalize(method.prepare(model, ratio, example, PruneData(self.images, self.labels)), example)
                 recalibrate_batchnorm(model, self.images)
             self._pruned = {key: model.eval()}  # keep one: the precisions of a (method, ratio) come together
         return self._pruned[key]

@@ -32,6 +32,9 @@ class PruneSpec:
             raise UsageError(f"pruning ratio {self.ratio} must be in [0, 1)")
         if self.method == "none" and self.ratio:
             raise UsageError("pruning method 'none' takes no ratio")
+        fixed = get_method(self.method).fixed_ratio
+        if fixed is not None and self.ratio != fixed:
+            raise UsageError(f"pruning method {self.method} has a fixed ratio of {fixed:g}, not {self.ratio:g}")
 
     @property
     def label(self) -> str:
@@ -87,30 +90,93 @@ def spec_hash(*parts) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneData:
+    """Labelled samples a method may use while pruning (second-order methods need gradients)."""
+
+    images: "torch.Tensor"  # noqa: F821
+    labels: "torch.Tensor"  # noqa: F821
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneMethod:
     name: str
-    kind: str  # "none", "unstructured", "channel"
+    kind: str  # "none", "unstructured", "semi-structured", "channel"
     description: str
-    prepare: Callable  # (model, ratio, example_input) -> model to fine-tune
+    prepare: Callable  # (model, ratio, example_input, data: PruneData) -> model to fine-tune
     finalize: Callable  # (model, example_input) -> plain torch model
+    loss: Callable | None = None  # (model, ratio) -> () -> extra loss term while fine-tuning
+    fixed_ratio: float | None = None  # a pattern that fixes the ratio (2:4 is 0.5)
+    sparse_pattern: str | None = None  # "2:4" where sparse kernels can use it
 
     def channel_keep(self, ratio: float) -> float:
         """Share of channels left, for the cost model (1.0 unless channels are removed)."""
         return 1.0 - ratio if self.kind == "channel" else 1.0
 
 
-def _identity(model, *_):
+def _identity(model, *_, **__):
     return model
 
 
+def _masked(model, masks: dict):
+    """Keep pruned weights at zero through fine-tuning (torch's pruning parametrization)."""
+    from torch.nn.utils import prune
+
+    for layer, mask in masks.items():
+        prune.custom_from_mask(layer, "weight", mask)
+    return model
+
+
+def _unmask(model, example_input=None):
+    from torch.nn.utils import prune
+
+    for layer in list(model.modules()):
+        if prune.is_pruned(layer) and hasattr(layer, "weight_mask"):
+            prune.remove(layer, "weight")
+    return model
+
+
+def _woodfisher(model, ratio, example_input, data=None):
+    from edgecompress.woodfisher import DEFAULT_SAMPLES, woodfisher_prune
+
+    if data is None:
+        raise UsageError("woodfisher needs labelled samples for its Fisher estimate")
+    n = min(DEFAULT_SAMPLES, len(data.labels))
+    return _masked(model, woodfisher_prune(model, ratio, data.images[:n], data.labels[:n]))
+
+
+def _two_four(model, ratio, example_input, data=None):
+    """2:4 semi-structured: in every group of 4 consecutive input weights of a conv/linear row, keep the 2 largest."""
+    import torch
+    from torch import nn
+
+    masks = {}
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight[0].numel() % 4 == 0 and layer.weight.numel() >= 64:
+            w = layer.weight.detach().reshape(layer.weight.shape[0], -1, 4).abs()
+            keep = torch.zeros_like(w).scatter_(-1, w.topk(2, dim=-1).indices, 1.0)
+            masks[layer] = keep.reshape(layer.weight.shape)
+            with torch.no_grad():
+                layer.weight.mul_(masks[layer])
+    return _masked(model, masks)
+
+
+def _nncf_rb_loss(model, ratio):
+    from nncf.torch.function_hook.pruning.rb.losses import RBLoss
+
+    return RBLoss(model, target_ratio=ratio, p=0.05)
+
+
 def _nncf_magnitude(mode_name: str):
-    def prepare(model, ratio, example_input):
+    def prepare(model, ratio, example_input, data=None):
         import nncf
 
         from edgecompress.runtimes.base import nncf_quiet
 
         with nncf_quiet():
-            return nncf.prune(model, getattr(nncf.PruneMode, mode_name), ratio=ratio, examples_inputs=example_input)
+            mode = getattr(nncf.PruneMode, mode_name)
+        # Regularization-based masks learn their ratio from RBLoss; magnitude modes take it here.
+        kwargs = {} if mode_name == "UNSTRUCTURED_REGULARIZATION_BASED" else {"ratio": ratio}
+        return nncf.prune(model, mode, examples_inputs=example_input, **kwargs)
 
     return prepare
 
@@ -122,7 +188,7 @@ def _nncf_strip(model, example_input):
     return nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.IN_PLACE, example_input=example_input)
 
 
-def _torch_pruning_l1(model, ratio, example_input):
+def _torch_pruning_l1(model, ratio, example_input, data=None):
     import torch_pruning as tp
 
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -157,21 +223,53 @@ METHODS: dict[str, PruneMethod] = {
             "torch-pruning (DepGraph) L1-norm channel pruning; channels are removed",
             _torch_pruning_l1, _identity,
         ),
+        PruneMethod(
+            "woodfisher", "unstructured",
+            "WoodFisher second-order one-shot pruning (OBS saliency and update, block-diagonal empirical Fisher "
+            "inverted by Woodbury recursion, 128 samples, blocks of 32, dampening 10% of the mean diagonal)",
+            _woodfisher, _unmask,
+        ),
+        PruneMethod(
+            "sparse24", "semi-structured",
+            "2:4 semi-structured magnitude sparsity (2 of every 4 consecutive weights kept; sparse tensor cores "
+            "run it on Jetson Orin with trtexec --sparsity=enable)",
+            _two_four, _unmask, fixed_ratio=0.5, sparse_pattern="2:4",
+        ),
+        PruneMethod(
+            "nncf.rb", "unstructured",
+            "NNCF regularization-based sparsity: learned masks pushed to the ratio by RBLoss during fine-tuning",
+            _nncf_magnitude("UNSTRUCTURED_REGULARIZATION_BASED"), _nncf_strip, loss=_nncf_rb_loss,
+        ),
     ]
 }
 
-# The ratios `plan`, `build` and `meta collect` sweep: method -> ratios. One grid for all three,
-# so the meta-dataset holds every candidate the planner can propose for the zoo.
-DEFAULT_SWEEP = {
+# Every method's ratio grid (what `meta collect` sweeps, and `plan`/`build --method` offer).
+RATIO_GRID = {
     "none": (0.0,),
     "nncf.magnitude_global": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     "nncf.magnitude_local": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     "torch_pruning.l1": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    "woodfisher": (0.3, 0.5, 0.7, 0.8, 0.9),
+    "sparse24": (0.5,),
+    "nncf.rb": (0.3, 0.5, 0.7, 0.9),
 }
+# What `plan` and `build` sweep unless --method says otherwise: the methods the shipped meta-dataset
+# covers, so every default candidate's accuracy is predicted from measured neighbours.
+DEFAULT_SWEEP = {m: RATIO_GRID[m] for m in ("none", "nncf.magnitude_global", "nncf.magnitude_local", "torch_pruning.l1")}
+
+
+def sweep_for(methods) -> dict:
+    """The sweep for ``--method`` names (none always included: the uncompressed model is a candidate)."""
+    if not methods:
+        return DEFAULT_SWEEP
+    for m in methods:
+        get_method(m)
+    return {m: RATIO_GRID.get(m, (0.5,)) for m in ("none", *methods)}
+
 
 # Tie-break at equal predicted accuracy: prefer the least severe compression. Channel pruning is taken as more harmful than the same
 # share of unstructured sparsity, int8 as mildly harmful, fp16 as harmless.
-_KIND_SEVERITY = {"none": 0.0, "unstructured": 0.5, "channel": 1.0}
+_KIND_SEVERITY = {"none": 0.0, "unstructured": 0.5, "semi-structured": 0.6, "channel": 1.0}
 _PRECISION_SEVERITY = {"fp32": 0.0, "fp16": 0.001, "int8": 0.02}
 
 

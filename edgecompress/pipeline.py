@@ -19,12 +19,13 @@ import numpy as np
 from edgecompress.data import Dataset
 from edgecompress.errors import NumericalError
 from edgecompress.fsutil import atomic_path, write_json
-from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
 from edgecompress.train import finetune, predict_torch
 
+PRUNE_SAMPLES = 256  # labelled train samples offered to methods that use data while pruning
 BENCH_WARMUP = 20
 BENCH_RUNS = 200
 
@@ -130,10 +131,13 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
     example = torch.zeros(data.input_shape)
     steps = 0
     if method.kind != "none":
-        model = method.prepare(model, candidate.prune.ratio, example)
+        x_train, y_train = data.split("train")
+        samples = PruneData(torch.from_numpy(x_train[:PRUNE_SAMPLES]), torch.from_numpy(y_train[:PRUNE_SAMPLES]))
+        model = method.prepare(model, candidate.prune.ratio, example, samples)
         steps = finetune_spec.steps
         model = finetune(
-            model, *data.split("train"), steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
+            model, x_train, y_train, steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
+            extra_loss=method.loss(model, candidate.prune.ratio) if method.loss else None,
             seed=finetune_spec.seed, on_step=progress,
         )
         model = method.finalize(model, example).eval()
@@ -209,7 +213,8 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset, out: Path,
     spec, ssh = device
     eval_npz, flags = None, None
     if runtime.name == "tensorrt":
-        flags = runtime.trtexec_flags(verified.candidate.quant.precision, data.input_shape)
+        sparse = get_method(verified.candidate.prune.method).sparse_pattern in target.sparse_kernels
+        flags = runtime.trtexec_flags(verified.candidate.quant.precision, data.input_shape, sparse=sparse)
     else:
         images, labels = data.split("test")
         eval_npz = out / "eval.npz"

@@ -96,8 +96,8 @@ def enumerate_candidates(models: list[str], target: Target, sweep: dict | None =
 
 def estimate_cost(model: str, method: str, ratio: float, precision: str,
                   profiles: dict[str, list[LayerProfile]], target: Target) -> CostPrediction:
-    keep = get_method(method).channel_keep(ratio)
-    return predict_cost(profiles[model], target, precision, channel_keep=keep)
+    m = get_method(method)
+    return predict_cost(profiles[model], target, precision, channel_keep=m.channel_keep(ratio), sparse_pattern=m.sparse_pattern)
 
 
 def plan(

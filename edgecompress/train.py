@@ -43,10 +43,14 @@ def finetune(
     lr: float = 1e-3,
     batch_size: int = 64,
     teacher: torch.nn.Module | None = None,
+    extra_loss=None,
     seed: int = 0,
     on_step=None,
 ) -> torch.nn.Module:
-    """Fine-tune for a fixed number of optimiser steps; with a teacher, add logit distillation."""
+    """Fine-tune for a fixed number of optimiser steps; with a teacher, add logit distillation.
+
+    ``extra_loss()`` (a method's regulariser, e.g. NNCF's RBLoss) is added to every step's loss.
+    """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     x = torch.from_numpy(images)
@@ -71,6 +75,8 @@ def finetune(
             with torch.no_grad():
                 soft = F.softmax(teacher(xb) / 2.0, dim=1)
             loss = 0.5 * loss + 0.5 * 4.0 * F.kl_div(F.log_softmax(logits / 2.0, dim=1), soft, reduction="batchmean")
+        if extra_loss is not None:
+            loss = loss + extra_loss().to(loss.dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

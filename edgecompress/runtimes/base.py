@@ -91,7 +91,7 @@ class OnnxArtifactRuntime:
         session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
         return {}
 
 

@@ -55,5 +55,5 @@ class OpenVinoRuntime:
     def benchmark(self, artifact: Path, *, warmup: int, runs: int) -> dict:
         return run_local_benchmark(self.name, artifact, warmup=warmup, runs=runs)
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
         return {}

@@ -48,5 +48,5 @@ class TensorRtRuntime(OnnxArtifactRuntime):
         return shlex.join(["trtexec", f"--onnx={onnx_name}", *cls.trtexec_flags(precision, input_shape, sparse=sparse),
                            f"--saveEngine={Path(onnx_name).stem}.plan"])
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...]) -> dict:
-        return {"build_command": self.trtexec_command(artifact.name, precision, input_shape)}
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
+        return {"build_command": self.trtexec_command(artifact.name, precision, input_shape, sparse=sparse)}

@@ -1,0 +1,117 @@
+"""The pruning-method contract: every registered method prunes, fine-tunes, finalizes to a plain exportable model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgecompress.methods import METHODS, PruneData, PruneSpec, get_method
+from edgecompress.models import get_model, load_model
+from edgecompress.runtimes.base import export_onnx
+from edgecompress.train import finetune
+from edgecompress.woodfisher import DEFAULT_BLOCK, inverse_fisher_blocks, prunable_layers, woodfisher_prune
+
+
+def _weight_zero_share(model):
+    ws = [m.weight.detach() for m in prunable_layers(model)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if n != "none"))
+def test_method_contract(name, small_digits, tmp_path):
+    method = get_method(name)
+    ratio = method.fixed_ratio or 0.5
+    model = load_model(get_model("lcnet_050"), 10)
+    params_before = sum(p.numel() for p in model.parameters())
+    example = torch.zeros(small_digits.input_shape)
+    x, y = small_digits.split("train")
+    data = PruneData(torch.from_numpy(x), torch.from_numpy(y))
+    model = method.prepare(model, ratio, example, data)
+    extra = method.loss(model, ratio) if method.loss else None
+    if extra is not None:
+        assert torch.isfinite(extra())
+    model = finetune(model, x, y, steps=3, batch_size=16, extra_loss=extra)
+    model = method.finalize(model, example).eval()
+    assert type(model).__module__.startswith("timm")  # a plain timm module again, no wrappers
+    assert not any(n.endswith(("weight_orig", "weight_mask")) for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(example)).all()
+    export_onnx(model, small_digits.input_shape, tmp_path / "m.onnx")  # what the export stage does
+    if method.kind == "channel":
+        assert sum(p.numel() for p in model.parameters()) < 0.6 * params_before
+    elif method.sparse_pattern == "2:4":
+        for layer in prunable_layers(model):
+            w = layer.weight.detach()
+            if w[0].numel() % 4 == 0 and w.numel() >= 64:
+                assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), "2:4 pattern lost in fine-tuning"
+        assert _weight_zero_share(model) > 0.4
+    elif method.loss is None:  # magnitude and second-order: the ratio asked for, kept through fine-tuning
+        assert _weight_zero_share(model) >= 0.95 * ratio
+    PruneSpec(method=name, ratio=ratio)  # a valid spec
+
+
+def test_fixed_ratio_is_enforced():
+    with pytest.raises(Exception, match="fixed ratio"):
+        PruneSpec(method="sparse24", ratio=0.7)
+
+
+def _tiny_problem(seed=0):
+    """A small MLP fitted to noisy labels (10% flipped), so the loss, and the Fisher, are not degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 12, generator=g)
+    teacher = torch.randn(12, 3, generator=g)
+    y = (x @ teacher).argmax(1)
+    flip = torch.rand(256, generator=g) < 0.1
+    y[flip] = torch.randint(0, 3, (int(flip.sum()),), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_woodbury_recursion_equals_the_explicit_inverse():
+    model, x, y = _tiny_problem()
+    n, block = 64, 8
+    inverses = inverse_fisher_blocks(model, x[:n], y[:n], block=block, dampening=1e-2)
+    layer = prunable_layers(model)[0]
+    grads = []
+    for i in range(n):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        grads.append(layer.weight.grad.reshape(-1).clone())
+    g = torch.stack(grads)  # (n, P)
+    probe = torch.stack(grads[:16])
+    damp = float((probe * probe).mean()) * 1e-2
+    first = g[:, :block]
+    explicit = torch.linalg.inv(first.T @ first / n + damp * torch.eye(block))
+    torch.testing.assert_close(inverses[0][0], explicit, rtol=2e-3, atol=1e-3 * float(explicit.abs().max()))
+
+
+def test_second_order_beats_magnitude_one_shot(digits):
+    """On a zoo model, one-shot at 70% without fine-tuning: OBS saliency and update keep more accuracy than magnitude.
+
+    (Measured 2026-11-23 on lcnet_050: magnitude 93.3%, WoodFisher 95.6% on the test split.)
+    """
+    from edgecompress.train import evaluate_torch
+
+    model = load_model(get_model("lcnet_050"), 10)
+    x, y = digits.split("train")
+    xt, yt = digits.split("test")
+    obs = copy.deepcopy(model)
+    masks = woodfisher_prune(obs, 0.7, torch.from_numpy(x[:128]), torch.from_numpy(y[:128]))
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((m == 0).sum()) for m in masks.values()) == pytest.approx(0.7 * total, rel=0.01)
+    assert _weight_zero_share(obs) >= 0.69
+    mag = copy.deepcopy(model)
+    weights = torch.cat([l.weight.detach().abs().reshape(-1) for l in prunable_layers(mag)])
+    threshold = torch.kthvalue(weights, int(round(0.7 * len(weights)))).values
+    with torch.no_grad():
+        for l in prunable_layers(mag):
+            l.weight.mul_((l.weight.abs() > threshold).float())
+    assert evaluate_torch(obs, xt, yt) > evaluate_torch(mag, xt, yt)
