@@ -128,7 +128,8 @@ def run_build(options: BuildOptions, console=None) -> dict:
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
                   f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
 
-    pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device)
+    pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
+                        int8_max_drop=options.budget.max_accuracy_drop)
     outcomes: dict[str, dict] = {}
     ratios: list[float] = []
     chosen = None

@@ -163,15 +163,25 @@ def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path
     return ExportedModel(candidate=compressed.candidate, onnx=onnx_path, artifact=artifact)
 
 
-def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path) -> CalibratedModel:
-    """int8: NNCF post-training quantization of the exported graph on the calibration split."""
+def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path, max_drop: float | None = None) -> CalibratedModel:
+    """int8: NNCF post-training quantization of the exported graph on the calibration split.
+
+    With ``max_drop``, accuracy-aware: ``nncf.quantize_with_accuracy_control`` measures the drop on the
+    validation split and returns the most sensitive layers to float until it is within ``max_drop``.
+    """
     if exported.candidate.quant.precision != "int8":
         return CalibratedModel(candidate=exported.candidate, artifact=exported.artifact, calibration={"source": "none", "samples": 0})
+    from edgecompress.runtimes.base import AccuracyControl
+
     images, _ = data.split("calib")
-    artifact = target.runtime().quantize(exported.artifact, images, out)
-    return CalibratedModel(
-        candidate=exported.candidate, artifact=artifact, calibration={"source": "real", "samples": int(len(images))}
-    )
+    calibration = {"source": "real", "samples": int(len(images))}
+    control = None
+    if max_drop is not None:
+        val_x, val_y = data.split("val")
+        control = AccuracyControl(val_x, val_y, max_drop)
+        calibration["accuracy_control"] = {"max_drop": max_drop, "validation_samples": int(len(val_y))}
+    artifact = target.runtime().quantize(exported.artifact, images, out, control)
+    return CalibratedModel(candidate=exported.candidate, artifact=artifact, calibration=calibration)
 
 
 def run_session(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -242,13 +252,14 @@ class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
 
     def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec,
-                 device=None):
+                 device=None, int8_max_drop: float | None = None):
         self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
         self.entries = entries
         self.finetune_spec = finetune_spec
         self.device = device  # (DeviceSpec, SshOptions) or None: benchmark here
+        self.int8_max_drop = int8_max_drop  # accuracy-aware int8 within this drop (None: plain PTQ)
         self.reused: list[str] = []
 
     def candidate_dir(self, candidate: Candidate) -> Path:
@@ -281,9 +292,9 @@ class Pipeline:
         k_export = spec_hash("export", k_compress, self.target.name)
         exported = self._stage(candidate, "export", k_export, ExportedModel,
                                lambda out: export(compressed, self.target, self.data, out))
-        k_calib = spec_hash("calibrate", k_export)
+        k_calib = spec_hash("calibrate", k_export, self.int8_max_drop)
         calibrated = self._stage(candidate, "calibrate", k_calib, CalibratedModel,
-                                 lambda out: calibrate(exported, self.target, self.data, out))
+                                 lambda out: calibrate(exported, self.target, self.data, out, self.int8_max_drop))
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
                                lambda out: verify(calibrated, self.target, self.data))

@@ -68,7 +68,12 @@ def _fmt(value, digits=3, suffix=""):
 def _calibration_text(calibration: dict | None) -> str:
     if not calibration or calibration.get("source") == "none":
         return "none needed (no int8)"
-    return f"{calibration['samples']} images from the {calibration['source']} calibration split"
+    text = f"{calibration['samples']} images from the {calibration['source']} calibration split"
+    control = calibration.get("accuracy_control")
+    if control:
+        text += (f"; accuracy-aware (NNCF accuracy control: sensitive layers kept in float until the drop on "
+                 f"{control['validation_samples']} validation images is within {control['max_drop'] * 100:.2g} pp)")
+    return text
 
 
 def render_html(report: dict) -> str:

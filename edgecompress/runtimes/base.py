@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -50,15 +51,52 @@ def calibration_dataset(images: np.ndarray, transform: Callable | None = None):
     return nncf.Dataset(items, transform)
 
 
-def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path) -> Path:
-    """Explicit-quantization (QDQ) ONNX: int8 per-channel weights, per-tensor activations."""
+@dataclasses.dataclass(frozen=True)
+class AccuracyControl:
+    """Accuracy-aware int8: layers are returned to float, most sensitive first, until the drop is within ``max_drop``."""
+
+    images: np.ndarray  # validation split, NCHW float32
+    labels: np.ndarray
+    max_drop: float  # absolute top-1
+    max_iterations: int = 16  # layers reverted at most (bounds the time on a collapsing model)
+
+
+def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyControl | None, *, to_input, top1):
+    """``nncf.quantize``, or ``nncf.quantize_with_accuracy_control`` when ``control`` is given.
+
+    ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
+    validation function over (image, label) items.
+    """
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    calib = calibration_dataset(calib_images, to_input)
+    with nncf_quiet():
+        if control is None:
+            return nncf.quantize(model, calib, subset_size=len(calib_images))
+        items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
+        validation = nncf.Dataset(items, lambda item: to_input(item[0]))
+        return nncf.quantize_with_accuracy_control(
+            model, calibration_dataset=calib, validation_dataset=validation, validation_fn=top1,
+            max_drop=control.max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib_images),
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=control.max_iterations),
+        )
+
+
+def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: AccuracyControl | None = None) -> Path:
+    """Explicit-quantization (QDQ) ONNX: int8 per-channel weights, per-tensor activations."""
     import onnx
 
-    model = onnx.load(str(src))
-    dataset = calibration_dataset(calib_images, lambda x: {INPUT_NAME: x})
-    with nncf_quiet():
-        quantized = nncf.quantize(model, dataset, subset_size=len(calib_images))
+    def top1(model, items):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        hits = [float(session.run(None, {INPUT_NAME: x})[0].argmax() == y) for x, y in items]
+        return float(np.mean(hits)), hits
+
+    quantized = quantize_with_control(onnx.load(str(src)), calib_images, control,
+                                      to_input=lambda x: {INPUT_NAME: x}, top1=top1)
     onnx.save(quantized, str(dst))
     return dst
 
@@ -80,8 +118,8 @@ class OnnxArtifactRuntime:
         shutil.copyfile(onnx_fp32, dst)
         return dst
 
-    def quantize(self, artifact: Path, calib_images, out_dir: Path) -> Path:
-        return quantize_onnx(artifact, calib_images, out_dir / "model.onnx")
+    def quantize(self, artifact: Path, calib_images, out_dir: Path, control: AccuracyControl | None = None) -> Path:
+        return quantize_onnx(artifact, calib_images, out_dir / "model.onnx", control)
 
     def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]:
         import onnxruntime as ort

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.runtimes.base import calibration_dataset, nncf_quiet, run_local_benchmark
+from edgecompress.runtimes.base import AccuracyControl, quantize_with_control, run_local_benchmark
 
 
 class OpenVinoRuntime:
@@ -29,13 +29,15 @@ class OpenVinoRuntime:
         ov.save_model(model, str(dst), compress_to_fp16=(precision == "fp16"))
         return dst
 
-    def quantize(self, artifact: Path, calib_images, out_dir: Path) -> Path:
-        import nncf
+    def quantize(self, artifact: Path, calib_images, out_dir: Path, control: AccuracyControl | None = None) -> Path:
         import openvino as ov
 
+        def top1(compiled, items):
+            hits = [float(compiled(x)[0].argmax() == y) for x, y in items]
+            return float(np.mean(hits)), hits
+
         model = ov.Core().read_model(str(artifact))
-        with nncf_quiet():
-            quantized = nncf.quantize(model, calibration_dataset(calib_images), subset_size=len(calib_images))
+        quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: x, top1=top1)
         dst = out_dir / "model.xml"
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
         return dst
