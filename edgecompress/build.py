@@ -155,10 +155,11 @@ def run_build(options: BuildOptions, console=None) -> dict:
             latency = measured["latency_ms_median"] if measured else est.cost.latency_ms
             if measured:
                 ratios.append(measured["latency_ms_median"] / est.cost.latency_ms)
-            memory = measured["peak_memory_mb"] if measured else est.cost.memory_mb
+            # trtexec reports no resident memory: the prediction stands in for it, and the report says measured is null.
+            memory = (measured or {}).get("peak_memory_mb") or est.cost.memory_mb
             record = {
                 "measured": {
-                    **({k: measured[k] for k in ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "model_size_mb")} if measured else
+                    **({k: measured.get(k) for k in ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "model_size_mb")} if measured else
                        {"latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "model_size_mb": None}),
                     "accuracy": verified.accuracy,
                     "baseline_accuracy": compressed.baseline_accuracy,

@@ -202,7 +202,11 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
     if remote is not None:
         from edgecompress.remote import remote_benchmark
 
-        flags = runtime.trtexec_flags(_onnx_precision(artifact), _onnx_input_shape(artifact)) if runtime.name == "tensorrt" else None
+        flags = None
+        if runtime.name == "tensorrt":
+            from edgecompress.runtimes.tensorrt import onnx_input_shape, onnx_precision
+
+            flags = runtime.trtexec_flags(onnx_precision(artifact), onnx_input_shape(artifact))
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
         result = remote_benchmark(*remote, runtime.name, artifact, warmup=warmup, runs=runs, eval_npz=eval_npz,
@@ -210,23 +214,11 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
     else:
         result = runtime.benchmark(artifact, warmup=warmup, runs=runs)
         if result is None:
-            raise UsageError(f"{target.name} cannot be measured on this machine (no device); pass --device USER@HOST")
+            from edgecompress.runtimes.tensorrt import local_tensorrt_missing
+
+            raise UsageError(f"{target.name} cannot be measured on this machine ({local_tensorrt_missing()}); "
+                             "pass --device USER@HOST")
     click.echo(json.dumps(result, indent=2))
-
-
-def _onnx_precision(path: Path) -> str:
-    """int8 for an explicit-quantization (QDQ) graph; fp16 otherwise (TensorRT's usual build)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return "int8" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp16"
-
-
-def _onnx_input_shape(path: Path) -> tuple[int, ...]:
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
 
 
 @cli.command()

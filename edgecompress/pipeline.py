@@ -216,7 +216,8 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset, out: Path,
     runtime = target.runtime()
     if device is None:
         measured = runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS)
-        where = "this machine" if measured is not None else "not measured: no device; latency is the target model's prediction"
+        where = ("this machine" + (f" ({measured['gpu']}, TensorRT {measured['runtime_version']})" if "gpu" in measured else "")
+                 if measured is not None else "not measured: no device; latency is the target model's prediction")
         return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
     from edgecompress.remote import remote_benchmark
 

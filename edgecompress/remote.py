@@ -244,7 +244,8 @@ def _run_trtexec(conn: Connection, device: DeviceSpec, workdir: str, onnx: str, 
         raise DeviceError(f"{device}: {exc}; its log is in device.log") from None
     if rc2 == 0 and size.strip().isdigit():
         parsed["engine_size_mb"] = int(size.strip()) / 1e6
-    parsed.update({"runtime": "tensorrt", "runs": runs, "model_size_mb": parsed.get("engine_size_mb")})
+    parsed.update({"runtime": "tensorrt", "runtime_version": parsed["tensorrt_version"], "runs": runs,
+                   "model_size_mb": parsed.get("engine_size_mb"), "peak_memory_mb": None})
     return parsed
 
 

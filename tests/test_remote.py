@@ -285,3 +285,39 @@ def test_tensorrt_build_failure_keeps_the_log(server, artifacts, tmp_path, capsy
     assert rc == 2
     assert "trtexec failed (exit 1)" in capsys.readouterr().err
     assert "Performance summary" in (tmp_path / "logs" / "device.log").read_text()
+
+
+def test_tensorrt_engine_on_a_local_gpu(artifacts, tmp_path, digits):
+    """Where TensorRT and an NVIDIA GPU are here, the engine is built and timed with the Python API."""
+    from edgecompress.runtimes.base import quantize_onnx
+    from edgecompress.runtimes.tensorrt import local_tensorrt_missing
+
+    reason = local_tensorrt_missing()
+    if reason:
+        pytest.skip(f"no local TensorRT engine: {reason}")
+    made, _ = artifacts
+    runtime = get_target("jetson-orin-agx").runtime()
+    qdq = quantize_onnx(made["ort-cpu"], digits.split("calib")[0][:64], tmp_path / "model.onnx")
+    for artifact, precision in ((made["ort-cpu"], "fp16"), (qdq, "int8")):
+        result = runtime.benchmark(artifact, warmup=10, runs=50)
+        assert result["precision"] == precision and result["latency_ms_median"] > 0 and result["engine_size_mb"] > 0
+
+
+def test_jetson_build_with_device_reports_trtexec_figures(server, tmp_path, capsys):
+    """A Jetson build with --device: QDQ ONNX, the trtexec build command, and the device's parsed figures."""
+    fake = _recorded_trtexec(tmp_path)
+    out = tmp_path / "run"
+    code = main(["build", "--target", "jetson-orin-nano", "--latency", "50ms", "--model", "lcnet_050", "--finetune-steps", "0",
+                 "--max-accuracy-drop", "100%", "--out", str(out), *_device_args(server, "--remote-trtexec", str(fake))])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    want = json.loads((Path(__file__).parent / "fixtures" / "trtexec" / "EXPECTED.json").read_text())
+    assert report["measured_where"] == f"device {server.device} over SSH"
+    assert report["measured"]["latency_ms_median"] == pytest.approx(want["trt85_jetson_orin_nano_yolox.txt"]["latency_ms_median"])
+    assert report["benchmark"]["tensorrt_version"] == "8.5.2"
+    bundle = out / "bundle"
+    assert (bundle / "build_engine.sh").read_text().count("trtexec --onnx=model.onnx") == 1
+    if report["choice"]["precision"] == "int8":
+        import onnx
+
+        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(bundle / "model.onnx")).graph.node)

@@ -1,9 +1,12 @@
 """TensorRT on Jetson: plain ONNX (fp32/fp16) or QDQ ONNX (int8) plus the trtexec build command.
 
 Engines are specific to the GPU and the TensorRT version, so the engine is
-built on the device (JetPack 6 ships TensorRT 10.3). Here, with no device, the
-artifact is verified in ONNX Runtime (the QDQ graph runs there with the same
-int8 arithmetic) and its latency is the target model's prediction.
+built on the device (JetPack 6 ships TensorRT 10.3): ``--device`` runs trtexec
+there (edgecompress.remote). Without a device, the artifact is verified in ONNX
+Runtime (the QDQ graph runs there with the same int8 arithmetic); where the
+tensorrt Python package and a CUDA GPU are on this machine, the engine is built
+and timed here with the TensorRT Python API, otherwise the latency is the
+target model's prediction.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ class TensorRtRuntime(OnnxArtifactRuntime):
             return "not installed here (engine built on the device)"
 
     def benchmark(self, artifact: Path, *, warmup: int, runs: int) -> dict | None:
-        """None: nothing can be measured without the device."""
-        return None
+        """Build and time the engine on this machine's GPU; None where TensorRT or a GPU is missing."""
+        if local_tensorrt_missing() is not None:
+            return None
+        return time_engine_locally(artifact, onnx_precision(artifact), onnx_input_shape(artifact), warmup=warmup, runs=runs)
 
     @staticmethod
     def trtexec_flags(precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> list[str]:
@@ -50,3 +55,91 @@ class TensorRtRuntime(OnnxArtifactRuntime):
 
     def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
         return {"build_command": self.trtexec_command(artifact.name, precision, input_shape, sparse=sparse)}
+
+
+def onnx_precision(path: Path) -> str:
+    """int8 for an explicit-quantization (QDQ) graph; fp16 otherwise (TensorRT's usual build)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "int8" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp16"
+
+
+def onnx_input_shape(path: Path) -> tuple[int, ...]:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
+
+
+def local_tensorrt_missing() -> str | None:
+    """None when an engine can be built and timed here, else why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt Python package is not installed (pip install '.[tensorrt]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+def time_engine_locally(onnx_path: Path, precision: str, input_shape: tuple[int, ...], *, warmup: int, runs: int,
+                        sparse: bool = False) -> dict:
+    """Build a TensorRT engine from the ONNX with the Python API and time it on the local GPU (batch 1)."""
+    import time
+
+    import numpy as np
+    import tensorrt as trt
+    import torch
+
+    from edgecompress.errors import EdgecompressError
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgecompressError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, input_shape, input_shape, input_shape)
+    config.add_optimization_profile(profile)
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EdgecompressError(f"TensorRT could not build an engine from {onnx_path.name}")
+    build_s = time.perf_counter() - started
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    context.set_input_shape(INPUT_NAME, input_shape)
+    x = torch.randn(input_shape, device="cuda")
+    out = torch.empty(tuple(context.get_tensor_shape("logits")), device="cuda")
+    context.set_tensor_address(INPUT_NAME, x.data_ptr())
+    context.set_tensor_address("logits", out.data_ptr())
+    stream = torch.cuda.Stream()
+    for _ in range(warmup):
+        context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return {
+        "runtime": "tensorrt", "runtime_version": trt.__version__, "runs": runs, "warmup": warmup,
+        "latency_ms_median": float(np.median(times)), "latency_ms_p90": float(np.percentile(times, 90)),
+        "latency_ms_mean": float(np.mean(times)), "latency_ms_min": float(np.min(times)),
+        "engine_build_s": build_s, "engine_size_mb": serialized.nbytes / 1e6, "model_size_mb": serialized.nbytes / 1e6,
+        "peak_memory_mb": engine.device_memory_size / 1e6 + serialized.nbytes / 1e6,
+        "gpu": torch.cuda.get_device_name(0), "precision": precision,
+    }

@@ -1,0 +1,142 @@
+"""Compression-method benchmark: every pruning method at matched levels, one-shot and fine-tuned, per zoo model.
+
+    python tools/bench_methods.py --json > docs/bench_methods.json            # resumable: rows go to --cache
+    python tools/bench_methods.py --models lcnet_050 --levels 0.7 --json      # a slice
+
+For each (model, method, level): the method's own prepare/finalize (methods.METHODS)
+on a fresh copy of the zoo model; top-1 on the test split right after pruning
+(one-shot) and after the standard fine-tune (150 AdamW steps, as `build` does);
+the largest per-class drop against the uncompressed model; the share of test
+images whose prediction changed. Two fine-tunes are compared at the same number
+of optimiser steps: plain (cross-entropy) and with the uncompressed model as
+teacher (logit distillation, methods' "transfer-aware" recipe). For methods that
+change the graph (channel pruning), the OpenVINO latency of the fp32 artifact is
+measured too. Levels are sparsity for unstructured methods (50/70/90%), the
+channel ratio for channel pruning (0.3/0.5/0.7, matched FLOPs are reported), and
+the fixed 50% of 2:4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.layers import profile_layers  # noqa: E402
+from edgecompress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402
+from edgecompress.models import get_model, list_models, load_model  # noqa: E402
+from edgecompress.train import finetune, predict_torch  # noqa: E402
+
+LEVELS = {"unstructured": (0.5, 0.7, 0.9), "channel": (0.3, 0.5, 0.7), "semi-structured": (0.5,)}
+SAMPLES = 256
+
+
+def _scores(model, x, y, reference_pred):
+    pred = predict_torch(model, x).argmax(1)
+    per_class = np.array([(pred[y == c] == c).mean() for c in np.unique(y)])
+    return float((pred == y).mean()), per_class, float((pred != reference_pred).mean())
+
+
+def run_one(model_name: str, method_name: str, level: float, data, spec: FinetuneSpec, with_latency: bool) -> dict:
+    import torch
+
+    method = get_method(method_name)
+    x_train, y_train = data.split("train")
+    x_test, y_test = data.split("test")
+    parent = load_model(get_model(model_name), data.num_classes)
+    ref_pred = predict_torch(parent, x_test).argmax(1)
+    base_acc, base_per_class, _ = _scores(parent, x_test, y_test, ref_pred)
+    example = torch.zeros(data.input_shape)
+    samples = PruneData(torch.from_numpy(x_train[:SAMPLES]), torch.from_numpy(y_train[:SAMPLES]))
+    started = time.time()
+    one_shot = method.finalize(method.prepare(copy.deepcopy(parent), level, example, samples), example)
+    prune_seconds = time.time() - started
+    one_acc, _, _ = _scores(one_shot, x_test, y_test, ref_pred)
+    row = {"model": model_name, "method": method_name, "level": level, "baseline_accuracy": base_acc,
+           "one_shot_accuracy": one_acc, "prune_seconds": round(prune_seconds, 2)}
+    for recipe, teacher in (("plain", None), ("teacher", parent)):
+        # Pruning is deterministic: each recipe starts from its own freshly pruned copy (masked models cannot be deep-copied).
+        student = method.prepare(copy.deepcopy(parent), level, example, samples)
+        extra = method.loss(student, level) if method.loss else None
+        student = finetune(student, x_train, y_train, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
+                           teacher=teacher, extra_loss=extra, seed=spec.seed)
+        student = method.finalize(student, example).eval()
+        acc, per_class, disagreement = _scores(student, x_test, y_test, ref_pred)
+        key = "finetuned" if recipe == "plain" else "teacher_finetuned"
+        row[f"{key}_accuracy"] = acc
+        row[f"{key}_max_class_drop_pp"] = float((base_per_class - per_class).max() * 100)
+        row[f"{key}_disagreement"] = disagreement
+        if recipe == "plain":
+            weights = [m.weight.detach() for m in student.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.ndim > 1]
+            row["zero_share"] = float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+            macs = sum(l.macs for l in profile_layers(student, data.input_shape))
+            row["macs_share"] = macs / sum(l.macs for l in profile_layers(parent, data.input_shape))
+            if with_latency and method.kind == "channel":
+                row["openvino_latency_ms"] = _openvino_latency(student, data)
+    # The standard fine-tune is the plain one: its figures are the row's headline columns.
+    row["max_class_drop_pp"] = row["finetuned_max_class_drop_pp"]
+    row["disagreement"] = row["finetuned_disagreement"]
+    return row
+
+
+def _openvino_latency(model, data) -> float:
+    from edgecompress.runtimes.base import export_onnx
+    from edgecompress.targets import get_target
+
+    runtime = get_target("openvino-cpu").runtime()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = export_onnx(model, data.input_shape, Path(tmp) / "m.onnx")
+        artifact = runtime.export(onnx, "fp32", Path(tmp))
+        return runtime.benchmark(artifact, warmup=20, runs=200)["latency_ms_median"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--levels", nargs="*", type=float, default=None, help="override every method's levels")
+    parser.add_argument("--steps", type=int, default=FinetuneSpec().steps)
+    parser.add_argument("--cache", type=Path, default=Path("bench_methods.jsonl"), help="finished rows (resume)")
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    data = load_digits(32)
+    spec = FinetuneSpec(steps=args.steps)
+    models = args.models or list_models()
+    methods = args.methods or [m for m in METHODS if m != "none"]
+    done = {}
+    if args.cache.exists():
+        for line in args.cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["method"], r["level"], r.get("steps"))] = r
+    rows = []
+    for method_name in methods:
+        kind = get_method(method_name).kind
+        levels = args.levels or ((get_method(method_name).fixed_ratio,) if get_method(method_name).fixed_ratio else LEVELS[kind])
+        for level in levels:
+            for model_name in models:
+                key = (model_name, method_name, level, args.steps)
+                if key not in done:
+                    row = {**run_one(model_name, method_name, level, data, spec, not args.no_latency), "steps": args.steps}
+                    with args.cache.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    done[key] = row
+                    print(f"{model_name} {method_name} {level}: one-shot {row['one_shot_accuracy']:.3f}, "
+                          f"fine-tuned {row['finetuned_accuracy']:.3f}, with teacher {row['teacher_finetuned_accuracy']:.3f}",
+                          file=sys.stderr, flush=True)
+                rows.append(done[key])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
