@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import statistics
 import time
@@ -31,6 +32,7 @@ class BuildOptions:
     data_dir: Path | None = None
     model_specs: tuple[str, ...] = ()
     sweep: dict | None = None  # method -> ratios (None: methods.DEFAULT_SWEEP)
+    precisions: tuple[str, ...] = ()  # () : every precision the target runs
     out: Path | None = None
     resume: bool = False
     force: bool = False
@@ -40,6 +42,49 @@ class BuildOptions:
     finetune: FinetuneSpec = FinetuneSpec()
     command: str = ""
     device: tuple | None = None  # (remote.DeviceSpec, remote.SshOptions): benchmark there over SSH
+    calib: str = "auto"  # int8 calibration data: "real", "synth", or "auto" (synth below AUTO_SYNTH_BELOW real images)
+    synth_steps: int = 1000  # training steps of the calibration synthesizer
+
+    def synth_spec(self):
+        from edgecompress.calib.synth import SynthSpec
+
+        return SynthSpec(train_steps=self.synth_steps)
+
+
+AUTO_SYNTH_BELOW = 300
+SYNTH_COUNT = 512
+
+
+def calibration_key(options: BuildOptions, data: Dataset) -> str:
+    """What the calibration images will be, known before any is synthesized (for the stage cache)."""
+    from edgecompress.methods import spec_hash
+
+    real = len(data.split("calib")[1])
+    if options.calib == "real" or (options.calib == "auto" and real >= AUTO_SYNTH_BELOW):
+        return "real"
+    return spec_hash("synthetic", data.fingerprint(), options.synth_spec(), SYNTH_COUNT)
+
+
+def calibration_set(options: BuildOptions, data: Dataset, entries, accuracies, run_dir: Path, console):
+    """The int8 calibration images: the real calibration split, or images synthesized from the real ones.
+
+    Returns (images or None for the real split, what the report says about them).
+    """
+    real = int(len(data.split("calib")[1]))
+    if options.calib == "real" or (options.calib == "auto" and real >= AUTO_SYNTH_BELOW):
+        return None, {"source": "real", "samples": real}
+    from edgecompress.calib.synth import few_shot, synthesize
+
+    images, labels = few_shot(data, None)
+    best = max(accuracies, key=lambda name: accuracies[name] or 0.0)
+    console.print(f"synthesizing {SYNTH_COUNT} calibration images from {len(labels)} real ones "
+                  f"({'asked' if options.calib == 'synth' else f'fewer than {AUTO_SYNTH_BELOW} real calibration images'})")
+    synthetic, _, manifest = synthesize(data, images, labels, count=SYNTH_COUNT, spec=options.synth_spec(),
+                                        model=load_model(entries[best], data.num_classes), console=console)
+    write_json(run_dir / "calibration" / "manifest.json", manifest)
+    return synthetic, {"source": "synthetic", "samples": SYNTH_COUNT, "from_real_images": int(len(labels)),
+                       "manifest": "calibration/manifest.json", "quality": manifest.get("quality"),
+                       "synthesizer": manifest["synthesizer"]}
 
 
 def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntry]:
@@ -119,7 +164,8 @@ def run_build(options: BuildOptions, console=None) -> dict:
     profiles, accuracies = model_facts(entries, data)
     accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     t_plan = time.perf_counter()
-    the_plan = plan(target, options.budget, profiles, accuracies, sweep=options.sweep, accuracy_model=accuracy_model)
+    the_plan = plan(target, options.budget, profiles, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
+                    precisions=options.precisions or None)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
     run_dir = prepare_run_dir(options, out)
@@ -128,8 +174,10 @@ def run_build(options: BuildOptions, console=None) -> dict:
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
                   f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
 
+    calibration = functools.cache(lambda: calibration_set(options, data, entries, accuracies, run_dir, console))
     pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
-                        int8_max_drop=options.budget.max_accuracy_drop)
+                        int8_max_drop=options.budget.max_accuracy_drop, calibration=calibration,
+                        calibration_key=calibration_key(options, data))
     outcomes: dict[str, dict] = {}
     ratios: list[float] = []
     chosen = None

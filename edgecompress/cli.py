@@ -70,6 +70,8 @@ def cli(debug):
 @click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
 @click.option("--method", "methods", multiple=True,
               help="Pruning method to sweep; repeatable (default: those the shipped meta-dataset covers).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Precision to consider; repeatable (default: every one the target runs).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<timestamp>).")
 @click.option("--resume", type=click.Path(path_type=Path), metavar="DIR", help="Continue the run in DIR, reusing finished stages.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
@@ -77,10 +79,14 @@ def cli(debug):
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000), help="Optimiser steps of fine-tuning after pruning.")
 @click.option("--archive", is_flag=True, help="Also write the bundle as bundle.tar.gz.")
+@click.option("--calib", "calib_mode", type=click.Choice(["auto", "real", "synth"]), default="auto", show_default=True,
+              help="int8 calibration data: real images, synthesized ones, or synthesized when fewer than 300 real.")
+@click.option("--synth-steps", default=1000, show_default=True, type=click.IntRange(1, 10000000),
+              help="Training steps of the calibration synthesizer (with --calib synth/auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @_device_options
-def build(target_name, latency, memory, max_drop, data_dir, models, methods, out, resume, force, max_tries, image_size, finetune_steps,
-          archive, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
+def build(target_name, latency, memory, max_drop, data_dir, models, methods, precisions, out, resume, force, max_tries, image_size, finetune_steps,
+          archive, calib_mode, synth_steps, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
     from edgecompress.methods import FinetuneSpec, sweep_for
@@ -95,8 +101,8 @@ def build(target_name, latency, memory, max_drop, data_dir, models, methods, out
     target = get_target(target_name)
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
-        sweep=sweep_for(methods), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
-        finetune=FinetuneSpec(steps=finetune_steps), archive=archive,
+        sweep=sweep_for(methods), precisions=tuple(precisions), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
+        finetune=FinetuneSpec(steps=finetune_steps), archive=archive, calib=calib_mode, synth_steps=synth_steps,
         device=_device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec),
     )
     report = run_build(options)
@@ -119,9 +125,10 @@ def build(target_name, latency, memory, max_drop, data_dir, models, methods, out
 @click.option("--max-accuracy-drop", "max_drop")
 @click.option("--model", "models", multiple=True)
 @click.option("--method", "methods", multiple=True, help="Pruning method to sweep; repeatable.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]), help="Repeatable.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True)
-def plan(target_name, latency, memory, max_drop, models, methods, top, as_json):
+def plan(target_name, latency, memory, max_drop, models, methods, precisions, top, as_json):
     """Rank candidates for TARGET without compressing anything."""
     import time
 
@@ -141,7 +148,8 @@ def plan(target_name, latency, memory, max_drop, models, methods, top, as_json):
     profiles, accuracies = model_facts(resolve_models(tuple(models), data), data)
     accuracy_model = AccuracyModel.shipped(resolve_models(tuple(models), data), data, accuracies, console)
     start = time.perf_counter()
-    the_plan = make_plan(target, budget, profiles, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model)
+    the_plan = make_plan(target, budget, profiles, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model,
+                         precisions=tuple(precisions) or None)
     plan_ms = (time.perf_counter() - start) * 1e3
     rows = [e.to_dict() for e in the_plan.ranked[:top]]
     if as_json:
@@ -250,6 +258,49 @@ def verify(bundle):
 
 
 @cli.group()
+def calib():
+    """Calibration data: synthesize it with a diffusion model when real images are few."""
+
+
+@calib.command("synth")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder with the few real images (default: the digits).")
+@click.option("--per-class", type=click.IntRange(1, 100000), help="Real images per class to learn from (default: all given).")
+@click.option("--count", default=512, show_default=True, type=click.IntRange(1, 1000000), help="Images to synthesize.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output ImageFolder directory (must not exist).")
+@click.option("--pipeline", "pipeline_path", type=click.Path(path_type=Path), help="A local diffusers pipeline to sample from instead of training.")
+@click.option("--model", "model_spec", help="Zoo name or timm:ARCH=weights.pth: quality checks with this model.")
+@click.option("--steps", "train_steps", type=click.IntRange(0, 10000000), help="Training steps (default: the spec's).")
+@click.option("--sample-steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the spec's).")
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024))
+@click.option("--seed", default=0, show_default=True, type=int)
+def calib_synth(data_dir, per_class, count, out, pipeline_path, model_spec, train_steps, sample_steps, image_size, seed):
+    """Train a small class-conditional diffusion model on a few real images and write COUNT synthetic ones."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from edgecompress.calib.synth import SynthSpec, few_shot, synthesize, to_unit, write_image_folder
+    from edgecompress.data import load_dataset
+    from edgecompress.fsutil import atomic_path, write_json
+    from edgecompress.models import load_model, parse_model_spec
+
+    if out.exists():
+        raise UsageError(f"--out {out} exists; synthesized images go to a new directory")
+    data = load_dataset(data_dir, image_size)
+    spec = SynthSpec(seed=seed)
+    spec = dataclasses.replace(spec, **{k: v for k, v in (("train_steps", train_steps), ("sample_steps", sample_steps)) if v})
+    model = load_model(parse_model_spec(model_spec), data.num_classes) if model_spec else None
+    images, labels = few_shot(data, per_class)
+    synthetic, synth_labels, manifest = synthesize(data, images, labels, count=count, spec=spec, pipeline=pipeline_path,
+                                                   model=model, console=Console(stderr=True))
+    pre = data.preprocess
+    with atomic_path(out) as tmp:
+        write_image_folder(tmp, to_unit(synthetic, pre.mean, pre.std), synth_labels, data.class_names)
+        write_json(tmp / "manifest.json", manifest)
+    click.echo(json.dumps(manifest, indent=2))
+
+
+@cli.group()
 def meta():
     """The meta-dataset and the meta-predictor."""
 
@@ -333,7 +384,7 @@ def meta_eval(data_path, as_json):
 
 # Import-time chatter of third-party modules (torch's CUDA probe on a CPU machine, deprecation notes)
 # is not the user's business; --debug shows it.
-QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "torchao", "nncf")
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "torchao", "nncf", "diffusers")
 
 
 def main(argv=None) -> int:

@@ -163,7 +163,8 @@ def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path
     return ExportedModel(candidate=compressed.candidate, onnx=onnx_path, artifact=artifact)
 
 
-def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path, max_drop: float | None = None) -> CalibratedModel:
+def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path, max_drop: float | None = None,
+              calibration: tuple | None = None) -> CalibratedModel:
     """int8: NNCF post-training quantization of the exported graph on the calibration split.
 
     With ``max_drop``, accuracy-aware: ``nncf.quantize_with_accuracy_control`` measures the drop on the
@@ -173,8 +174,11 @@ def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path,
         return CalibratedModel(candidate=exported.candidate, artifact=exported.artifact, calibration={"source": "none", "samples": 0})
     from edgecompress.runtimes.base import AccuracyControl
 
-    images, _ = data.split("calib")
-    calibration = {"source": "real", "samples": int(len(images))}
+    images, info = calibration if calibration is not None and calibration[0] is not None else (None, None)
+    if images is None:
+        images = data.split("calib")[0]
+        info = {"source": "real", "samples": int(len(images))}
+    calibration = dict(info)
     control = None
     if max_drop is not None:
         val_x, val_y = data.split("val")
@@ -253,7 +257,7 @@ class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
 
     def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec,
-                 device=None, int8_max_drop: float | None = None):
+                 device=None, int8_max_drop: float | None = None, calibration=None, calibration_key: str = "real"):
         self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
@@ -261,6 +265,9 @@ class Pipeline:
         self.finetune_spec = finetune_spec
         self.device = device  # (DeviceSpec, SshOptions) or None: benchmark here
         self.int8_max_drop = int8_max_drop  # accuracy-aware int8 within this drop (None: plain PTQ)
+        # () -> (images or None for the real split, info for the report); called on the first int8 candidate only.
+        self.calibration = calibration
+        self.calibration_key = calibration_key
         self.reused: list[str] = []
 
     def candidate_dir(self, candidate: Candidate) -> Path:
@@ -293,9 +300,10 @@ class Pipeline:
         k_export = spec_hash("export", k_compress, self.target.name)
         exported = self._stage(candidate, "export", k_export, ExportedModel,
                                lambda out: export(compressed, self.target, self.data, out))
-        k_calib = spec_hash("calibrate", k_export, self.int8_max_drop)
+        k_calib = spec_hash("calibrate", k_export, self.int8_max_drop, self.calibration_key)
         calibrated = self._stage(candidate, "calibrate", k_calib, CalibratedModel,
-                                 lambda out: calibrate(exported, self.target, self.data, out, self.int8_max_drop))
+                                 lambda out: calibrate(exported, self.target, self.data, out, self.int8_max_drop,
+                                                       self.calibration() if self.calibration and candidate.quant.precision == "int8" else None))
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
                                lambda out: verify(calibrated, self.target, self.data))

@@ -84,10 +84,15 @@ def validate_budget(budget: Budget, target: Target) -> None:
         )
 
 
-def enumerate_candidates(models: list[str], target: Target, sweep: dict | None = None) -> list[Candidate]:
+def enumerate_candidates(models: list[str], target: Target, sweep: dict | None = None,
+                         precisions: tuple[str, ...] | None = None) -> list[Candidate]:
     sweep = DEFAULT_SWEEP if sweep is None else sweep
+    if precisions:
+        unsupported = [p for p in precisions if p not in target.precisions]
+        if unsupported:
+            raise UsageError(f"{target.name} does not run {', '.join(unsupported)}; it runs {', '.join(target.precisions)}")
     out = []
-    for model, (method, ratios), precision in itertools.product(models, sweep.items(), target.precisions):
+    for model, (method, ratios), precision in itertools.product(models, sweep.items(), precisions or target.precisions):
         get_method(method)
         for ratio in ratios:
             out.append(Candidate(model=model, prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec(precision=precision)))
@@ -107,10 +112,11 @@ def plan(
     accuracies: dict[str, float | None],
     sweep: dict | None = None,
     accuracy_model=None,
+    precisions: tuple[str, ...] | None = None,
 ) -> Plan:
     """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies."""
     validate_budget(budget, target)
-    candidates = enumerate_candidates(sorted(profiles), target, sweep)
+    candidates = enumerate_candidates(sorted(profiles), target, sweep, precisions)
     if accuracy_model is not None:
         expected, lower = accuracy_model(candidates)
         basis = accuracy_model.basis

@@ -68,7 +68,15 @@ def _fmt(value, digits=3, suffix=""):
 def _calibration_text(calibration: dict | None) -> str:
     if not calibration or calibration.get("source") == "none":
         return "none needed (no int8)"
-    text = f"{calibration['samples']} images from the {calibration['source']} calibration split"
+    if calibration["source"] == "synthetic":
+        text = (f"{calibration['samples']} images synthesized by a class-conditional diffusion model from "
+                f"{calibration['from_real_images']} real ones (calibration/manifest.json)")
+        quality = calibration.get("quality")
+        if quality:
+            text += (f"; the uncompressed model recognises {quality['model_top1_on_synthetic'] * 100:.1f}% of them, "
+                     f"feature Fréchet distance to the real images {quality['feature_frechet_distance']:.2f}")
+    else:
+        text = f"{calibration['samples']} images from the real calibration split"
     control = calibration.get("accuracy_control")
     if control:
         text += (f"; accuracy-aware (NNCF accuracy control: sensitive layers kept in float until the drop on "

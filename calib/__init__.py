@@ -1,0 +1,1 @@
+"""Calibration-data synthesis (installed as edgecompress.calib)."""
