@@ -87,3 +87,14 @@ def test_train_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(Exception, match="at least 10"):
         Predictor.fit(read_rows(META)[:5])
+
+
+def test_monotone_in_ratio():
+    from edgecompress.predictor import monotone_in_ratio
+
+    keys = [("m", "none", 0.0, "int8"), ("m", "p", 0.5, "int8"), ("m", "p", 0.3, "int8"), ("m", "p", 0.7, "int8"),
+            ("m", "q", 0.5, "fp32"), ("n", "p", 0.5, "int8")]
+    drop = np.array([0.02, 0.01, 0.03, 0.025, 0.04, 0.0])
+    (out,) = monotone_in_ratio(keys, drop)
+    # int8 dense is the floor (0.02); 0.3 -> 0.5 -> 0.7 never falls; other groups untouched.
+    np.testing.assert_allclose(out, [0.02, 0.03, 0.03, 0.03, 0.04, 0.0])

@@ -1,0 +1,112 @@
+"""Calibration-data benchmark: int8 accuracy after calibration with real, few real, synthetic, noise and augmented sets.
+
+    python tools/bench_calib.py --json > docs/bench_calib.json         # resumable: rows go to --cache
+    python tools/bench_calib.py --models lcnet_050 --json              # a slice
+
+For every zoo model, the dense fp32 OpenVINO IR is quantized by the same
+runtime code as `build` (plain `nncf.quantize`, no accuracy control, so the
+calibration set alone makes the difference) with each calibration set, and its
+top-1 measured on the real test split:
+
+  real                the real calibration split (306 images of the digits)
+  few_real            10 real images per class (100)
+  synthetic           512 images synthesized from those 100 (calib.synth, default spec)
+  noise               512 images of Gaussian noise in the normalised space
+  few_real_augmented  512 images from the 100 by random shifts and horizontal flips
+
+The synthesizer is trained once (its inputs do not depend on the model) and
+cached; `synth_seconds` is the wall time of training plus sampling 512 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgecompress.calib.synth import SynthSpec, few_shot, synthesize  # noqa: E402
+from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.models import get_model, list_models, load_model  # noqa: E402
+from edgecompress.pipeline import run_session  # noqa: E402
+from edgecompress.runtimes.base import export_onnx  # noqa: E402
+from edgecompress.targets import get_target  # noqa: E402
+
+COUNT = 512
+PER_CLASS = 10
+
+
+def augmented(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.integers(0, len(images), size=count):
+        x = images[i]
+        dx, dy = rng.integers(-3, 4, size=2)
+        x = np.roll(np.roll(x, dx, axis=2), dy, axis=1)
+        out.append(x[:, :, ::-1] if rng.random() < 0.5 else x)
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def calibration_sets(data, spec: SynthSpec) -> tuple[dict, float]:
+    few_x, few_y = few_shot(data, PER_CLASS)
+    started = time.time()
+    synthetic, _, _ = synthesize(data, few_x, few_y, count=COUNT, spec=spec)
+    synth_seconds = time.time() - started
+    rng = np.random.default_rng(0)
+    return {
+        "real": data.split("calib")[0],
+        "few_real": few_x,
+        "synthetic": synthetic,
+        "noise": rng.standard_normal((COUNT, *few_x.shape[1:])).astype(np.float32),
+        "few_real_augmented": augmented(few_x, COUNT),
+    }, synth_seconds
+
+
+def run_model(name: str, data, sets: dict) -> dict:
+    runtime = get_target("openvino-cpu").runtime()
+    x_test, y_test = data.split("test")
+    row = {"model": name}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        onnx = export_onnx(load_model(get_model(name), data.num_classes), data.input_shape, tmp / "m.onnx")
+        (tmp / "fp32").mkdir()
+        artifact = runtime.export(onnx, "fp32", tmp / "fp32")
+        row["fp32"] = float((run_session(runtime.session(artifact), x_test).argmax(1) == y_test).mean())
+        for key, images in sets.items():
+            (tmp / key).mkdir()
+            quantized = runtime.quantize(artifact, images, tmp / key)
+            row[key] = float((run_session(runtime.session(quantized), x_test).argmax(1) == y_test).mean())
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--cache", type=Path, default=Path("bench_calib.jsonl"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    data = load_digits(32)
+    sets, synth_seconds = calibration_sets(data, SynthSpec())
+    done = {}
+    if args.cache.exists():
+        done = {r["model"]: r for r in map(json.loads, args.cache.read_text().splitlines())}
+    rows = []
+    for name in args.models or list_models():
+        if name not in done:
+            done[name] = {**run_model(name, data, sets), "synth_seconds": round(synth_seconds, 1)}
+            with args.cache.open("a") as f:
+                f.write(json.dumps(done[name]) + "\n")
+            print(json.dumps(done[name]), file=sys.stderr, flush=True)
+        rows.append(done[name])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
