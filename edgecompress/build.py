@@ -171,8 +171,12 @@ def run_build(options: BuildOptions, console=None) -> dict:
     run_dir = prepare_run_dir(options, out)
     write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
                                         "budget": options.budget.to_dict()})
-    console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms "
-                  f"({sum(e.fits for e in the_plan.ranked)} predicted inside the budget)")
+    budget = options.budget
+    inside = sum((budget.latency_ms is None or e.cost.latency_ms <= budget.latency_ms)
+                 and (budget.memory_mb is None or e.cost.memory_mb <= budget.memory_mb) for e in the_plan.ranked)
+    promised = sum(e.fits for e in the_plan.ranked)
+    console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms: {inside} predicted "
+                  f"inside the latency/memory budget, {promised} of them with the accuracy bound inside the allowed drop")
 
     calibration = functools.cache(lambda: calibration_set(options, data, entries, accuracies, run_dir, console))
     pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
