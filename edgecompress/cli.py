@@ -372,7 +372,7 @@ def meta_eval(data_path, as_json):
     """Leave-one-architecture-out accuracy and recommendation quality, LightGBM against a ridge baseline."""
     from edgecompress.collect import read_rows
     from edgecompress.models import ZOO_DIR
-    from edgecompress.predictor import Predictor, evaluate
+    from edgecompress.predictor import evaluate
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():

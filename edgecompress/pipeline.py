@@ -212,7 +212,8 @@ def verify(calibrated: CalibratedModel, target: Target, data: Dataset) -> Verifi
     )
 
 
-def benchmark(verified: VerifiedModel, target: Target, data: Dataset, out: Path, device=None) -> BenchmarkResult:
+def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = None, out: Path | None = None,
+              device=None) -> BenchmarkResult:
     """Time the artifact here, or on ``device`` (a (DeviceSpec, SshOptions) pair) over SSH.
 
     On a device, the test split goes along and the runner measures the artifact's accuracy there too.

@@ -106,4 +106,4 @@ def test_collect_bad_input(capsys, tmp_path):
     assert "parquet" in capsys.readouterr().err
     assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--precisions", "int4"]) == 2
     assert "unknown int4" in capsys.readouterr().err
-    assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--methods", "woodfisher"]) == 2
+    assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--methods", "optimal_brain_damage"]) == 2

@@ -39,9 +39,19 @@ def export_onnx(model, input_shape: tuple[int, ...], path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
 def nncf_quiet():
-    """NNCF draws progress bars on stdout; keep stdout for the tool's own output (--json)."""
-    return contextlib.redirect_stdout(sys.stderr)
+    """NNCF draws progress bars and logs INFO lines on stdout; keep stdout for the tool's own output (--json)."""
+    import logging
+
+    logger = logging.getLogger("nncf")  # its handler holds the original stdout, so redirecting is not enough
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def calibration_dataset(images: np.ndarray, transform: Callable | None = None):
