@@ -55,12 +55,16 @@ AUTO_SYNTH_BELOW = 300
 SYNTH_COUNT = 512
 
 
+def synthesizes(options: BuildOptions, data: Dataset) -> bool:
+    """--calib synth, or auto with fewer than AUTO_SYNTH_BELOW real calibration images."""
+    return options.calib == "synth" or (options.calib == "auto" and len(data.split("calib")[1]) < AUTO_SYNTH_BELOW)
+
+
 def calibration_key(options: BuildOptions, data: Dataset) -> str:
     """What the calibration images will be, known before any is synthesized (for the stage cache)."""
     from edgecompress.methods import spec_hash
 
-    real = len(data.split("calib")[1])
-    if options.calib == "real" or (options.calib == "auto" and real >= AUTO_SYNTH_BELOW):
+    if not synthesizes(options, data):
         return "real"
     return spec_hash("synthetic", data.fingerprint(), options.synth_spec(), SYNTH_COUNT)
 
@@ -70,9 +74,8 @@ def calibration_set(options: BuildOptions, data: Dataset, entries, accuracies, r
 
     Returns (images or None for the real split, what the report says about them).
     """
-    real = int(len(data.split("calib")[1]))
-    if options.calib == "real" or (options.calib == "auto" and real >= AUTO_SYNTH_BELOW):
-        return None, {"source": "real", "samples": real}
+    if not synthesizes(options, data):
+        return None, {"source": "real", "samples": int(len(data.split("calib")[1]))}
     from edgecompress.calib.synth import few_shot, synthesize
 
     images, labels = few_shot(data, None)

@@ -22,7 +22,6 @@ from edgecompress.errors import UsageError
 from edgecompress.fsutil import atomic_path
 from edgecompress.methods import RATIO_GRID, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
-DEFAULT_RATIOS = RATIO_GRID
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
 KEY_COLUMNS = ("dataset", "model", "method", "ratio", "precision", "recipe")
@@ -57,8 +56,6 @@ def run_job(job: CollectJob) -> list[dict]:
     data = load_dataset(Path(job.data_dir) if job.data_dir else None, job.image_size)
     entry = parse_model_spec(job.model_spec)
     target = get_target(EVAL_TARGET)
-    parent = load_model(entry, data.num_classes)
-    featurizer = Featurizer(parent, data, _test_accuracy(parent, data))
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +64,8 @@ def run_job(job: CollectJob) -> list[dict]:
         (tmp / "c").mkdir()
         compressed = pipeline.compress(cand, entry, data, job.finetune, tmp / "c")
         compress_seconds = time.time() - started
+        # compress measured the parent's test accuracy already; the features use that figure.
+        featurizer = Featurizer(load_model(entry, data.num_classes), data, compressed.baseline_accuracy)
         for precision in job.precisions:
             t0 = time.time()
             calibrated = pipeline.at_precision(compressed, precision, target, data, tmp)
@@ -89,12 +88,6 @@ def run_job(job: CollectJob) -> list[dict]:
     return rows
 
 
-def _test_accuracy(model, data) -> float:
-    from edgecompress.train import evaluate_torch
-
-    return evaluate_torch(model, *data.split("test"))
-
-
 def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console=None) -> int:
     """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured.
 
@@ -109,6 +102,7 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     from edgecompress.data import load_dataset
     from edgecompress.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
+    from edgecompress.train import evaluate_torch
 
     rows = read_rows(path)
     if not rows:
@@ -127,7 +121,7 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
         bar = progress.add_task("refresh features", total=len(rows))
         for name, model_rows in by_model.items():
             model = load_model(get_model(name), data.num_classes)
-            featurizer = Featurizer(model, data, _test_accuracy(model, data))
+            featurizer = Featurizer(model, data, evaluate_torch(model, *data.split("test")))
             for r in sorted(model_rows, key=lambda r: (r["method"], r["ratio"])):
                 kept = {k: v for k, v in r.items() if not k.startswith("f_")}
                 feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
@@ -165,7 +159,7 @@ def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_siz
     jobs = []
     order = {"none": 0, "channel": 1}
     for method in sorted(methods, key=lambda m: (order.get(get_method(m).kind, 2), m)):
-        method_ratios = DEFAULT_RATIOS.get(method, (0.5,)) if ratios is None else (
+        method_ratios = RATIO_GRID.get(method, (0.5,)) if ratios is None else (
             (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
         for ratio in method_ratios:
             for model in models:

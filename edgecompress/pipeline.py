@@ -174,7 +174,7 @@ def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path,
         return CalibratedModel(candidate=exported.candidate, artifact=exported.artifact, calibration={"source": "none", "samples": 0})
     from edgecompress.runtimes.base import AccuracyControl
 
-    images, info = calibration if calibration is not None and calibration[0] is not None else (None, None)
+    images, info = calibration or (None, None)
     if images is None:
         images = data.split("calib")[0]
         info = {"source": "real", "samples": int(len(images))}

@@ -97,15 +97,13 @@ class Connection:
 
         client = paramiko.SSHClient()
         known = self.options.known_hosts_path()
-        if known.is_file():
-            client.load_host_keys(str(known))
         if self.options.accept_new_host_key:
             known.parent.mkdir(parents=True, exist_ok=True)
-            known.touch(exist_ok=True)
-            client.load_host_keys(str(known))  # new keys are saved to this file
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            known.touch(exist_ok=True)  # loaded below, so new keys are saved to this file
+        if known.is_file():
+            client.load_host_keys(str(known))
+        client.set_missing_host_key_policy(
+            paramiko.AutoAddPolicy() if self.options.accept_new_host_key else paramiko.RejectPolicy())
         d = self.device
         try:
             client.connect(
