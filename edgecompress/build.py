@@ -11,10 +11,11 @@ from pathlib import Path
 
 from edgecompress import __version__
 from edgecompress.bundle import make_bundle
+from edgecompress.costmodel import describe as describe_cost_model
 from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.fsutil import write_json
-from edgecompress.layers import profile_layers
+from edgecompress.kernels import model_graph
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
 from edgecompress.pipeline import Pipeline, per_class_accuracy
@@ -104,17 +105,17 @@ def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntr
 
 
 def model_facts(entries: dict[str, ModelEntry], data: Dataset):
-    """Layer profiles and uncompressed accuracies (the zoo's manifest on the digits, else measured)."""
-    profiles, accuracies = {}, {}
+    """Exported kernel graphs and uncompressed accuracies (the zoo's manifest on the digits, else measured)."""
+    graphs, accuracies = {}, {}
     for name, entry in entries.items():
         model = load_model(entry, data.num_classes)
-        profiles[name] = profile_layers(model, data.input_shape)
+        graphs[name] = model_graph(model, data.input_shape)
         if entry.source == "zoo" and data.name == DIGITS_NAME and entry.test_accuracy is not None:
             accuracies[name] = entry.test_accuracy
         else:
             x, y = data.split("test")
             accuracies[name] = float((predict_torch(model, x).argmax(1) == y).mean())
-    return profiles, accuracies
+    return graphs, accuracies
 
 
 def check_run_dir(options: BuildOptions) -> Path:
@@ -164,10 +165,10 @@ def run_build(options: BuildOptions, console=None) -> dict:
         console.print(f"[yellow]skipped {data.skipped_files} unreadable images in {options.data_dir}[/]")
     entries = resolve_models(options.model_specs, data)
     out = check_run_dir(options)
-    profiles, accuracies = model_facts(entries, data)
+    graphs, accuracies = model_facts(entries, data)
     accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     t_plan = time.perf_counter()
-    the_plan = plan(target, options.budget, profiles, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
+    the_plan = plan(target, options.budget, graphs, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
                     precisions=options.precisions or None)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
@@ -311,7 +312,8 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
             "calibration": calibrated.calibration,
             "finetune": dataclasses.asdict(options.finetune) if compressed.finetune_steps else None,
             "predicted": {"latency_ms": est.cost.latency_ms, "memory_mb": est.cost.memory_mb, "accuracy": est.accuracy,
-                          "accuracy_low": est.accuracy_low},
+                          "accuracy_low": est.accuracy_low,
+                          "latency_model": describe_cost_model(options.target, est.candidate.quant.precision)},
             "device": ({"name": str(options.device[0]), "accuracy": (benched.measured or {}).get("accuracy"),
                         "eval_samples": (benched.measured or {}).get("eval_samples")} if options.device else None),
             "per_class_accuracy": {

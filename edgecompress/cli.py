@@ -145,10 +145,10 @@ def plan(target_name, latency, memory, max_drop, models, methods, precisions, to
     budget = _budget(latency, memory, max_drop)
     data = load_digits(32)
     console = Console(stderr=True)
-    profiles, accuracies = model_facts(resolve_models(tuple(models), data), data)
+    graphs, accuracies = model_facts(resolve_models(tuple(models), data), data)
     accuracy_model = AccuracyModel.shipped(resolve_models(tuple(models), data), data, accuracies, console)
     start = time.perf_counter()
-    the_plan = make_plan(target, budget, profiles, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model,
+    the_plan = make_plan(target, budget, graphs, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model,
                          precisions=tuple(precisions) or None)
     plan_ms = (time.perf_counter() - start) * 1e3
     rows = [e.to_dict() for e in the_plan.ranked[:top]]
@@ -170,10 +170,24 @@ def plan(target_name, latency, memory, max_drop, models, methods, precisions, to
     Console(width=max(Console().width, 140)).print(table)
 
 
-@cli.command()
+class _ListByDefault(click.Group):
+    """``targets [PATTERN]`` lists; ``targets profile T`` profiles."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_ListByDefault)
+def targets():
+    """Device targets: list them, or profile one's kernels on this machine."""
+
+
+@targets.command("list")
 @click.argument("pattern", default="*")
 @click.option("--json", "as_json", is_flag=True)
-def targets(pattern, as_json):
+def targets_list(pattern, as_json):
     """List device targets (without importing any runtime)."""
     from edgecompress.targets import get_target, list_targets
 
@@ -185,6 +199,54 @@ def targets(pattern, as_json):
         t = get_target(name)
         alias = f" (alias {', '.join(t.aliases)})" if t.aliases else ""
         click.echo(f"{name:18s} {t.runtime_name:12s} {','.join(t.precisions):15s} {t.description}{alias}")
+
+
+@targets.command("profile")
+@click.argument("target_name")
+@click.option("--networks", default=60, show_default=True, type=click.IntRange(5, 10000),
+              help="Random networks to profile (each at every precision of the target).")
+@click.option("--work", type=click.Path(path_type=Path), help="Measurements, kept for resuming "
+              "(default: ~/.cache/edgecompress/profile/TARGET).")
+@click.option("--out", type=click.Path(path_type=Path), help="Where the fitted model goes "
+              "(default: the directory the target's TOML names, else kernels/TARGET beside it).")
+@click.option("--seed", default=0, show_default=True)
+def targets_profile(target_name, networks, work, out, seed):
+    """Time kernels and networks on this machine and refit TARGET's kernel latency model (resumable)."""
+    import datetime
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgecompress.latency import fit, profile_target
+    from edgecompress.targets import get_target
+
+    target = get_target(target_name)
+    if not target.local:
+        raise UsageError(f"{target.name} runs on another machine and cannot be profiled here; its latency model is "
+                         f"the roofline in {target.path}")
+    cache = Path(os.environ.get("EDGECOMPRESS_CACHE", Path.home() / ".cache" / "edgecompress"))
+    work = work or cache / "profile" / target.name
+    out = out or target.latency.kernels or target.path.parent / "kernels" / target.name
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"profiling {target.name}", total=None)
+
+        def progress(what, done, total):
+            bar.update(task, completed=done, total=total, description=f"profiling {target.name}: {what}")
+
+        records = profile_target(target, work, networks=networks, seed=seed, progress=progress)
+    model = fit(records, info={"target": target.name, "runtime_version": target.runtime().version(),
+                               "date": datetime.date.today().isoformat(), "networks": networks, "seed": seed,
+                               "command": f"edgecompress targets profile {target.name} --networks {networks}"})
+    model.save(out)
+    summary = {"target": target.name, "model": str(out), "measurements": str(work / "records.jsonl"),
+               "composition": model.composition, "kernel_fit": model.info["kernel_fit"]}
+    if target.latency.kernels is None:
+        console.print(f"{target.path} does not use it yet: add  kernels = \"{os.path.relpath(out, target.path.parent)}\"  "
+                      "to its [latency_model]", markup=False)
+    click.echo(json.dumps(summary, indent=2))
 
 
 @cli.command()

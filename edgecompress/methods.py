@@ -100,7 +100,7 @@ class PruneData:
 @dataclasses.dataclass(frozen=True)
 class PruneMethod:
     name: str
-    kind: str  # "none", "unstructured", "semi-structured", "channel"
+    kind: str  # "none", "unstructured", "semi-structured", "channel", "lowrank"
     description: str
     prepare: Callable  # (model, ratio, example_input, data: PruneData) -> model to fine-tune
     finalize: Callable  # (model, example_input) -> plain torch model
@@ -111,6 +111,14 @@ class PruneMethod:
     def channel_keep(self, ratio: float) -> float:
         """Share of channels left, for the cost model (1.0 unless channels are removed)."""
         return 1.0 - ratio if self.kind == "channel" else 1.0
+
+    def graph_after(self, graph, ratio: float):
+        """The kernels the compressed model will run, predicted from its parent's graph (for the cost model)."""
+        if self.kind == "channel":
+            return graph.pruned(self.channel_keep(ratio))
+        if self.kind == "lowrank":
+            return graph.low_rank(ratio)
+        return graph
 
 
 def _identity(model, *_, **__):
@@ -142,6 +150,12 @@ def _woodfisher(model, ratio, example_input, data=None):
         raise UsageError("woodfisher needs labelled samples for its Fisher estimate")
     n = min(DEFAULT_SAMPLES, len(data.labels))
     return _masked(model, woodfisher_prune(model, ratio, data.images[:n], data.labels[:n]))
+
+
+def _low_rank(model, ratio, example_input, data=None):
+    from edgecompress.lowrank import decompose
+
+    return decompose(model, ratio, example_input)[0]
 
 
 def _two_four(model, ratio, example_input, data=None):
@@ -236,6 +250,12 @@ METHODS: dict[str, PruneMethod] = {
             _two_four, _unmask, fixed_ratio=0.5, sparse_pattern="2:4",
         ),
         PruneMethod(
+            "lowrank", "lowrank",
+            "low-rank decomposition (truncated SVD for linear and 1x1 layers, Tucker-2 for kxk convolutions); per-layer "
+            "ranks from one spectral-energy threshold, bisected so the decomposable layers' MACs fall by the ratio",
+            _low_rank, _identity,
+        ),
+        PruneMethod(
             "nncf.rb", "unstructured",
             "NNCF regularization-based sparsity: learned masks pushed to the ratio by RBLoss during fine-tuning",
             _nncf_magnitude("UNSTRUCTURED_REGULARIZATION_BASED"), _nncf_strip, loss=_nncf_rb_loss,
@@ -252,6 +272,7 @@ RATIO_GRID = {
     "woodfisher": (0.3, 0.5, 0.7, 0.8, 0.9),
     "sparse24": (0.5,),
     "nncf.rb": (0.3, 0.5, 0.7, 0.9),
+    "lowrank": (0.25, 0.5, 0.75, 0.9),  # share of the decomposable layers' MACs removed
 }
 # What `plan` and `build` sweep unless --method says otherwise: the methods the shipped meta-dataset
 # covers, so every default candidate's accuracy is predicted from measured neighbours.
@@ -269,7 +290,7 @@ def sweep_for(methods) -> dict:
 
 # Tie-break at equal predicted accuracy: prefer the least severe compression. Channel pruning is taken as more harmful than the same
 # share of unstructured sparsity, int8 as mildly harmful, fp16 as harmless.
-_KIND_SEVERITY = {"none": 0.0, "unstructured": 0.5, "semi-structured": 0.6, "channel": 1.0}
+_KIND_SEVERITY = {"none": 0.0, "unstructured": 0.5, "semi-structured": 0.6, "channel": 1.0, "lowrank": 1.0}
 _PRECISION_SEVERITY = {"fp32": 0.0, "fp16": 0.001, "int8": 0.02}
 
 

@@ -21,7 +21,7 @@ import itertools
 
 from edgecompress.costmodel import CostPrediction, predict_cost
 from edgecompress.errors import BudgetError, UsageError
-from edgecompress.layers import LayerProfile
+from edgecompress.kernels import ModelGraph
 from edgecompress.methods import DEFAULT_SWEEP, Candidate, PruneSpec, QuantSpec, get_method, severity
 from edgecompress.targets import Target
 
@@ -100,15 +100,22 @@ def enumerate_candidates(models: list[str], target: Target, sweep: dict | None =
 
 
 def estimate_cost(model: str, method: str, ratio: float, precision: str,
-                  profiles: dict[str, list[LayerProfile]], target: Target) -> CostPrediction:
+                  graphs: dict[str, ModelGraph], target: Target, cache: dict | None = None) -> CostPrediction:
+    """The candidate's predicted cost; ``cache`` shares it between candidates that differ only in what costs nothing."""
     m = get_method(method)
-    return predict_cost(profiles[model], target, precision, channel_keep=m.channel_keep(ratio), sparse_pattern=m.sparse_pattern)
+    key = (model, m.kind, ratio if m.kind in ("channel", "lowrank") else 0.0, precision, m.sparse_pattern)
+    if cache is not None and key in cache:
+        return cache[key]
+    cost = predict_cost(m.graph_after(graphs[model], ratio), target, precision, sparse_pattern=m.sparse_pattern)
+    if cache is not None:
+        cache[key] = cost
+    return cost
 
 
 def plan(
     target: Target,
     budget: Budget,
-    profiles: dict[str, list[LayerProfile]],
+    graphs: dict[str, ModelGraph],
     accuracies: dict[str, float | None],
     sweep: dict | None = None,
     accuracy_model=None,
@@ -116,7 +123,7 @@ def plan(
 ) -> Plan:
     """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies."""
     validate_budget(budget, target)
-    candidates = enumerate_candidates(sorted(profiles), target, sweep, precisions)
+    candidates = enumerate_candidates(sorted(graphs), target, sweep, precisions)
     if accuracy_model is not None:
         expected, lower = accuracy_model(candidates)
         basis = accuracy_model.basis
@@ -124,8 +131,9 @@ def plan(
         expected = lower = [accuracies.get(c.model) for c in candidates]
         basis = ACCURACY_BASIS
     groups: tuple[list, list, list] = ([], [], [])
+    costs: dict = {}
     for cand, acc, low in zip(candidates, expected, lower):
-        cost = estimate_cost(cand.model, cand.prune.method, cand.prune.ratio, cand.quant.precision, profiles, target)
+        cost = estimate_cost(cand.model, cand.prune.method, cand.prune.ratio, cand.quant.precision, graphs, target, costs)
         inside = (budget.latency_ms is None or cost.latency_ms <= budget.latency_ms) and (
             budget.memory_mb is None or cost.memory_mb <= budget.memory_mb
         )

@@ -303,20 +303,20 @@ REGRESSORS = ("lightgbm", "ridge")
 
 
 def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, np.ndarray]:
-    """Predicted latency of every meta-dataset row on each target (zoo models' layer profiles)."""
+    """Predicted latency of every meta-dataset row on each target (zoo models' exported graphs)."""
     from edgecompress.data import load_digits
-    from edgecompress.layers import profile_layers
+    from edgecompress.kernels import model_graph
     from edgecompress.models import get_model, load_model
     from edgecompress.planner import estimate_cost
     from edgecompress.targets import get_target
 
     data = load_digits(32)
-    profiles = {m: profile_layers(load_model(get_model(m), data.num_classes), data.input_shape)
+    graphs = {m: model_graph(load_model(get_model(m), data.num_classes), data.input_shape)
                 for m in sorted({r["model"] for r in rows})}
     out = {}
     for name in target_names:
-        target = get_target(name)
-        out[name] = np.asarray([estimate_cost(r["model"], r["method"], r["ratio"], r["precision"], profiles, target).latency_ms
+        target, cache = get_target(name), {}
+        out[name] = np.asarray([estimate_cost(r["model"], r["method"], r["ratio"], r["precision"], graphs, target, cache).latency_ms
                                 for r in rows])
     return out
 

@@ -141,7 +141,8 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>top-1 accuracy</th><td>max drop {_fmt(budget.get("max_accuracy_drop"), 3)}</td><td>{_fmt(predicted.get("accuracy"), 4)}
 (lower bound {_fmt(predicted.get("accuracy_low"), 4)})</td><td>{_fmt(measured.get("accuracy"), 4)} (uncompressed {_fmt(measured.get("baseline_accuracy"), 4)})</td></tr>
 {_device_row(report)}</table>
-<p class="note">Latency and memory: {latency_note}. Accuracy: {html.escape(report.get("verified_in", ""))}, on {report.get("test_samples", "?")} held-out test images.
+<p class="note">Latency and memory: {latency_note}. Predicted latency: {html.escape(predicted.get("latency_model", ""))}.
+Predicted memory: weights at the precision, peak live activations over the execution order, and the runtime's overhead. Accuracy: {html.escape(report.get("verified_in", ""))}, on {report.get("test_samples", "?")} held-out test images.
 Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calibration: {html.escape(_calibration_text(report.get("calibration")))}.</p>
 <h2>Candidates</h2>
 {_scatter_svg(points, budget.get("latency_ms"))}

@@ -54,6 +54,7 @@ class LatencyModel:
     per_layer_us: float
     efficiency: dict  # kernel kind -> share of peak reached
     int8_efficiency: dict  # kernel kind -> share of int8 peak reached
+    kernels: Path | None = None  # fitted kernel-level model (edgecompress.latency); None: the roofline alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +84,26 @@ class Target:
 
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
 
+    def kernel_model(self):
+        """The fitted kernel-level latency model, or None where the target has only the roofline."""
+        if self.latency.kernels is None:
+            return None
+        from edgecompress.latency import KernelLatencyModel
+
+        return _load_kernel_model(self.latency.kernels, KernelLatencyModel)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["runtime"] = d.pop("runtime_name")
         d["path"] = str(self.path)
+        if self.latency.kernels is not None:
+            d["latency"]["kernels"] = str(self.latency.kernels)
         return d
+
+
+@lru_cache(maxsize=None)
+def _load_kernel_model(directory: Path, cls):
+    return cls.load(directory)
 
 
 def _need(data: dict, key: str, kind, path: Path, where: str = ""):
@@ -140,6 +156,7 @@ def load_target_file(path: Path) -> Target:
         per_layer_us=_need(lat, "per_layer_us", float, path, "latency_model."),
         efficiency=_kernel_table(lat, "efficiency", path, "latency_model."),
         int8_efficiency=_kernel_table(lat, "int8_efficiency", path, "latency_model.") if "int8" in precisions else {},
+        kernels=(path.parent / _need(lat, "kernels", str, path, "latency_model.")) if "kernels" in lat else None,
     )
     mem = _need(data, "memory_model", dict, path)
     return Target(

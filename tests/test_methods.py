@@ -48,6 +48,16 @@ def test_method_contract(name, small_digits, tmp_path):
         assert _weight_zero_share(model) > 0.4
     elif method.kind == "none":
         assert sum(p.numel() for p in model.parameters()) == params_before
+    elif method.kind == "lowrank":
+        from edgecompress.layers import profile_layers
+        from edgecompress.kernels import model_graph
+
+        parent = load_model(get_model("lcnet_050"), 10)
+        full = sum(l.macs for l in profile_layers(parent, small_digits.input_shape))
+        assert sum(l.macs for l in profile_layers(model, small_digits.input_shape)) < 0.8 * full
+        # The planner's estimate of the factorized graph is close to the real one.
+        planned = method.graph_after(model_graph(parent, small_digits.input_shape), ratio).macs
+        assert planned == pytest.approx(model_graph(model, small_digits.input_shape).macs, rel=0.1)
     elif method.loss is None:  # magnitude and second-order: the ratio asked for, kept through fine-tuning
         assert _weight_zero_share(model) >= 0.95 * ratio
     PruneSpec(method=name, ratio=ratio)  # a valid spec
@@ -116,3 +126,32 @@ def test_second_order_beats_magnitude_one_shot(digits):
         for l in prunable_layers(mag):
             l.weight.mul_((l.weight.abs() > threshold).float())
     assert evaluate_torch(obs, xt, yt) > evaluate_torch(mag, xt, yt)
+
+
+def test_low_rank_factors_are_exact_at_full_rank():
+    from edgecompress.lowrank import _factor_linear, _factor_tucker2
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, 2, 1, bias=True).eval()
+    pw = nn.Conv2d(8, 12, 1, 2, bias=True).eval()
+    lin = nn.Linear(16, 6).eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(_factor_tucker2(conv, 8, 12)(x), conv(x), atol=1e-4)
+        assert torch.allclose(_factor_linear(pw, 8)(x), pw(x), atol=1e-4)
+        v = torch.randn(3, 16)
+        assert torch.allclose(_factor_linear(lin, 6)(v), lin(v), atol=1e-4)
+
+
+def test_low_rank_ranks_follow_the_spectrum():
+    """One global energy threshold: a layer with a fast-decaying spectrum is cut harder than a full-rank one."""
+    from edgecompress.lowrank import decompose
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) + 0.01 * torch.randn(64, 64))  # nearly rank 4
+    decompose(model, 0.5, torch.zeros(1, 64))
+    low, full = model[0], model[2]
+    assert isinstance(low, nn.Sequential) and low[0].out_features <= 8
+    assert not isinstance(full, nn.Sequential) or full[0].out_features > 16

@@ -2,7 +2,7 @@ import pytest
 
 from edgecompress.costmodel import predict_cost
 from edgecompress.errors import BudgetError, UsageError
-from edgecompress.layers import profile_layers
+from edgecompress.kernels import model_graph
 from edgecompress.methods import severity
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.planner import Budget, check_reachable, plan
@@ -14,7 +14,7 @@ def facts():
     profiles, accuracies = {}, {}
     for name in list_models():
         entry = get_model(name)
-        profiles[name] = profile_layers(load_model(entry, 10), (1, 3, 32, 32))
+        profiles[name] = model_graph(load_model(entry, 10), (1, 3, 32, 32))
         accuracies[name] = entry.test_accuracy
     return profiles, accuracies
 

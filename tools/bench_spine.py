@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgecompress import pipeline  # noqa: E402
 from edgecompress.costmodel import predict_cost  # noqa: E402
 from edgecompress.data import load_digits  # noqa: E402
-from edgecompress.layers import profile_layers  # noqa: E402
+from edgecompress.kernels import model_graph  # noqa: E402
 from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.targets import KERNEL_KINDS, get_target  # noqa: E402
@@ -40,7 +40,7 @@ TARGETS = ("openvino-cpu", "ort-cpu")
 def measure(target_name: str, model_name: str, data, workdir: Path) -> list[dict]:
     target = get_target(target_name)
     entry = get_model(model_name)
-    layers = profile_layers(load_model(entry, data.num_classes), data.input_shape)
+    layers = model_graph(load_model(entry, data.num_classes), data.input_shape)
     base = Candidate(model=model_name, prune=PruneSpec(), quant=QuantSpec())
     cdir = workdir / f"{target_name}-{model_name}"
     (cdir / "c").mkdir(parents=True)
@@ -69,7 +69,7 @@ def fit_target(target_name: str, rows: list[dict], data) -> dict:
 
     target = get_target(target_name)
     rows = [r for r in rows if r["target"] == target_name]
-    profiles = {m: profile_layers(load_model(get_model(m), 10), data.input_shape) for m in {r["model"] for r in rows}}
+    profiles = {m: model_graph(load_model(get_model(m), 10), data.input_shape) for m in {r["model"] for r in rows}}
     kinds = list(KERNEL_KINDS)
 
     def params_to_target(p):

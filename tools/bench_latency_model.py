@@ -1,0 +1,236 @@
+"""Latency-model benchmark: predicted vs measured latency and memory on the local targets, Jetson vs published figures.
+
+    python tools/bench_latency_model.py --json > docs/bench_latency_model.json    # resumable: rows go to --cache
+    python tools/bench_latency_model.py --targets ort-cpu --json                   # one target
+
+Variants: every zoo model with its channels pruned by torch-pruning L1 at 0, 30%
+and 60% (the real pruned model, exported), at every precision of the target,
+plus timm architectures outside the zoo with random weights, three at 32x32 and
+three at 224x224. Each is exported and made into the target's artifact exactly
+as `build` does, then timed by the benchmark runner in a fresh process (20
+warm-up, 200 timed runs, batch 1). The prediction is the cost model `plan` and
+`build` use, from the variant's own exported graph (``predicted_ms``) and, for
+the pruned zoo variants, from the parent's graph with its channels scaled as the
+planner does before anything is pruned (``planner_ms``). The kernel models
+were fitted by `edgecompress targets profile` on random networks, a separate
+run on other architectures. Measurements are cached in --cache; predictions are
+recomputed on every run, so a refitted model is re-scored without re-measuring.
+
+The noise floor: each zoo model's fp32 artifact timed four times, in fresh
+processes; the share of re-measurements within 10% of the first bounds what any
+predictor can reach on this machine.
+
+For the Jetson targets, whose latency is a roofline: ResNet-50 at int8, batch 1,
+224x224, against the MLPerf Inference v3.1 SingleStream figures in FACTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgecompress.costmodel import predict_cost, roofline_ms  # noqa: E402
+from edgecompress.kernels import model_graph  # noqa: E402
+from edgecompress.methods import get_method  # noqa: E402
+from edgecompress.models import get_model, list_models, load_model  # noqa: E402
+from edgecompress.runtimes.base import export_onnx, nncf_quiet  # noqa: E402
+from edgecompress.targets import get_target  # noqa: E402
+
+TARGETS = ("ort-cpu", "openvino-cpu")
+RATIOS = (0.0, 0.3, 0.6)
+OUTSIDE_ZOO = (("resnet18", 32), ("mobilenetv2_100", 32), ("regnety_002", 32),
+               ("resnet18", 224), ("mobilenetv3_large_100", 224), ("efficientnet_b0", 224))
+PUBLISHED = (  # FACTS.md: MLPerf Inference v3.1, NVIDIA, JetPack 5.1.1, TensorRT 8.5.2, SingleStream p90
+    ("jetson-orin-agx", "resnet50", 0.640),
+    ("jetson-orin-nx", "resnet50", 1.082),
+)
+
+
+def variants():
+    for name in list_models():
+        for ratio in RATIOS:
+            yield {"model": name, "ratio": ratio, "size": 32, "source": "zoo"}
+    for arch, size in OUTSIDE_ZOO:
+        yield {"model": arch, "ratio": 0.0, "size": size, "source": "timm"}
+
+
+def build_variant(v: dict):
+    import timm
+    import torch
+
+    if v["source"] == "zoo":
+        parent = load_model(get_model(v["model"]), 10)
+    else:
+        torch.manual_seed(0)
+        parent = timm.create_model(v["model"], pretrained=False, num_classes=10).eval()
+    shape = (1, 3, v["size"], v["size"])
+    if v["ratio"] == 0:
+        return parent, parent, shape
+    method = get_method("torch_pruning.l1")
+    example = torch.zeros(shape)
+    pruned = method.finalize(method.prepare(copy.deepcopy(parent), v["ratio"], example, None), example).eval()
+    return parent, pruned, shape
+
+
+def measure(target, v: dict, precision: str, workdir: Path) -> dict:
+    """What the device does with the variant's artifact (cached: the models can be refitted without it)."""
+    runtime = target.runtime()
+    _, model, shape = build_variant(v)
+    onnx_path = export_onnx(model, shape, workdir / "model.onnx")
+    out = workdir / precision
+    out.mkdir()
+    artifact = runtime.export(onnx_path, precision, out)
+    if precision == "int8":
+        calib = np.random.default_rng(0).standard_normal((32, *shape[1:])).astype(np.float32)
+        qdir = workdir / "int8q"
+        qdir.mkdir()
+        with nncf_quiet():
+            artifact = runtime.quantize(artifact, calib, qdir)
+    measured = runtime.benchmark(artifact, warmup=20, runs=200)
+    return {"target": target.name, **v, "precision": precision, "measured_ms": measured["latency_ms_median"],
+            "measured_memory_mb": measured["peak_memory_mb"]}
+
+
+_GRAPHS: dict = {}
+
+
+def predict(target, row: dict) -> dict:
+    """The cost model's prediction from the variant's own exported graph, and the planner's from its parent's."""
+    key = (row["model"], row["ratio"], row["size"])
+    if key not in _GRAPHS:
+        parent, model, shape = build_variant(row)
+        _GRAPHS[key] = (graph_of(model, shape), graph_of(parent, shape) if row["ratio"] else None)
+    graph, parent_graph = _GRAPHS[key]
+    cost = predict_cost(graph, target, row["precision"])
+    out = {**row, "kernels": len(graph.kernels), "macs": graph.macs, "predicted_ms": cost.latency_ms,
+           "predicted_memory_mb": cost.memory_mb,
+           "roofline_ms": roofline_ms(graph, target, row["precision"])}  # the spine's model, for comparison
+    if parent_graph is not None:
+        out["planner_ms"] = predict_cost(parent_graph, target, row["precision"], channel_keep=1 - row["ratio"]).latency_ms
+    return out
+
+
+def graph_of(model, shape):
+    return model_graph(model, shape)
+
+
+def noise_floor(target, cache: Path, repeats: int = 3) -> dict:
+    """The same fp32 artifact of every zoo model timed ``repeats`` more times, each in a fresh process.
+
+    The share of those re-measurements within 10% of the first is the best any predictor could score.
+    """
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["target"], r["model"], r["repeat"])] = r
+    runtime = target.runtime()
+    ratios = []
+    for name in list_models():
+        if all((target.name, name, i) in done for i in range(repeats + 1)):
+            times = [done[(target.name, name, i)]["measured_ms"] for i in range(repeats + 1)]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_path = export_onnx(load_model(get_model(name), 10), (1, 3, 32, 32), Path(tmp) / "model.onnx")
+                (Path(tmp) / "fp32").mkdir()
+                artifact = runtime.export(onnx_path, "fp32", Path(tmp) / "fp32")
+                times = [runtime.benchmark(artifact, warmup=20, runs=200)["latency_ms_median"] for _ in range(repeats + 1)]
+            with cache.open("a") as f:
+                for i, t in enumerate(times):
+                    f.write(json.dumps({"target": target.name, "model": name, "repeat": i, "measured_ms": t}) + "\n")
+        ratios += [t / times[0] - 1 for t in times[1:]]
+    ratios = np.abs(np.array(ratios))
+    return {"remeasurements": len(ratios), "within_10pct_of_first": float((ratios <= 0.10).mean()),
+            "mean_abs_change": float(ratios.mean())}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for name in sorted({r["target"] for r in rows}):
+        rs = [r for r in rows if r["target"] == name]
+        err = np.array([r["predicted_ms"] / r["measured_ms"] - 1 for r in rs])
+        roofline = np.array([r["roofline_ms"] / r["measured_ms"] - 1 for r in rs])
+        mem = np.array([r["predicted_memory_mb"] / r["measured_memory_mb"] - 1 for r in rs if r["measured_memory_mb"] > 0])
+        planner = np.array([r["planner_ms"] / r["measured_ms"] - 1 for r in rs if "planner_ms" in r])
+        out[name] = {
+            "variants": len(rs),
+            "within_10pct": float((np.abs(err) <= 0.10).mean()),
+            "mape": float(np.abs(err).mean()),
+            "median_ape": float(np.median(np.abs(err))),
+            "worst": max(rs, key=lambda r: abs(r["predicted_ms"] / r["measured_ms"] - 1))["model"],
+            "within_10pct_by_precision": {p: float((np.abs(err[[r["precision"] == p for r in rs]]) <= 0.10).mean())
+                                          for p in sorted({r["precision"] for r in rs})},
+            "planner_within_10pct": float((np.abs(planner) <= 0.10).mean()) if len(planner) else None,
+            "planner_mape": float(np.abs(planner).mean()) if len(planner) else None,
+            "memory_mape": float(np.abs(mem).mean()) if len(mem) else None,
+            "roofline_within_10pct": float((np.abs(roofline) <= 0.10).mean()),
+            "roofline_mape": float(np.abs(roofline).mean()),
+        }
+    return out
+
+
+def jetson_checks() -> list[dict]:
+    import timm
+
+    graph = model_graph(timm.create_model("resnet50", pretrained=False).eval(), (1, 3, 224, 224))
+    rows = []
+    for target_name, model, published in PUBLISHED:
+        predicted = predict_cost(graph, get_target(target_name), "int8").latency_ms
+        rows.append({"target": target_name, "model": model, "precision": "int8", "batch": 1, "input": 224,
+                     "published_ms": published, "predicted_ms": predicted, "error": predicted / published - 1})
+    return rows
+
+
+def main(argv=None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="*", default=list(TARGETS))
+    parser.add_argument("--cache", type=Path, default=Path("bench_latency_model.jsonl"), help="finished rows (resume)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    done = {}
+    if args.cache.exists():
+        for line in args.cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["target"], r["model"], r["ratio"], r["size"], r["precision"])] = r
+    started = time.time()
+    rows = []
+    for target_name in args.targets:
+        target = get_target(target_name)
+        for v in variants():
+            for precision in target.precisions:
+                key = (target_name, v["model"], v["ratio"], v["size"], precision)
+                if key not in done:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        done[key] = measure(target, v, precision, Path(tmp))
+                    with args.cache.open("a") as f:
+                        f.write(json.dumps(done[key]) + "\n")
+                r = predict(target, done[key])
+                print(f"{target_name:13s} {v['model']:22s} {v['size']:3d} {v['ratio']:.1f} {precision}: measured "
+                      f"{r['measured_ms']:.3f} ms, predicted {r['predicted_ms']:.3f}", file=sys.stderr, flush=True)
+                rows.append(r)
+    summary = summarize(rows)
+    for target_name in args.targets:
+        summary[target_name]["noise_floor"] = noise_floor(get_target(target_name), args.cache.with_suffix(".noise.jsonl"))
+    result = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1),
+              "targets": summary, "jetson_published": jetson_checks(), "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
