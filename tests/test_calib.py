@@ -84,3 +84,24 @@ def test_build_with_few_real_images_synthesizes_calibration(tmp_path, capsys, we
     manifest = json.loads((out / "calibration" / "manifest.json").read_text())
     assert manifest["count"] == 512 and "quality" in manifest
     assert "512 images synthesized by a class-conditional diffusion model" in (out / "report.html").read_text()
+
+
+def test_intensities_are_matched_to_the_real_class_and_structure_kept():
+    from edgecompress.calib.synth import match_intensities
+
+    rng = np.random.default_rng(0)
+    real = np.repeat(rng.uniform(-1, -0.5, (6, 1, 8, 8)), 3, axis=1).astype(np.float32)  # grey, dark
+    real[3:] += 1.2  # class 1 is bright
+    real_labels = np.array([0, 0, 0, 1, 1, 1])
+    synthetic = rng.normal(0.2, 0.3, (4, 3, 8, 8)).astype(np.float32)  # tinted, mid-grey
+    labels = np.array([0, 1, 0, 1])
+    out = match_intensities(synthetic, labels, real, real_labels)
+    assert np.allclose(out, out[:, :1])  # no colour invented on grey data
+    for i, c in enumerate(labels):
+        ref = real[real_labels == c][:, 0]
+        assert abs(out[i].mean() - ref.mean()) < 0.05 and out[i].min() >= ref.min() - 1e-6 and out[i].max() <= ref.max() + 1e-6
+        grey = synthetic[i].mean(0).ravel()
+        assert (np.argsort(out[i, 0].ravel(), kind="stable") == np.argsort(grey, kind="stable")).all()  # same ordering
+    colour = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    assert not np.allclose(match_intensities(synthetic[:2], labels[:2] * 0, colour, np.zeros(2, int))[:, 0],
+                           match_intensities(synthetic[:2], labels[:2] * 0, colour, np.zeros(2, int))[:, 1])
