@@ -2,6 +2,7 @@
 
     python tools/bench_calib.py --json > docs/bench_calib.json         # resumable: rows go to --cache
     python tools/bench_calib.py --models lcnet_050 --json              # a slice
+    python tools/bench_calib.py --second-use                           # synthetic images in verification
 
 For every zoo model, the dense fp32 OpenVINO IR is quantized by the same
 runtime code as `build` (plain `nncf.quantize`, no accuracy control, so the
@@ -57,7 +58,7 @@ def augmented(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
-def calibration_sets(data, spec: SynthSpec) -> tuple[dict, float]:
+def calibration_sets(data, spec: SynthSpec) -> tuple[dict, float, np.ndarray]:
     few_x, few_y = few_shot(data, PER_CLASS)
     started = time.time()
     raw, labels, _ = synthesize(data, few_x, few_y, count=COUNT, spec=spec, match=False)
@@ -71,7 +72,7 @@ def calibration_sets(data, spec: SynthSpec) -> tuple[dict, float]:
         "synthetic_unmatched": raw,
         "noise": rng.standard_normal((COUNT, *few_x.shape[1:])).astype(np.float32),
         "few_real_augmented": augmented(few_x, COUNT),
-    }, synth_seconds
+    }, synth_seconds, labels
 
 
 def run_model(name: str, data, sets: dict) -> dict:
@@ -91,14 +92,65 @@ def run_model(name: str, data, sets: dict) -> dict:
     return row
 
 
+SECOND_USE_METHODS = (("none", 0.0), ("nncf.magnitude_global", 0.5), ("nncf.magnitude_global", 0.8),
+                      ("torch_pruning.l1", 0.3), ("torch_pruning.l1", 0.5))
+
+
+def second_use(data, synthetic: np.ndarray, synthetic_labels: np.ndarray) -> dict:
+    """Does adding synthesized images to a small verification set rank candidates more like the full test split?
+
+    Candidates: every zoo model under each of SECOND_USE_METHODS, one-shot (no fine-tuning, so accuracies
+    spread). Rankings by top-1 on: the 360-image test split (the truth), 10 real validation images per
+    class, and those 100 plus the 512 synthesized ones; Spearman correlation of each with the truth.
+    """
+    import copy
+
+    import torch
+    from scipy.stats import spearmanr
+
+    from edgecompress.methods import PruneData, get_method
+    from edgecompress.train import predict_torch
+
+    x_test, y_test = data.split("test")
+    x_val, y_val = data.split("val")
+    keep = np.concatenate([np.flatnonzero(y_val == c)[:PER_CLASS] for c in range(data.num_classes)])
+    x_small, y_small = x_val[keep], y_val[keep]
+    x_aug, y_aug = np.concatenate([x_small, synthetic]), np.concatenate([y_small, synthetic_labels])
+    x_train, y_train = data.split("train")
+    example = torch.zeros(data.input_shape)
+    samples = PruneData(torch.from_numpy(x_train[:128]), torch.from_numpy(y_train[:128]))
+    truth, small, augmented_acc, names = [], [], [], []
+    for name in list_models():
+        parent = load_model(get_model(name), data.num_classes)
+        for method_name, ratio in SECOND_USE_METHODS:
+            method = get_method(method_name)
+            model = method.finalize(method.prepare(copy.deepcopy(parent), ratio, example, samples), example).eval()
+            for acc, (x, y) in zip((truth, small, augmented_acc), ((x_test, y_test), (x_small, y_small), (x_aug, y_aug))):
+                acc.append(float((predict_torch(model, x).argmax(1) == y).mean()))
+            names.append(f"{name}/{method_name}-{ratio}")
+    return {
+        "candidates": len(names),
+        "spearman_small_real": float(spearmanr(small, truth).statistic),
+        "spearman_small_real_plus_synthetic": float(spearmanr(augmented_acc, truth).statistic),
+        "top1_agreement_small_real": names[int(np.argmax(small))] == names[int(np.argmax(truth))],
+        "top1_agreement_plus_synthetic": names[int(np.argmax(augmented_acc))] == names[int(np.argmax(truth))],
+        "verification_images": {"small_real": int(len(y_small)), "plus_synthetic": int(len(y_aug)), "test": int(len(y_test))},
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--cache", type=Path, default=Path("bench_calib.jsonl"))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--second-use", action="store_true",
+                        help="instead: does synthetic data added to a small verification set rank candidates better?")
     args = parser.parse_args(argv)
     data = load_digits(32)
-    sets, synth_seconds = calibration_sets(data, SynthSpec())
+    sets, synth_seconds, synthetic_labels = calibration_sets(data, SynthSpec())
+    if args.second_use:
+        print(json.dumps(second_use(data, sets["synthetic"], synthetic_labels), indent=2))
+        return
     done = {}
     if args.cache.exists():
         done = {r["model"]: r for r in map(json.loads, args.cache.read_text().splitlines())}
