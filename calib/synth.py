@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -60,9 +59,9 @@ class SynthSpec:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("EDGECOMPRESS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                               "edgecompress")
-    return Path(base) / "synth"
+    from edgecompress.fsutil import cache_dir
+
+    return cache_dir() / "synth"
 
 
 def to_unit(images: np.ndarray, mean, std) -> np.ndarray:

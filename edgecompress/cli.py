@@ -218,6 +218,7 @@ def targets_profile(target_name, networks, work, out, seed):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edgecompress.fsutil import cache_dir
     from edgecompress.latency import fit, profile_target
     from edgecompress.targets import get_target
 
@@ -225,8 +226,7 @@ def targets_profile(target_name, networks, work, out, seed):
     if not target.local:
         raise UsageError(f"{target.name} runs on another machine and cannot be profiled here; its latency model is "
                          f"the roofline in {target.path}")
-    cache = Path(os.environ.get("EDGECOMPRESS_CACHE", Path.home() / ".cache" / "edgecompress"))
-    work = work or cache / "profile" / target.name
+    work = work or cache_dir() / "profile" / target.name
     out = out or target.latency.kernels or target.path.parent / "kernels" / target.name
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -84,3 +84,12 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where edgecompress keeps what it can rebuild: $EDGECOMPRESS_CACHE, else $XDG_CACHE_HOME/edgecompress or ~/.cache/edgecompress."""
+    import os
+
+    base = os.environ.get("EDGECOMPRESS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                               "edgecompress")
+    return Path(base)

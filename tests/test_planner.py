@@ -141,3 +141,16 @@ def test_plan_scores_an_unseen_model_from_its_features(tmp_path, facts):
     dense = {e.candidate.quant.precision: e for e in p.ranked if e.candidate.prune.method == "none"}
     pruned = {e.candidate.quant.precision: e for e in p.ranked if e.candidate.prune.method != "none"}
     assert all(pruned[k].accuracy_low <= dense[k].accuracy_low + 1e-9 for k in dense)
+
+
+def test_low_rank_candidates_are_costed_from_the_factorized_graph(facts):
+    from edgecompress.methods import sweep_for
+
+    profiles, accuracies = facts
+    p = plan(get_target("openvino-cpu"), Budget(latency_ms=1.0), {"resnet10t": profiles["resnet10t"]}, accuracies,
+             sweep=sweep_for(["lowrank"]), precisions=("fp32",))
+    by_id = {e.candidate.id: e for e in p.ranked}
+    dense = by_id["resnet10t__dense__fp32"].cost
+    strong = by_id["resnet10t__lowrank-0.90__fp32"].cost
+    assert strong.macs < 0.2 * dense.macs and strong.params < dense.params
+    assert strong.latency_ms < dense.latency_ms
