@@ -249,6 +249,20 @@ def targets_profile(target_name, networks, work, out, seed):
     click.echo(json.dumps(summary, indent=2))
 
 
+@targets.command("refit")
+@click.argument("target_name")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="TOML file to write: the target's, with its roofline refitted (its own path, with --force, to replace it).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def targets_refit(target_name, run_dirs, out, force):
+    """Refit a device target's roofline to the latencies builds with --device measured on it (RUN_DIRS)."""
+    from edgecompress.refit import refit
+    from edgecompress.targets import get_target
+
+    click.echo(json.dumps(refit(get_target(target_name), list(run_dirs), out, force=force), indent=2))
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--target", "target_name", required=True)

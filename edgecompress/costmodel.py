@@ -83,6 +83,42 @@ def predict_cost(graph: ModelGraph, target: Target, precision: str, *, channel_k
     )
 
 
+def fit_roofline(target: Target, samples: list[tuple[ModelGraph, str, str | None, float]]):
+    """Refit the roofline's fixed costs and per-kernel efficiencies to measurements.
+
+    ``samples``: (graph as run, precision, sparse pattern or None, measured median ms). Least squares on log
+    latency over overhead_ms, per_layer_us and the efficiencies (int8's too where int8 was measured); the
+    peaks and bandwidth stay the data sheet's. Returns the new LatencyModel and the RMS log error.
+    """
+    import dataclasses as dc
+
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    from edgecompress.targets import KERNEL_KINDS
+
+    kinds = list(KERNEL_KINDS)
+    lat = target.latency
+    fit_int8 = any(p == "int8" for _, p, _, _ in samples) and bool(lat.int8_efficiency)
+
+    def model_of(p):
+        return dc.replace(lat, overhead_ms=float(p[0]), per_layer_us=float(p[1]),
+                          efficiency={k: float(v) for k, v in zip(kinds, p[2:6])},
+                          int8_efficiency={k: float(v) for k, v in zip(kinds, p[6:10])} if fit_int8 else lat.int8_efficiency)
+
+    def residuals(p):
+        t = dc.replace(target, latency=model_of(p))
+        return [np.log(roofline_ms(g, t, prec, sparse=bool(sp) and sp in t.sparse_kernels) / ms) for g, prec, sp, ms in samples]
+
+    x0 = [lat.overhead_ms, lat.per_layer_us, *[lat.efficiency[k] for k in kinds]]
+    lo, hi = [0.0, 0.0] + [1e-3] * 4, [10.0, 1000.0] + [1.0] * 4
+    if fit_int8:
+        x0 += [lat.int8_efficiency[k] for k in kinds]
+        lo, hi = lo + [1e-3] * 4, hi + [1.0] * 4
+    result = least_squares(residuals, np.clip(x0, lo, hi), bounds=(lo, hi))
+    return model_of(result.x), float(np.sqrt(np.mean(np.square(result.fun))))
+
+
 def describe(target: Target, precision: str) -> str:
     """One line on what predicts ``target``'s latency at ``precision`` (for reports)."""
     kernel_model = target.kernel_model()

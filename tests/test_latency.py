@@ -192,3 +192,49 @@ def test_features_have_one_row_per_kernel():
     x = kernel_features(graph.kernels, "int8")
     assert x.shape == (len(graph.kernels), 14) and np.all(x[:, 0] == 2)
     assert ModelGraph((), 0).macs == 0
+
+
+def _device_run(tmp_path, target, slowdown):
+    """A finished build's run directory whose device measured the roofline's prediction times ``slowdown``."""
+    import dataclasses
+
+    from edgecompress.costmodel import roofline_ms
+    from edgecompress.methods import get_method
+
+    slow = dataclasses.replace(target, latency=dataclasses.replace(
+        target.latency, per_layer_us=target.latency.per_layer_us * slowdown, overhead_ms=0.2))
+    candidates = []
+    for name in ("lcnet_050", "resnet10t", "mobilenetv2_050", "regnetx_002"):
+        graph = model_graph(load_model(get_model(name), 10), (1, 3, 32, 32))
+        for method, ratio, precision in (("none", 0.0, "fp16"), ("torch_pruning.l1", 0.5, "int8"), ("sparse24", 0.5, "int8")):
+            m = get_method(method)
+            ms = roofline_ms(m.graph_after(graph, ratio), slow, precision, sparse=m.sparse_pattern is not None)
+            candidates.append({"model": name, "prune_method": method, "prune_ratio": ratio, "precision": precision,
+                               "tried": True, "measured": {"latency_ms_median": ms}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({
+        "target": target.name, "device": {"name": "nvidia@orin"}, "candidates": candidates,
+        "dataset": {"image_size": 32, "num_classes": 10}}))
+    return run
+
+
+def test_refit_from_device_measurements(tmp_path, capsys):
+    """A Jetson slower per kernel than the data sheet says: the refit finds it and the new TOML predicts it."""
+    target = get_target("jetson-orin-agx")
+    run = _device_run(tmp_path, target, slowdown=3.0)
+    out = tmp_path / "jetson-orin-agx.toml"
+    assert main(["targets", "refit", "jetson-orin", str(run), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["measurements"] == 12 and summary["mean_abs_error_before"] > 0.5
+    assert summary["mean_abs_error_after"] < 0.05
+    refitted = load_target_file(out)
+    assert refitted.latency.per_layer_us > 2 * target.latency.per_layer_us
+    assert refitted.peak_gops == target.peak_gops and "targets refit" in refitted.sources[-1]
+    # Nothing is overwritten without --force; a run without --device, or for another target, is refused.
+    assert main(["targets", "refit", "jetson-orin", str(run), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["targets", "refit", "jetson-orin-nx", str(run), "--out", str(tmp_path / "nx.toml")]) == 2
+    assert "built for jetson-orin-agx" in capsys.readouterr().err
+    assert main(["targets", "refit", "ort-cpu", str(run), "--out", str(tmp_path / "o.toml")]) == 2
+    assert "kernel model" in capsys.readouterr().err

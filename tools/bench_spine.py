@@ -15,7 +15,6 @@ the TOML values.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -27,12 +26,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress import pipeline  # noqa: E402
-from edgecompress.costmodel import predict_cost  # noqa: E402
+from edgecompress.costmodel import fit_roofline, predict_cost  # noqa: E402
 from edgecompress.data import load_digits  # noqa: E402
 from edgecompress.kernels import model_graph  # noqa: E402
 from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
-from edgecompress.targets import KERNEL_KINDS, get_target  # noqa: E402
+from edgecompress.targets import get_target  # noqa: E402
 
 TARGETS = ("openvino-cpu", "ort-cpu")
 
@@ -64,37 +63,17 @@ def measure(target_name: str, model_name: str, data, workdir: Path) -> list[dict
 
 
 def fit_target(target_name: str, rows: list[dict], data) -> dict:
-    """Least squares on log latency over overhead, per-layer cost and per-kernel efficiencies."""
-    from scipy.optimize import least_squares
-
+    """The roofline's constants refitted to these measurements (edgecompress.costmodel.fit_roofline)."""
     target = get_target(target_name)
     rows = [r for r in rows if r["target"] == target_name]
-    profiles = {m: model_graph(load_model(get_model(m), 10), data.input_shape) for m in {r["model"] for r in rows}}
-    kinds = list(KERNEL_KINDS)
-
-    def params_to_target(p):
-        lat = dataclasses.replace(
-            target.latency, overhead_ms=p[0], per_layer_us=p[1],
-            efficiency=dict(zip(kinds, p[2:6])), int8_efficiency=dict(zip(kinds, p[6:10])),
-        )
-        return dataclasses.replace(target, latency=lat)
-
-    def residuals(p):
-        t = params_to_target(p)
-        return [np.log(predict_cost(profiles[r["model"]], t, r["precision"]).latency_ms / r["latency_ms_median"]) for r in rows]
-
-    lat = target.latency
-    x0 = [lat.overhead_ms, lat.per_layer_us, *[lat.efficiency[k] for k in kinds], *[lat.int8_efficiency[k] for k in kinds]]
-    lo = [0.0, 0.0] + [1e-3] * 8
-    hi = [1.0, 100.0] + [1.0] * 8
-    res = least_squares(residuals, np.clip(x0, lo, hi), bounds=(lo, hi))
-    p = res.x
+    graphs = {m: model_graph(load_model(get_model(m), 10), data.input_shape) for m in {r["model"] for r in rows}}
+    fitted, rms = fit_roofline(target, [(graphs[r["model"]], r["precision"], None, r["latency_ms_median"]) for r in rows])
     return {
-        "overhead_ms": round(float(p[0]), 4), "per_layer_us": round(float(p[1]), 3),
-        "efficiency": {k: round(float(v), 4) for k, v in zip(kinds, p[2:6])},
-        "int8_efficiency": {k: round(float(v), 4) for k, v in zip(kinds, p[6:10])},
+        "overhead_ms": round(fitted.overhead_ms, 4), "per_layer_us": round(fitted.per_layer_us, 3),
+        "efficiency": {k: round(v, 4) for k, v in fitted.efficiency.items()},
+        "int8_efficiency": {k: round(v, 4) for k, v in fitted.int8_efficiency.items()},
         "runtime_overhead_mb": round(float(np.median([r["peak_memory_mb"] - r["model_size_mb"] for r in rows])), 1),
-        "rms_log_error": float(np.sqrt(np.mean(np.square(res.fun)))),
+        "rms_log_error": rms,
     }
 
 
