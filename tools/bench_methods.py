@@ -2,6 +2,7 @@
 
     python tools/bench_methods.py --json > docs/bench_methods.json            # resumable: rows go to --cache
     python tools/bench_methods.py --models lcnet_050 --levels 0.7 --json      # a slice
+    python tools/bench_methods.py --markdown                                  # summary tables of what is cached
 
 For each (model, method, level): the method's own prepare/finalize (methods.METHODS)
 on a fresh copy of the zoo model; top-1 on the test split right after pruning
@@ -103,6 +104,50 @@ def _openvino_latency(model, data) -> float:
         return runtime.benchmark(artifact, warmup=20, runs=200)["latency_ms_median"]
 
 
+def markdown(rows: list[dict]) -> str:
+    """Summary tables: per (method, level) means over the models measured, and the two comparisons the issue asks."""
+    out = ["| method | level | models | one-shot | fine-tuned | with teacher | max class drop, pp | disagreement | MACs left | OpenVINO ms (parent) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["level"]), []).append(r)
+
+    def mean(rs, key):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    for (method, level), rs in sorted(groups.items()):
+        lat = mean(rs, "openvino_latency_ms")
+        base = mean(rs, "baseline_openvino_latency_ms")
+        out.append(f"| {method} | {level:g} | {len(rs)} | {mean(rs, 'one_shot_accuracy') * 100:.1f}% | "
+                   f"{mean(rs, 'finetuned_accuracy') * 100:.1f}% | {mean(rs, 'teacher_finetuned_accuracy') * 100:.1f}% | "
+                   f"{mean(rs, 'max_class_drop_pp'):.1f} | {mean(rs, 'disagreement') * 100:.1f}% | "
+                   f"{mean(rs, 'macs_share') * 100:.0f}% | " + (f"{lat:.3f} ({base:.3f})" if lat and base else "") + " |")
+    by_key = {(r["model"], r["method"], r["level"]): r for r in rows}
+    out += ["", "| comparison | level | models | wins | ties (within one test image) | losses | mean difference, pp |",
+            "|---|---|---|---|---|---|---|"]
+    comparisons = [("WoodFisher vs NNCF global magnitude, one-shot", "woodfisher", "nncf.magnitude_global", "one_shot_accuracy", "one_shot_accuracy")]
+    for level in sorted({r["level"] for r in rows}):
+        pairs = []
+        for name, a, b, ka, kb in comparisons:
+            pairs = [(by_key[(m, a, level)][ka], by_key[(m, b, level)][kb]) for (m, meth, lv) in by_key
+                     if meth == a and lv == level and (m, b, level) in by_key]
+            if pairs:
+                out.append(_comparison_row(name, level, pairs))
+    for method in sorted({r["method"] for r in rows}):
+        for level in sorted({r["level"] for r in rows if r["method"] == method}):
+            pairs = [(r["teacher_finetuned_accuracy"], r["finetuned_accuracy"]) for r in groups[(method, level)]]
+            out.append(_comparison_row(f"{method}: teacher vs plain fine-tune, same steps", level, pairs))
+    return "\n".join(out)
+
+
+def _comparison_row(name: str, level: float, pairs: list) -> str:
+    diff = np.array([a - b for a, b in pairs])
+    tie = 1.5 / 360  # one test image
+    return (f"| {name} | {level:g} | {len(pairs)} | {int((diff > tie).sum())} | {int((np.abs(diff) <= tie).sum())} | "
+            f"{int((diff < -tie).sum())} | {diff.mean() * 100:+.2f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None)
@@ -112,7 +157,11 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=Path("bench_methods.jsonl"), help="finished rows (resume)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print summary tables of the rows in --cache and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown([json.loads(line) for line in args.cache.read_text().splitlines() if line.strip()]))
+        return
     data = load_digits(32)
     spec = FinetuneSpec(steps=args.steps)
     models = args.models or list_models()
