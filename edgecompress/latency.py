@@ -1,17 +1,17 @@
 """Kernel-level latency models for targets that can be measured (nn-Meter's recipe).
 
 A model's latency on a runtime is the sum of its kernels' latencies plus what
-the runtime adds per inference and per kernel:
+the runtime adds per inference and per kernel (:func:`compose`):
 
-    latency = a + b * n_kernels + c * sum(kernel_latency(k) for k in kernels)
+    latency = a + sum(max(c * kernel_latency(k) + b, floor) for k in kernels)
 
 ``kernel_latency`` is a LightGBM regressor per kernel family (conv, depthwise,
 pointwise, linear, pool, eltwise) over the kernel's configuration
 (:data:`FEATURES`: channels, spatial size, kernel size, stride, groups, fused
 activation, MACs, weights, activations in and out, precision), fitted on the
 log of the time the runtime's profiler gave that kernel over a reference
-roofline (:func:`baseline_us`). ``(a, b, c)`` per
-precision come from whole networks, by least squares on relative error.
+roofline (:func:`baseline_us`). ``(a, b, c)`` per precision come from the
+whole networks' latencies, by robust least squares on relative error.
 
 ``profile_target`` measures both on the machine where it runs, on random
 networks in the style of the zoo (:func:`random_network`) at every precision:

@@ -108,7 +108,7 @@ def predict(target, row: dict) -> dict:
     key = (row["model"], row["ratio"], row["size"])
     if key not in _GRAPHS:
         parent, model, shape = build_variant(row)
-        _GRAPHS[key] = (graph_of(model, shape), graph_of(parent, shape) if row["ratio"] else None)
+        _GRAPHS[key] = (model_graph(model, shape), model_graph(parent, shape) if row["ratio"] else None)
     graph, parent_graph = _GRAPHS[key]
     cost = predict_cost(graph, target, row["precision"])
     out = {**row, "kernels": len(graph.kernels), "macs": graph.macs, "predicted_ms": cost.latency_ms,
@@ -117,10 +117,6 @@ def predict(target, row: dict) -> dict:
     if parent_graph is not None:
         out["planner_ms"] = predict_cost(parent_graph, target, row["precision"], channel_keep=1 - row["ratio"]).latency_ms
     return out
-
-
-def graph_of(model, shape):
-    return model_graph(model, shape)
 
 
 def noise_floor(target, cache: Path, repeats: int = 3) -> dict:
