@@ -10,8 +10,8 @@ groups, fused activation). :func:`peak_activation_elements` gives the largest
 set of activations alive at once over the same order (liveness of every
 tensor from its producer to its last consumer), which the memory model uses.
 
-The layout mirrors :class:`edgecompress.layers.LayerProfile` (which profiles
-the torch model for the meta-features), so the roofline reads either.
+A :class:`Kernel` is a :class:`edgecompress.layers.LayerProfile` (which
+profiles the torch model for the meta-features) with what was fused into it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from edgecompress.layers import LayerProfile
 
 KINDS = ("conv", "depthwise", "pointwise", "linear", "pool", "global_pool", "eltwise", "concat")
 MAC_KINDS = ("conv", "depthwise", "pointwise", "linear")
@@ -38,21 +40,11 @@ BINARY = {"Add", "Mul", "Sub", "Div"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernel:
-    name: str  # the ONNX node that leads the kernel
-    kind: str  # one of KINDS
-    in_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    groups: int
-    in_hw: int
-    out_hw: int
-    macs: int
-    weights: int
-    in_elements: int
-    out_elements: int
-    act: str = ""  # fused activation ("" none)
+class Kernel(LayerProfile):
+    """One executed kernel: a layer profile (its kind one of KINDS, named after the ONNX node that leads it)
+    plus what was fused into it."""
+
+    act: str = ""  # fused activation ("" none); for pool/eltwise kernels, the operation
     residual: bool = False  # a residual addition fused into the kernel
 
     def scaled(self, keep_in: float, keep_out: float) -> Kernel:
