@@ -134,10 +134,6 @@ class ModelGraph:
         return ModelGraph(tuple(out), self.peak_activation_elements)
 
 
-def _shape(shapes: dict, name: str) -> list[int] | None:
-    return shapes.get(name)
-
-
 def _numel(shape) -> int:
     n = 1
     for d in shape or []:
@@ -216,10 +212,10 @@ def graph_kernels(onnx_model, members: dict | None = None) -> ModelGraph:
             if op in ("Identity", "Dropout", "Cast") and dyn and dyn[0] in owner:
                 owner[out] = owner[dyn[0]]
             continue
-        in_shape = _shape(shapes, dyn[0]) if dyn else None
-        out_shape = _shape(shapes, out)
+        in_shape = shapes.get(dyn[0]) if dyn else None
+        out_shape = shapes.get(out)
         if op == "Conv":
-            w = consts.get(node.input[1]) or _shape(shapes, node.input[1])
+            w = consts.get(node.input[1]) or shapes.get(node.input[1])
             groups = int(_attr(node, "group", 1))
             k = int(w[2]) if len(w) > 2 else 1
             in_c, out_c = _channels(in_shape), int(w[0])
@@ -285,7 +281,7 @@ def graph_kernels(onnx_model, members: dict | None = None) -> ModelGraph:
             kind, k, s = "concat", 1, 1
         else:
             kind, k, s = "eltwise", 1, 1
-        ins = sum(_numel(_shape(shapes, t)) for t in dyn) if dyn else 0
+        ins = sum(_numel(shapes.get(t)) for t in dyn) if dyn else 0
         kernels.append(dict(
             name=node.name, kind=kind, in_channels=_channels(in_shape), out_channels=_channels(out_shape), kernel=k,
             stride=s, groups=1, in_hw=_hw(in_shape), out_hw=_hw(out_shape),

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -323,15 +324,6 @@ def attribute(times: dict[str, float], members: dict[str, int], graph_names: dic
     return per_kernel, unattributed
 
 
-def _export(model, input_shape, path: Path) -> Path:
-    import torch
-
-    with torch.no_grad():
-        torch.onnx.export(model, torch.zeros(input_shape), str(path), input_names=["input"], output_names=["logits"],
-                          opset_version=17, dynamo=False)
-    return path
-
-
 def _load_records(path: Path) -> dict:
     records = {}
     if path.exists():
@@ -383,6 +375,8 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
     Each record: the network's kernels, the time the runtime's profiler gives each kernel (averaged over 40
     runs), the time it could not attribute, and the network's median latency timed without the profiler.
     """
+    from edgecompress.runtimes.base import export_onnx
+
     runtime = target.runtime()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "records.jsonl"
@@ -395,7 +389,7 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
             if key in records:
                 continue
             model, shape = random_network(net_seed)
-            onnx_path = _export(model, shape, Path(tmp) / f"net{net_seed}.onnx")
+            onnx_path = export_onnx(model, shape, Path(tmp) / f"net{net_seed}.onnx")  # as the pipeline exports
             members: dict[str, int] = {}
             graph = graph_kernels(onnx_path, members=members)
             work = Path(tmp) / f"{net_seed}-{precision}"
@@ -414,8 +408,6 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
             done += 1
             if progress:
                 progress(f"network {net_seed} {precision}", done, len(jobs))
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     return records
 
