@@ -98,13 +98,31 @@ class PruneData:
 
 
 @dataclasses.dataclass(frozen=True)
+class Regularizer:
+    """A method's extra term in the fine-tuning loss, and the parameters it trains at their own learning rate.
+
+    NNCF's regularization-based masks are logits that start at logit(0.99) = 4.6 and prune a weight once they
+    cross 0; at the weights' learning rate (1e-3, Adam moves a parameter about that much per step) they move
+    0.15 in 150 steps and nothing is ever pruned, so their group gets ``lr`` and no weight decay.
+    At ``freeze_at`` (a share of the steps) ``freeze()`` fixes them, and the rest of the steps fine-tune the
+    weights under fixed masks (the freeze epoch of NNCF's earlier RB controller).
+    """
+
+    loss: Callable  # () -> scalar tensor added to every step's loss until the freeze
+    params: tuple = ()
+    lr: float = 0.0
+    freeze: Callable | None = None
+    freeze_at: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneMethod:
     name: str
     kind: str  # "none", "unstructured", "semi-structured", "channel", "lowrank"
     description: str
     prepare: Callable  # (model, ratio, example_input, data: PruneData) -> model to fine-tune
     finalize: Callable  # (model, example_input) -> plain torch model
-    loss: Callable | None = None  # (model, ratio) -> () -> extra loss term while fine-tuning
+    regularizer: Callable | None = None  # (model, ratio) -> Regularizer used while fine-tuning
     fixed_ratio: float | None = None  # a pattern that fixes the ratio (2:4 is 0.5)
     sparse_pattern: str | None = None  # "2:4" where sparse kernels can use it
 
@@ -174,10 +192,40 @@ def _two_four(model, ratio, example_input, data=None):
     return _masked(model, masks)
 
 
-def _nncf_rb_loss(model, ratio):
-    from nncf.torch.function_hook.pruning.rb.losses import RBLoss
+RB_MASK_LR = 0.1
+RB_FREEZE_AT = 0.5
+_RB_SATURATED = 4.6  # logit(0.99), NNCF's initial mask value
 
-    return RBLoss(model, target_ratio=ratio, p=0.05)
+
+def _nncf_rb_regularizer(model, ratio):
+    import numpy as np
+    import torch
+    from nncf.torch.function_hook.pruning.rb.algo import get_pruned_modules
+    from nncf.torch.function_hook.pruning.rb.losses import RBLoss
+    from nncf.torch.model_graph_manager import get_const_data_by_name
+
+    hooks = get_pruned_modules(model)
+
+    def freeze():
+        # RBLoss holds the density near the target, but Adam moves every mask near the threshold by about the
+        # learning rate at once, so the kept share at any step swings by several points. The freeze prunes exactly
+        # the ratio: the lowest learned logits, ties broken by |w|.
+        logits = torch.cat([h.mask.detach().flatten() for h in hooks.values()]).numpy()
+        magnitude = torch.cat([get_const_data_by_name(n, model).detach().abs().flatten() for n in hooks]).numpy()
+        keep = np.ones(len(logits), dtype=bool)
+        keep[np.lexsort((magnitude, logits))[: int(round(ratio * len(logits)))]] = False
+        start = 0
+        for hook in hooks.values():
+            n = hook.mask.numel()
+            kept = torch.from_numpy(keep[start:start + n]).reshape(hook.mask.shape)
+            start += n
+            with torch.no_grad():
+                hook.mask.copy_(torch.where(kept, 1.0, -1.0) * _RB_SATURATED)
+            hook.mask.requires_grad_(False)
+            hook.eval()  # deterministic masks: no logistic noise from here on
+
+    return Regularizer(RBLoss(model, target_ratio=ratio, p=0.05), tuple(h.mask for h in hooks.values()), RB_MASK_LR,
+                       freeze=freeze, freeze_at=RB_FREEZE_AT)
 
 
 def _nncf_magnitude(mode_name: str):
@@ -257,8 +305,9 @@ METHODS: dict[str, PruneMethod] = {
         ),
         PruneMethod(
             "nncf.rb", "unstructured",
-            "NNCF regularization-based sparsity: learned masks pushed to the ratio by RBLoss during fine-tuning",
-            _nncf_magnitude("UNSTRUCTURED_REGULARIZATION_BASED"), _nncf_strip, loss=_nncf_rb_loss,
+            "NNCF regularization-based sparsity: mask logits learned with RBLoss during the first half of fine-tuning "
+            "(mask learning rate 0.1), then frozen at exactly the ratio (lowest logits pruned) for the second half",
+            _nncf_magnitude("UNSTRUCTURED_REGULARIZATION_BASED"), _nncf_strip, regularizer=_nncf_rb_regularizer,
         ),
     ]
 }

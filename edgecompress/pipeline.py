@@ -137,7 +137,7 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
         steps = finetune_spec.steps
         model = finetune(
             model, x_train, y_train, steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
-            extra_loss=method.loss(model, candidate.prune.ratio) if method.loss else None,
+            regularizer=method.regularizer(model, candidate.prune.ratio) if method.regularizer else None,
             seed=finetune_spec.seed, on_step=progress,
         )
         model = method.finalize(model, example).eval()

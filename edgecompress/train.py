@@ -43,27 +43,35 @@ def finetune(
     lr: float = 1e-3,
     batch_size: int = 64,
     teacher: torch.nn.Module | None = None,
-    extra_loss=None,
+    regularizer=None,
     seed: int = 0,
     on_step=None,
 ) -> torch.nn.Module:
     """Fine-tune for a fixed number of optimiser steps; with a teacher, add logit distillation.
 
-    ``extra_loss()`` (a method's regulariser, e.g. NNCF's RBLoss) is added to every step's loss.
+    ``regularizer`` (a ``methods.Regularizer``, e.g. NNCF's RBLoss and its mask logits): its loss is added to
+    every step's, and its parameters form their own optimiser group at its learning rate, without weight decay.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     x = torch.from_numpy(images)
     y = torch.from_numpy(labels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    own = {id(p) for p in regularizer.params} if regularizer is not None else set()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
+    if own:
+        groups.append({"params": list(regularizer.params), "lr": regularizer.lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     if teacher is not None:
         teacher.eval()
     model.train()
     order = rng.permutation(len(y))
     pos = 0
+    active = regularizer is not None
     for step in range(steps):
+        if active and regularizer.freeze is not None and step >= regularizer.freeze_at * steps:
+            regularizer.freeze()
+            active = False
         if pos + batch_size > len(order):
             order, pos = rng.permutation(len(y)), 0
         idx = torch.from_numpy(order[pos:pos + batch_size])
@@ -75,8 +83,8 @@ def finetune(
             with torch.no_grad():
                 soft = F.softmax(teacher(xb) / 2.0, dim=1)
             loss = 0.5 * loss + 0.5 * 4.0 * F.kl_div(F.log_softmax(logits / 2.0, dim=1), soft, reduction="batchmean")
-        if extra_loss is not None:
-            loss = loss + extra_loss().to(loss.dtype)
+        if active:
+            loss = loss + regularizer.loss().to(loss.dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -64,15 +64,16 @@ def run_one(model_name: str, method_name: str, level: float, data, spec: Finetun
     started = time.time()
     one_shot = method.finalize(method.prepare(copy.deepcopy(parent), level, example, samples), example)
     prune_seconds = time.time() - started
-    one_acc, _, _ = _scores(one_shot, x_test, y_test, ref_pred)
+    # Learned masks (NNCF RB) prune only while fine-tuning: before it the model is the parent, so no one-shot figure.
+    one_acc = None if method.regularizer else _scores(one_shot, x_test, y_test, ref_pred)[0]
     row = {"model": model_name, "method": method_name, "level": level, "baseline_accuracy": base_acc,
            "one_shot_accuracy": one_acc, "prune_seconds": round(prune_seconds, 2)}
     for recipe, teacher in (("plain", None), ("teacher", parent)):
         # Pruning is deterministic: each recipe starts from its own freshly pruned copy (masked models cannot be deep-copied).
         student = method.prepare(copy.deepcopy(parent), level, example, samples)
-        extra = method.loss(student, level) if method.loss else None
+        reg = method.regularizer(student, level) if method.regularizer else None
         student = finetune(student, x_train, y_train, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
-                           teacher=teacher, extra_loss=extra, seed=spec.seed)
+                           teacher=teacher, regularizer=reg, seed=spec.seed)
         student = method.finalize(student, example).eval()
         acc, per_class, disagreement = _scores(student, x_test, y_test, ref_pred)
         key = "finetuned" if recipe == "plain" else "teacher_finetuned"
@@ -119,14 +120,20 @@ def markdown(rows: list[dict]) -> str:
     for (method, level), rs in sorted(groups.items()):
         lat = mean(rs, "openvino_latency_ms")
         base = mean(rs, "baseline_openvino_latency_ms")
-        out.append(f"| {method} | {level:g} | {len(rs)} | {mean(rs, 'one_shot_accuracy') * 100:.1f}% | "
+        one_shot = mean(rs, "one_shot_accuracy")
+        out.append(f"| {method} | {level:g} | {len(rs)} | " + (f"{one_shot * 100:.1f}%" if one_shot is not None else "n/a") + " | "
                    f"{mean(rs, 'finetuned_accuracy') * 100:.1f}% | {mean(rs, 'teacher_finetuned_accuracy') * 100:.1f}% | "
                    f"{mean(rs, 'max_class_drop_pp'):.1f} | {mean(rs, 'disagreement') * 100:.1f}% | "
                    f"{mean(rs, 'macs_share') * 100:.0f}% | " + (f"{lat:.3f} ({base:.3f})" if lat and base else "") + " |")
     by_key = {(r["model"], r["method"], r["level"]): r for r in rows}
     out += ["", "| comparison | level | models | wins | ties (within one test image) | losses | mean difference, pp |",
             "|---|---|---|---|---|---|---|"]
-    comparisons = [("WoodFisher vs NNCF global magnitude, one-shot", "woodfisher", "nncf.magnitude_global", "one_shot_accuracy", "one_shot_accuracy")]
+    comparisons = [
+        ("WoodFisher vs NNCF global magnitude, one-shot", "woodfisher", "nncf.magnitude_global", "one_shot_accuracy", "one_shot_accuracy"),
+        ("WoodFisher vs NNCF global magnitude, fine-tuned", "woodfisher", "nncf.magnitude_global", "finetuned_accuracy", "finetuned_accuracy"),
+        ("NNCF RB (learned masks) vs NNCF global magnitude, fine-tuned", "nncf.rb", "nncf.magnitude_global", "finetuned_accuracy", "finetuned_accuracy"),
+        ("NNCF local vs global magnitude, fine-tuned", "nncf.magnitude_local", "nncf.magnitude_global", "finetuned_accuracy", "finetuned_accuracy"),
+    ]
     for level in sorted({r["level"] for r in rows}):
         pairs = []
         for name, a, b, ka, kb in comparisons:
@@ -183,7 +190,7 @@ def main(argv=None):
                     with args.cache.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     done[key] = row
-                    print(f"{model_name} {method_name} {level}: one-shot {row['one_shot_accuracy']:.3f}, "
+                    print(f"{model_name} {method_name} {level}: one-shot {row['one_shot_accuracy']}, "
                           f"fine-tuned {row['finetuned_accuracy']:.3f}, with teacher {row['teacher_finetuned_accuracy']:.3f}",
                           file=sys.stderr, flush=True)
                 rows.append(done[key])
