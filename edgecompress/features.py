@@ -26,7 +26,7 @@ from torch import nn
 
 from edgecompress.layers import profile_layers
 
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 ONESHOT_SAMPLES = 128
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
@@ -52,6 +52,10 @@ FEATURE_DOCS = {
     "f_method_unstructured": "1 if the method zeroes single weights",
     "f_method_channel": "1 if the method removes whole channels",
     "f_method_local": "1 if the ratio applies per layer rather than over the whole model",
+    "f_method_semistructured": "1 if the zeros follow an N:M pattern (2:4)",
+    "f_method_lowrank": "1 if layers are factorized into low-rank pairs (the ratio is the share of their MACs removed)",
+    "f_method_second_order": "1 if the weights to prune are chosen by loss curvature and the rest updated to compensate (OBS)",
+    "f_method_learned": "1 if the mask is learned during fine-tuning (nothing is pruned before it)",
     "f_mass_below_global": "share of total |w| mass in the weights a global magnitude threshold at the ratio removes",
     "f_mass_below_local": "mean over layers of the |w| mass share a per-layer threshold at the ratio removes",
     "f_max_layer_pruned_global": "largest share of one layer's weights under the global threshold (1 = a layer wiped out)",
@@ -140,8 +144,13 @@ class Featurizer:
         return self._model_features
 
     # ------------------------------------------------------------ per method and ratio
-    def method_features(self, kind: str, ratio: float, local: bool) -> dict:
-        """Weight-magnitude sensitivity proxies for pruning at ``ratio`` (sorted once, O(layers) per ratio)."""
+    def method_features(self, method_name: str, ratio: float) -> dict:
+        """What kind of method it is, and weight-magnitude sensitivity proxies for pruning at ``ratio`` (sorted once,
+        O(layers) per ratio)."""
+        from edgecompress.methods import get_method
+
+        method = get_method(method_name)
+        kind = method.kind
         below_global = below_local = channel_mass = max_layer = 0.0
         if ratio > 0:
             below_global = _mass_share(self._global_cumsum, ratio)
@@ -154,7 +163,11 @@ class Featurizer:
             "f_ratio": ratio,
             "f_method_unstructured": int(kind in ("unstructured", "semi-structured")),
             "f_method_channel": int(kind == "channel"),
-            "f_method_local": int(local),
+            "f_method_local": int(method_name.endswith("_local")),
+            "f_method_semistructured": int(method.sparse_pattern is not None),
+            "f_method_lowrank": int(kind == "lowrank"),
+            "f_method_second_order": int(method_name == "woodfisher"),
+            "f_method_learned": int(method.regularizer is not None),
             "f_mass_below_global": below_global,
             "f_mass_below_local": below_local,
             "f_max_layer_pruned_global": max_layer,
@@ -189,12 +202,9 @@ class Featurizer:
 
     # ------------------------------------------------------------ everything
     def candidate_features(self, method_name: str, ratio: float, precision: str) -> dict:
-        from edgecompress.methods import get_method
-
-        method = get_method(method_name)
         return {
             **self.model_features(),
-            **self.method_features(method.kind, ratio, method_name.endswith("_local")),
+            **self.method_features(method_name, ratio),
             "f_precision_bits": _BITS[precision],
             **self.oneshot_features(method_name, ratio, precision),
             **self.data_features,

@@ -93,3 +93,32 @@ def cache_dir() -> Path:
     base = os.environ.get("EDGECOMPRESS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                                "edgecompress")
     return Path(base)
+
+
+def read_jsonl(path: Path, key) -> dict:
+    """The finished records of a resumable job, one JSON object a line, by ``key(record)``.
+
+    A line cut short by an interruption is skipped, so its work is done again.
+    """
+    records = {}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[key(record)] = record
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Add one finished record (flushed to disk before returning, so a crash after it loses nothing)."""
+    with open(path, "ab") as f:
+        if f.tell() > 0:  # a line cut short by an interruption is closed first, or this record would join it
+            with open(path, "rb") as tail:
+                tail.seek(-1, os.SEEK_END)
+                if tail.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress.errors import EdgecompressError
-from edgecompress.fsutil import write_json, write_text
+from edgecompress.fsutil import append_jsonl, read_jsonl, write_json, write_text
 from edgecompress.kernels import ACT_CODES, Kernel, ModelGraph, graph_kernels
 
 FAMILIES = {"conv": "conv", "depthwise": "depthwise", "pointwise": "pointwise", "linear": "linear",
@@ -324,19 +324,6 @@ def attribute(times: dict[str, float], members: dict[str, int], graph_names: dic
     return per_kernel, unattributed
 
 
-def _load_records(path: Path) -> dict:
-    records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: measured again
-                records[r["key"]] = r
-    return records
-
-
 def _quantized_names(artifact: Path, members: dict[str, int]) -> dict[str, int]:
     """Names of nodes the int8 artifact added (Q/DQ, NNCF's), each mapped to the kernel it feeds or follows."""
     if artifact.suffix != ".onnx":
@@ -380,7 +367,7 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
     runtime = target.runtime()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "records.jsonl"
-    records = _load_records(path)
+    records = read_jsonl(path, key=lambda r: r["key"])
     jobs = [(seed + i, p) for i in range(networks) for p in target.precisions]
     done = sum(_key(*j) in records for j in jobs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -402,8 +389,7 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
                       "kernels": [dataclasses.asdict(k) for k in graph.kernels],
                       "kernel_us": [per_kernel.get(i, 0.0) for i in range(len(graph.kernels))],
                       "unattributed_us": unattributed}
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(path, record)
             records[key] = record
             done += 1
             if progress:

@@ -45,3 +45,17 @@ def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert '"v": 1' in final.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_jsonl_resume_skips_a_line_cut_short(tmp_path):
+    from edgecompress.fsutil import append_jsonl, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    assert read_jsonl(path, key=lambda r: r["k"]) == {}
+    append_jsonl(path, {"k": 1, "v": "a"})
+    append_jsonl(path, {"k": 2, "v": "b"})
+    with open(path, "a") as f:
+        f.write('{"k": 3, "v"')  # the process died mid-write
+    assert read_jsonl(path, key=lambda r: r["k"]) == {1: {"k": 1, "v": "a"}, 2: {"k": 2, "v": "b"}}
+    append_jsonl(path, {"k": 3, "v": "c"})  # the rerun redoes it, on a line of its own
+    assert read_jsonl(path, key=lambda r: r["k"])[3] == {"k": 3, "v": "c"}

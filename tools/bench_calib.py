@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.calib.synth import SynthSpec, few_shot, match_intensities, synthesize  # noqa: E402
 from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.pipeline import run_session  # noqa: E402
 from edgecompress.runtimes.base import export_onnx  # noqa: E402
@@ -151,15 +152,12 @@ def main(argv=None):
     if args.second_use:
         print(json.dumps(second_use(data, sets["synthetic"], synthetic_labels), indent=2))
         return
-    done = {}
-    if args.cache.exists():
-        done = {r["model"]: r for r in map(json.loads, args.cache.read_text().splitlines())}
+    done = read_jsonl(args.cache, key=lambda r: r["model"])
     rows = []
     for name in args.models or list_models():
         if name not in done:
             done[name] = {**run_model(name, data, sets), "synth_seconds": round(synth_seconds, 1)}
-            with args.cache.open("a") as f:
-                f.write(json.dumps(done[name]) + "\n")
+            append_jsonl(args.cache, done[name])
             print(json.dumps(done[name]), file=sys.stderr, flush=True)
         rows.append(done[name])
     if args.json:

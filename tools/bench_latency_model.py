@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.costmodel import predict_cost, roofline_ms  # noqa: E402
+from edgecompress.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.kernels import model_graph  # noqa: E402
 from edgecompress.methods import get_method  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
@@ -124,11 +125,7 @@ def noise_floor(target, cache: Path, repeats: int = 3) -> dict:
 
     The share of those re-measurements within 10% of the first is the best any predictor could score.
     """
-    done = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["target"], r["model"], r["repeat"])] = r
+    done = read_jsonl(cache, key=lambda r: (r["target"], r["model"], r["repeat"]))
     runtime = target.runtime()
     ratios = []
     for name in list_models():
@@ -140,9 +137,8 @@ def noise_floor(target, cache: Path, repeats: int = 3) -> dict:
                 (Path(tmp) / "fp32").mkdir()
                 artifact = runtime.export(onnx_path, "fp32", Path(tmp) / "fp32")
                 times = [runtime.benchmark(artifact, warmup=20, runs=200)["latency_ms_median"] for _ in range(repeats + 1)]
-            with cache.open("a") as f:
-                for i, t in enumerate(times):
-                    f.write(json.dumps({"target": target.name, "model": name, "repeat": i, "measured_ms": t}) + "\n")
+            for i, t in enumerate(times):
+                append_jsonl(cache, {"target": target.name, "model": name, "repeat": i, "measured_ms": t})
         ratios += [t / times[0] - 1 for t in times[1:]]
     ratios = np.abs(np.array(ratios))
     return {"remeasurements": len(ratios), "within_10pct_of_first": float((ratios <= 0.10).mean()),
@@ -195,11 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    done = {}
-    if args.cache.exists():
-        for line in args.cache.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["target"], r["model"], r["ratio"], r["size"], r["precision"])] = r
+    done = read_jsonl(args.cache, key=lambda r: (r["target"], r["model"], r["ratio"], r["size"], r["precision"]))
     started = time.time()
     rows = []
     for target_name in args.targets:
@@ -210,8 +202,7 @@ def main(argv=None) -> int:
                 if key not in done:
                     with tempfile.TemporaryDirectory() as tmp:
                         done[key] = measure(target, v, precision, Path(tmp))
-                    with args.cache.open("a") as f:
-                        f.write(json.dumps(done[key]) + "\n")
+                    append_jsonl(args.cache, done[key])
                 r = predict(target, done[key])
                 print(f"{target_name:13s} {v['model']:22s} {v['size']:3d} {v['ratio']:.1f} {precision}: measured "
                       f"{r['measured_ms']:.3f} ms, predicted {r['predicted_ms']:.3f}", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.layers import profile_layers  # noqa: E402
 from edgecompress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
@@ -167,17 +168,13 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print summary tables of the rows in --cache and stop")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown([json.loads(line) for line in args.cache.read_text().splitlines() if line.strip()]))
+        print(markdown(list(read_jsonl(args.cache, key=lambda r: (r["model"], r["method"], r["level"], r.get("steps"))).values())))
         return
     data = load_digits(32)
     spec = FinetuneSpec(steps=args.steps)
     models = args.models or list_models()
     methods = args.methods or [m for m in METHODS if m != "none"]
-    done = {}
-    if args.cache.exists():
-        for line in args.cache.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["model"], r["method"], r["level"], r.get("steps"))] = r
+    done = read_jsonl(args.cache, key=lambda r: (r["model"], r["method"], r["level"], r.get("steps")))
     rows = []
     for method_name in methods:
         kind = get_method(method_name).kind
@@ -187,8 +184,7 @@ def main(argv=None):
                 key = (model_name, method_name, level, args.steps)
                 if key not in done:
                     row = {**run_one(model_name, method_name, level, data, spec, not args.no_latency), "steps": args.steps}
-                    with args.cache.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_jsonl(args.cache, row)
                     done[key] = row
                     print(f"{model_name} {method_name} {level}: one-shot {row['one_shot_accuracy']}, "
                           f"fine-tuned {row['finetuned_accuracy']:.3f}, with teacher {row['teacher_finetuned_accuracy']:.3f}",
