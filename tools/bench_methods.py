@@ -45,6 +45,10 @@ LEVELS = {"unstructured": (0.5, 0.7, 0.9), "channel": (0.3, 0.5, 0.7), "lowrank"
 SAMPLES = 256
 
 
+def _cache_key(row: dict) -> tuple:
+    return row["model"], row["method"], row["level"], row.get("steps")
+
+
 def _scores(model, x, y, reference_pred):
     pred = predict_torch(model, x).argmax(1)
     per_class = np.array([(pred[y == c] == c).mean() for c in np.unique(y)])
@@ -168,13 +172,13 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print summary tables of the rows in --cache and stop")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown(list(read_jsonl(args.cache, key=lambda r: (r["model"], r["method"], r["level"], r.get("steps"))).values())))
+        print(markdown(list(read_jsonl(args.cache, key=_cache_key).values())))
         return
     data = load_digits(32)
     spec = FinetuneSpec(steps=args.steps)
     models = args.models or list_models()
     methods = args.methods or [m for m in METHODS if m != "none"]
-    done = read_jsonl(args.cache, key=lambda r: (r["model"], r["method"], r["level"], r.get("steps")))
+    done = read_jsonl(args.cache, key=_cache_key)
     rows = []
     for method_name in methods:
         kind = get_method(method_name).kind
