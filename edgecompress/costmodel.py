@@ -17,6 +17,12 @@ less than 2x (FACTS.md: 1.24-1.47x for ResNet-50 on the DLA). Unstructured
 sparsity changes nothing on dense kernels; channel pruning shrinks every
 kernel's channels.
 
+A kernel model fitted on another machine (or on one it does not name, as the
+shipped ones) is rescaled here by the target's active device calibration
+(:mod:`edgecompress.devicecal`: measured / predicted on reference networks
+timed on this machine), which ``plan`` and ``build`` activate before
+planning; :func:`describe` says which calibration was applied.
+
 Memory: weights at the precision, plus the peak of the activations alive at
 once over the execution order, plus the runtime's own overhead.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from edgecompress.devicecal import active_calibration
 from edgecompress.kernels import MAC_KINDS, ModelGraph
 from edgecompress.targets import Target
 
@@ -69,6 +76,9 @@ def predict_cost(graph: ModelGraph, target: Target, precision: str, *, channel_k
     kernel_model = target.kernel_model()
     if kernel_model is not None and precision in kernel_model.composition:
         latency_ms = kernel_model.predict_ms(graph, precision)
+        calibration = active_calibration(target.name)
+        if calibration is not None:
+            latency_ms *= calibration.scale(precision)
     else:
         latency_ms = roofline_ms(graph, target, precision, sparse=sparse)
     weight_bytes = sum(k.weights * (BYTES[precision] / 2 + 1 / 8 if sparse and k.kind in SPARSE_KINDS else BYTES[precision])
@@ -127,5 +137,20 @@ def describe(target: Target, precision: str) -> str:
         fit = kernel_model.composition[precision]
         return (f"kernel-level model fitted on {info.get('date', '?')} by `{info.get('command', 'edgecompress targets profile')}` "
                 f"({info.get('runtime', target.runtime_name)} {info.get('runtime_version', '?')}, {fit.get('networks', '?')} "
-                f"profiled networks, {fit.get('mape', float('nan')) * 100:.0f}% mean error on them)")
+                f"profiled networks, {fit.get('mape', float('nan')) * 100:.0f}% mean error on them); "
+                + _describe_calibration(target, kernel_model, precision))
     return f"roofline per kernel from {target.path.name} (peak throughput, bandwidth and efficiencies; sources there)"
+
+
+def _describe_calibration(target: Target, kernel_model, precision: str) -> str:
+    calibration = active_calibration(target.name)
+    if calibration is None:
+        machine = kernel_model.info.get("machine")
+        fitted_on = f"{machine['cpu']}, {machine['logical_cores']} cores" if isinstance(machine, dict) else "an unknown machine"
+        return f"fitted on {fitted_on}; no device calibration applied (`edgecompress targets calibrate {target.name}`)"
+    if calibration.fitted_on_this_machine:
+        return f"fitted on this machine ({calibration.where()})"
+    networks = len({m.network for m in calibration.measurements if m.precision == precision})
+    return (f"rescaled x{calibration.scale(precision):.2f} for {precision} by calibration on this machine "
+            f"({calibration.where()}; median measured / predicted over {networks} reference networks "
+            f"on {calibration.date}; cached {calibration.cache_path})")
