@@ -20,11 +20,13 @@ from pathlib import Path
 
 from edgecompress.errors import UsageError
 from edgecompress.fsutil import atomic_path
-from edgecompress.methods import RATIO_GRID, Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
-KEY_COLUMNS = ("dataset", "model", "method", "ratio", "precision", "recipe")
+# A row is one measurement of exactly these; the method's settings and the fine-tuning recipe are hashes, so a changed
+# setting makes new rows instead of mixing with the old (rows from before settings were recorded have none).
+KEY_COLUMNS = ("dataset", "model", "method", "method_settings", "ratio", "precision", "recipe")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +41,7 @@ class CollectJob:
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(row[c] for c in KEY_COLUMNS)
+    return tuple(row.get(c) for c in KEY_COLUMNS)
 
 
 def run_job(job: CollectJob) -> list[dict]:
@@ -75,7 +77,8 @@ def run_job(job: CollectJob) -> list[dict]:
                 accuracy = 0.0  # non-finite outputs: as useless as a wrong answer
             rows.append({
                 "dataset": data.fingerprint(), "model": entry.name, "architecture": entry.architecture,
-                "method": job.method, "ratio": float(job.ratio), "precision": precision,
+                "method": job.method, "method_settings": get_method(job.method).settings_hash(),
+                "ratio": float(job.ratio), "precision": precision,
                 "recipe": spec_hash(job.finetune), "finetune_steps": compressed.finetune_steps,
                 "accuracy": accuracy, "parent_accuracy": compressed.baseline_accuracy,
                 "accuracy_drop": compressed.baseline_accuracy - accuracy,
@@ -159,7 +162,7 @@ def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_siz
     jobs = []
     order = {"none": 0, "channel": 1}
     for method in sorted(methods, key=lambda m: (order.get(get_method(m).kind, 2), m)):
-        method_ratios = RATIO_GRID.get(method, (0.5,)) if ratios is None else (
+        method_ratios = get_method(method).levels if ratios is None else (
             (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
         for ratio in method_ratios:
             for model in models:
@@ -171,7 +174,9 @@ def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_siz
 def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_names: dict) -> list[CollectJob]:
     out = []
     for job in jobs:
-        keys = {(dataset_key, model_names[job.model_spec], job.method, job.ratio, p, spec_hash(job.finetune)) for p in job.precisions}
+        settings = get_method(job.method).settings_hash()
+        keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune))
+                for p in job.precisions}
         if not keys <= done_keys:
             out.append(job)
     return out

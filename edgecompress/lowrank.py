@@ -101,13 +101,13 @@ def _ranks_and_macs(layer: _Layer, tau: float) -> tuple[tuple[int, ...] | None, 
     return (r,) if isinstance(r, int) else r, macs
 
 
-def select_ranks(layers: list[_Layer], ratio: float) -> tuple[list, float]:
+def select_ranks(layers: list[_Layer], ratio: float, bisection_steps: int) -> tuple[list, float]:
     """One energy threshold for all layers, bisected so that MACs fall by ``ratio``; returns ranks and the achieved ratio."""
     full = sum(l.macs for l in layers)
     target = (1 - ratio) * full
     lo, hi = 0.0, 1.0
     best = None
-    for _ in range(40):
+    for _ in range(bisection_steps):
         tau = (lo + hi) / 2
         plan = [_ranks_and_macs(l, tau) for l in layers]
         macs = sum(m for _, m in plan)
@@ -158,12 +158,12 @@ def _factor_tucker2(m: nn.Conv2d, r_in: int, r_out: int) -> nn.Module:
     return nn.Sequential(first, middle, last)
 
 
-def decompose(model: nn.Module, ratio: float, example: torch.Tensor) -> tuple[nn.Module, dict]:
+def decompose(model: nn.Module, ratio: float, example: torch.Tensor, *, bisection_steps: int) -> tuple[nn.Module, dict]:
     """Factorize ``model`` in place so its decomposable layers' MACs fall by about ``ratio``."""
     if not 0 < ratio < 1:
         raise ValueError(f"low-rank ratio must be in (0, 1), got {ratio}")
     layers = _decomposable(model, example)
-    ranks, achieved = select_ranks(layers, ratio)
+    ranks, achieved = select_ranks(layers, ratio, bisection_steps)
     replaced = 0
     for layer, r in zip(layers, ranks):
         if r is None:

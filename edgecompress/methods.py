@@ -115,16 +115,112 @@ class Regularizer:
     freeze_at: float = 1.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoSettings:
+    """A method with nothing to set."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MagnitudeSettings:
+    scope: str = "global"  # "global": one threshold over all layers; "local": the same ratio in every layer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChannelL1Settings:
+    norm: int = 1  # L1 norm of each channel's weights ranks the channels
+    round_to: int = 4  # channel counts stay multiples of 4 (vector widths of the CPU and Jetson kernels)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WoodFisherSettings:
+    samples: int = 128  # per-sample gradients in the empirical Fisher
+    block: int = 32  # consecutive weights per block of the block-diagonal Fisher
+    # Relative to the mean Fisher diagonal. On lcnet_050 at 70% one-shot (test top-1): 1e-2 gives 93.9%,
+    # 1e-1 gives 95.6%, magnitude pruning 93.3% (blocks of 32, 128 samples).
+    dampening: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SemiStructuredSettings:
+    n: int = 2  # weights kept ...
+    m: int = 4  # ... in every group of m consecutive input channels, at each output channel and kernel position
+    min_weights: int = 64  # smaller layers stay dense (the stem's few weights carry too much)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankSettings:
+    bisection_steps: int = 40  # of the shared spectral-energy threshold
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RegularizedSettings:
+    """NNCF's regularization-based masks (see Regularizer for why the mask logits get their own learning rate)."""
+
+    mask_lr: float = 0.1
+    freeze_at: float = 0.5  # share of the fine-tuning steps after which the masks are frozen at exactly the ratio
+    density_penalty: float = 0.05  # RBLoss's p
+
+
+KINDS = ("none", "unstructured", "semi-structured", "channel", "lowrank")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PruneMethod:
+    """One registered method: its settings (in every stage hash and meta-dataset key), level grid, traits and code.
+
+    ``prepare(model, ratio, example_input, data, settings)`` returns a model ready for fine-tuning (masked or
+    physically smaller); ``finalize(model, example_input)`` a plain torch model to export;
+    ``regularizer(model, ratio, settings)`` the term a learned method adds to fine-tuning.
+    """
+
     name: str
-    kind: str  # "none", "unstructured", "semi-structured", "channel", "lowrank"
+    kind: str  # one of KINDS
     description: str
-    prepare: Callable  # (model, ratio, example_input, data: PruneData) -> model to fine-tune
-    finalize: Callable  # (model, example_input) -> plain torch model
-    regularizer: Callable | None = None  # (model, ratio) -> Regularizer used while fine-tuning
+    settings: object  # a frozen settings dataclass: everything besides the ratio that changes the result
+    levels: tuple[float, ...]  # the ratio grid `meta collect` sweeps and `plan`/`build --method` offer
+    impl_prepare: Callable
+    impl_finalize: Callable
+    impl_regularizer: Callable | None = None
+    # Traits, read by the meta-features and the cost model instead of the method's name.
+    local: bool = False  # the ratio applies per layer rather than over the whole model
+    second_order: bool = False  # weights chosen by loss curvature, the rest updated to compensate (OBS)
     fixed_ratio: float | None = None  # a pattern that fixes the ratio (2:4 is 0.5)
     sparse_pattern: str | None = None  # "2:4" where sparse kernels can use it
+    default: bool = False  # in the sweep `plan` and `build` use without --method
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if not dataclasses.is_dataclass(self.settings) or not self.settings.__dataclass_params__.frozen:
+            raise TypeError(f"method {self.name}: settings must be a frozen dataclass instance")
+
+    @property
+    def learned(self) -> bool:
+        """The mask is learned during fine-tuning (nothing is pruned before it)."""
+        return self.impl_regularizer is not None
+
+    @property
+    def structural(self) -> bool:
+        """The compressed model runs other kernels than its parent (channels removed, layers factorized)."""
+        return self.kind in ("channel", "lowrank")
+
+    @property
+    def data_samples(self) -> int:
+        """Labelled train samples the method uses while pruning (second-order methods need gradients)."""
+        return getattr(self.settings, "samples", 0)
+
+    def settings_hash(self) -> str:
+        """Names the settings in stage hashes and meta-dataset rows: a changed setting is a new key."""
+        return spec_hash(self.name, self.settings)
+
+    def prepare(self, model, ratio: float, example_input, data: "PruneData | None" = None):
+        return self.impl_prepare(model, ratio, example_input, data, self.settings)
+
+    def finalize(self, model, example_input):
+        return self.impl_finalize(model, example_input)
+
+    def regularizer(self, model, ratio: float) -> "Regularizer | None":
+        return self.impl_regularizer(model, ratio, self.settings) if self.impl_regularizer else None
 
     def channel_keep(self, ratio: float) -> float:
         """Share of channels left, for the cost model (1.0 unless channels are removed)."""
@@ -161,43 +257,56 @@ def _unmask(model, example_input=None):
     return model
 
 
-def _woodfisher(model, ratio, example_input, data=None):
-    from edgecompress.woodfisher import DEFAULT_SAMPLES, woodfisher_prune
+def _woodfisher(model, ratio, example_input, data, settings: WoodFisherSettings):
+    from edgecompress.woodfisher import woodfisher_prune
 
     if data is None:
         raise UsageError("woodfisher needs labelled samples for its Fisher estimate")
-    n = min(DEFAULT_SAMPLES, len(data.labels))
-    return _masked(model, woodfisher_prune(model, ratio, data.images[:n], data.labels[:n]))
+    n = min(settings.samples, len(data.labels))
+    return _masked(model, woodfisher_prune(model, ratio, data.images[:n], data.labels[:n], block=settings.block,
+                                           dampening=settings.dampening))
 
 
-def _low_rank(model, ratio, example_input, data=None):
+def _low_rank(model, ratio, example_input, data, settings: LowRankSettings):
     from edgecompress.lowrank import decompose
 
-    return decompose(model, ratio, example_input)[0]
+    return decompose(model, ratio, example_input, bisection_steps=settings.bisection_steps)[0]
 
 
-def _two_four(model, ratio, example_input, data=None):
-    """2:4 semi-structured: in every group of 4 consecutive input weights of a conv/linear row, keep the 2 largest."""
+def n_of_m_mask(weight, n: int, m: int):
+    """Keep the ``n`` largest of every ``m`` consecutive input channels, for each output channel and kernel position:
+    TensorRT's structured-sparsity rule (2:4 along C for every (k, r, s) of a KCRS weight; along the inputs of a
+    linear layer). None where the layer has no group of ``m`` input channels (depthwise, or C not a multiple of m)."""
+    import torch
+
+    out_c, in_c = weight.shape[:2]
+    if in_c % m:
+        return None
+    w = weight.detach().abs().reshape(out_c, in_c, -1).transpose(1, 2)  # K, R*S, C
+    w = w.reshape(out_c, w.shape[1], in_c // m, m)
+    keep = torch.zeros_like(w).scatter_(-1, w.topk(n, dim=-1).indices, 1.0)
+    return keep.reshape(out_c, -1, in_c).transpose(1, 2).reshape(weight.shape)
+
+
+def _n_of_m(model, ratio, example_input, data, settings: SemiStructuredSettings):
     import torch
     from torch import nn
 
     masks = {}
     for layer in model.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight[0].numel() % 4 == 0 and layer.weight.numel() >= 64:
-            w = layer.weight.detach().reshape(layer.weight.shape[0], -1, 4).abs()
-            keep = torch.zeros_like(w).scatter_(-1, w.topk(2, dim=-1).indices, 1.0)
-            masks[layer] = keep.reshape(layer.weight.shape)
-            with torch.no_grad():
-                layer.weight.mul_(masks[layer])
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.numel() >= settings.min_weights:
+            mask = n_of_m_mask(layer.weight, settings.n, settings.m)
+            if mask is not None:
+                masks[layer] = mask
+                with torch.no_grad():
+                    layer.weight.mul_(mask)
     return _masked(model, masks)
 
 
-RB_MASK_LR = 0.1
-RB_FREEZE_AT = 0.5
 _RB_SATURATED = 4.6  # logit(0.99), NNCF's initial mask value
 
 
-def _nncf_rb_regularizer(model, ratio):
+def _nncf_rb_regularizer(model, ratio, settings: RegularizedSettings):
     import numpy as np
     import torch
     from nncf.torch.function_hook.pruning.rb.algo import get_pruned_modules
@@ -224,23 +333,30 @@ def _nncf_rb_regularizer(model, ratio):
             hook.mask.requires_grad_(False)
             hook.eval()  # deterministic masks: no logistic noise from here on
 
-    return Regularizer(RBLoss(model, target_ratio=ratio, p=0.05), tuple(h.mask for h in hooks.values()), RB_MASK_LR,
-                       freeze=freeze, freeze_at=RB_FREEZE_AT)
+    return Regularizer(RBLoss(model, target_ratio=ratio, p=settings.density_penalty), tuple(h.mask for h in hooks.values()),
+                       settings.mask_lr, freeze=freeze, freeze_at=settings.freeze_at)
 
 
-def _nncf_magnitude(mode_name: str):
-    def prepare(model, ratio, example_input, data=None):
-        import nncf
+_NNCF_MODES = {("magnitude", "global"): "UNSTRUCTURED_MAGNITUDE_GLOBAL", ("magnitude", "local"): "UNSTRUCTURED_MAGNITUDE_LOCAL"}
 
-        from edgecompress.runtimes.base import nncf_quiet
 
-        with nncf_quiet():
-            mode = getattr(nncf.PruneMode, mode_name)
-        # Regularization-based masks learn their ratio from RBLoss; magnitude modes take it here.
-        kwargs = {} if mode_name == "UNSTRUCTURED_REGULARIZATION_BASED" else {"ratio": ratio}
-        return nncf.prune(model, mode, examples_inputs=example_input, **kwargs)
+def _nncf_magnitude(model, ratio, example_input, data, settings: MagnitudeSettings):
+    return _nncf_prune(model, _NNCF_MODES[("magnitude", settings.scope)], example_input, ratio=ratio)
 
-    return prepare
+
+def _nncf_regularized(model, ratio, example_input, data, settings: RegularizedSettings):
+    # The masks learn their ratio from RBLoss (the regularizer); nothing is pruned here.
+    return _nncf_prune(model, "UNSTRUCTURED_REGULARIZATION_BASED", example_input)
+
+
+def _nncf_prune(model, mode_name: str, example_input, **kwargs):
+    import nncf
+
+    from edgecompress.runtimes.base import nncf_quiet
+
+    with nncf_quiet():
+        mode = getattr(nncf.PruneMode, mode_name)
+    return nncf.prune(model, mode, examples_inputs=example_input, **kwargs)
 
 
 def _nncf_strip(model, example_input):
@@ -250,91 +366,97 @@ def _nncf_strip(model, example_input):
     return nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.IN_PLACE, example_input=example_input)
 
 
-def _torch_pruning_l1(model, ratio, example_input, data=None):
+def _torch_pruning_l1(model, ratio, example_input, data, settings: ChannelL1Settings):
     import torch_pruning as tp
 
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     pruner = tp.pruner.MagnitudePruner(
         model,
         example_input,
-        importance=tp.importance.MagnitudeImportance(p=1),
+        importance=tp.importance.MagnitudeImportance(p=settings.norm),
         pruning_ratio=ratio,
         ignored_layers=[classifier] if classifier is not None else [],
-        round_to=4,
+        round_to=settings.round_to,
     )
     pruner.step()
     return model
 
 
-METHODS: dict[str, PruneMethod] = {
-    m.name: m
-    for m in [
-        PruneMethod("none", "none", "no pruning", _identity, _identity),
-        PruneMethod(
-            "nncf.magnitude_global", "unstructured",
-            "NNCF unstructured magnitude pruning, one threshold over all layers",
-            _nncf_magnitude("UNSTRUCTURED_MAGNITUDE_GLOBAL"), _nncf_strip,
-        ),
-        PruneMethod(
-            "nncf.magnitude_local", "unstructured",
-            "NNCF unstructured magnitude pruning, the same ratio in every layer",
-            _nncf_magnitude("UNSTRUCTURED_MAGNITUDE_LOCAL"), _nncf_strip,
-        ),
-        PruneMethod(
-            "torch_pruning.l1", "channel",
-            "torch-pruning (DepGraph) L1-norm channel pruning; channels are removed",
-            _torch_pruning_l1, _identity,
-        ),
-        PruneMethod(
-            "woodfisher", "unstructured",
-            "WoodFisher second-order one-shot pruning (OBS saliency and update, block-diagonal empirical Fisher "
-            "inverted by Woodbury recursion, 128 samples, blocks of 32, dampening 10% of the mean diagonal)",
-            _woodfisher, _unmask,
-        ),
-        PruneMethod(
-            "sparse24", "semi-structured",
-            "2:4 semi-structured magnitude sparsity (2 of every 4 consecutive weights kept; sparse tensor cores "
-            "run it on Jetson Orin with trtexec --sparsity=enable)",
-            _two_four, _unmask, fixed_ratio=0.5, sparse_pattern="2:4",
-        ),
-        PruneMethod(
-            "lowrank", "lowrank",
-            "low-rank decomposition (truncated SVD for linear and 1x1 layers, Tucker-2 for kxk convolutions); per-layer "
-            "ranks from one spectral-energy threshold, bisected so the decomposable layers' MACs fall by the ratio",
-            _low_rank, _identity,
-        ),
-        PruneMethod(
-            "nncf.rb", "unstructured",
-            "NNCF regularization-based sparsity: mask logits learned with RBLoss during the first half of fine-tuning "
-            "(mask learning rate 0.1), then frozen at exactly the ratio (lowest logits pruned) for the second half",
-            _nncf_magnitude("UNSTRUCTURED_REGULARIZATION_BASED"), _nncf_strip, regularizer=_nncf_rb_regularizer,
-        ),
-    ]
-}
+METHODS: dict[str, PruneMethod] = {}
 
-# Every method's ratio grid (what `meta collect` sweeps, and `plan`/`build --method` offer).
-RATIO_GRID = {
-    "none": (0.0,),
-    "nncf.magnitude_global": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "nncf.magnitude_local": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "torch_pruning.l1": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-    "woodfisher": (0.3, 0.5, 0.7, 0.8, 0.9),
-    "sparse24": (0.5,),
-    "nncf.rb": (0.3, 0.5, 0.7, 0.9),
-    "lowrank": (0.25, 0.5, 0.75, 0.9),  # share of the decomposable layers' MACs removed
-}
-# What `plan` and `build` sweep unless --method says otherwise: the methods the shipped meta-dataset
-# covers, so every default candidate's accuracy is predicted from measured neighbours.
-DEFAULT_SWEEP = {m: RATIO_GRID[m] for m in ("none", "nncf.magnitude_global", "nncf.magnitude_local", "torch_pruning.l1")}
+
+def register_method(method: PruneMethod) -> PruneMethod:
+    """Add a method to the registry (a third-party method registers the same way); names are unique."""
+    if method.name in METHODS:
+        raise ValueError(f"pruning method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register_method(PruneMethod(
+    name="none", kind="none", description="no pruning", settings=NoSettings(), levels=(0.0,),
+    impl_prepare=_identity, impl_finalize=_identity, default=True,
+))
+register_method(PruneMethod(
+    name="nncf.magnitude_global", kind="unstructured",
+    description="NNCF unstructured magnitude pruning, one threshold over all layers",
+    settings=MagnitudeSettings(scope="global"), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    impl_prepare=_nncf_magnitude, impl_finalize=_nncf_strip, default=True,
+))
+register_method(PruneMethod(
+    name="nncf.magnitude_local", kind="unstructured",
+    description="NNCF unstructured magnitude pruning, the same ratio in every layer",
+    settings=MagnitudeSettings(scope="local"), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    impl_prepare=_nncf_magnitude, impl_finalize=_nncf_strip, local=True, default=True,
+))
+register_method(PruneMethod(
+    name="torch_pruning.l1", kind="channel",
+    description="torch-pruning (DepGraph) L1-norm channel pruning; channels are removed",
+    settings=ChannelL1Settings(), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    impl_prepare=_torch_pruning_l1, impl_finalize=_identity, default=True,
+))
+register_method(PruneMethod(
+    name="woodfisher", kind="unstructured",
+    description="WoodFisher second-order one-shot pruning (OBS saliency and update, block-diagonal empirical Fisher "
+                "inverted by Woodbury recursion)",
+    settings=WoodFisherSettings(), levels=(0.3, 0.5, 0.7, 0.8, 0.9),
+    impl_prepare=_woodfisher, impl_finalize=_unmask, second_order=True,
+))
+register_method(PruneMethod(
+    name="sparse24", kind="semi-structured",
+    description="2:4 semi-structured magnitude sparsity (2 of every 4 consecutive input channels kept at each output "
+                "channel and kernel position, TensorRT's rule; sparse tensor cores run it on Jetson Orin with "
+                "trtexec --sparsity=enable)",
+    settings=SemiStructuredSettings(n=2, m=4), levels=(0.5,),
+    impl_prepare=_n_of_m, impl_finalize=_unmask, fixed_ratio=0.5, sparse_pattern="2:4",
+))
+register_method(PruneMethod(
+    name="lowrank", kind="lowrank",
+    description="low-rank decomposition (truncated SVD for linear and 1x1 layers, Tucker-2 for kxk convolutions); per-layer "
+                "ranks from one spectral-energy threshold, bisected so the decomposable layers' MACs fall by the ratio",
+    settings=LowRankSettings(), levels=(0.25, 0.5, 0.75, 0.9),  # share of the decomposable layers' MACs removed
+    impl_prepare=_low_rank, impl_finalize=_identity,
+))
+register_method(PruneMethod(
+    name="nncf.rb", kind="unstructured",
+    description="NNCF regularization-based sparsity: mask logits learned with RBLoss during the first part of fine-tuning "
+                "at their own learning rate, then frozen at exactly the ratio (lowest logits pruned) for the rest",
+    settings=RegularizedSettings(), levels=(0.3, 0.5, 0.7, 0.9),
+    impl_prepare=_nncf_regularized, impl_finalize=_nncf_strip, impl_regularizer=_nncf_rb_regularizer,
+))
+
+
+def default_sweep() -> dict:
+    """What `plan` and `build` sweep unless --method says otherwise: the methods marked default (those the shipped
+    meta-dataset covers, so every default candidate's accuracy is predicted from measured neighbours)."""
+    return {m.name: m.levels for m in METHODS.values() if m.default}
 
 
 def sweep_for(methods) -> dict:
     """The sweep for ``--method`` names (none always included: the uncompressed model is a candidate)."""
     if not methods:
-        return DEFAULT_SWEEP
-    for m in methods:
-        get_method(m)
-    return {m: RATIO_GRID.get(m, (0.5,)) for m in ("none", *methods)}
+        return default_sweep()
+    return {m: get_method(m).levels for m in ("none", *methods)}
 
 
 # Tie-break at equal predicted accuracy: prefer the least severe compression. Channel pruning is taken as more harmful than the same

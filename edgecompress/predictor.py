@@ -17,6 +17,7 @@ import numpy as np
 from edgecompress.errors import UsageError
 from edgecompress.features import FEATURE_DOCS
 from edgecompress.fsutil import atomic_path
+from edgecompress.methods import METHODS
 
 UPPER_QUANTILE = 0.9
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
@@ -359,8 +360,10 @@ class AccuracyModel:
         self.predictor, self.entries, self.data, self.accuracies = predictor, entries, data, accuracies
         self.console = console
         fingerprint = data.fingerprint()
+        # Features of rows measured with today's method settings; the one-shot proxies depend on them.
         self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
-                       for r in (meta_rows or []) if r["dataset"] == fingerprint}
+                       for r in (meta_rows or []) if r["dataset"] == fingerprint
+                       and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
         self.basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
                       f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
 

@@ -22,11 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_SAMPLES = 128
-DEFAULT_BLOCK = 32
-# Relative to the mean Fisher diagonal. On lcnet_050 at 70% one-shot (test top-1): 1e-2 gives 93.9%,
-# 1e-1 gives 95.6%, magnitude pruning 93.3% (2026-11-23, blocks of 32, 128 samples).
-DEFAULT_DAMPENING = 1e-1
 _DAMP_PROBE = 16
 
 
@@ -49,8 +44,8 @@ def _per_sample_grads(model, layers, images, labels):
         yield [layer.weight.grad.detach().reshape(-1) for layer in layers]
 
 
-def inverse_fisher_blocks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, block: int = DEFAULT_BLOCK,
-                          dampening: float = DEFAULT_DAMPENING) -> list[torch.Tensor]:
+def inverse_fisher_blocks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, block: int,
+                          dampening: float) -> list[torch.Tensor]:
     """Per layer, the (num_blocks, block, block) inverse of the dampened empirical Fisher (Woodbury recursion)."""
     layers = prunable_layers(model)
     for p in model.parameters():
@@ -79,7 +74,7 @@ def inverse_fisher_blocks(model: nn.Module, images: torch.Tensor, labels: torch.
 
 @torch.no_grad()
 def woodfisher_prune(model: nn.Module, ratio: float, images: torch.Tensor, labels: torch.Tensor, *,
-                     block: int = DEFAULT_BLOCK, dampening: float = DEFAULT_DAMPENING) -> dict[nn.Module, torch.Tensor]:
+                     block: int, dampening: float) -> dict[nn.Module, torch.Tensor]:
     """Prune ``ratio`` of all conv/linear weights in place with OBS updates; returns each layer's keep-mask."""
     layers = prunable_layers(model)
     with torch.enable_grad():

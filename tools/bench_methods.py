@@ -70,13 +70,13 @@ def run_one(model_name: str, method_name: str, level: float, data, spec: Finetun
     one_shot = method.finalize(method.prepare(copy.deepcopy(parent), level, example, samples), example)
     prune_seconds = time.time() - started
     # Learned masks (NNCF RB) prune only while fine-tuning: before it the model is the parent, so no one-shot figure.
-    one_acc = None if method.regularizer else _scores(one_shot, x_test, y_test, ref_pred)[0]
+    one_acc = None if method.learned else _scores(one_shot, x_test, y_test, ref_pred)[0]
     row = {"model": model_name, "method": method_name, "level": level, "baseline_accuracy": base_acc,
            "one_shot_accuracy": one_acc, "prune_seconds": round(prune_seconds, 2)}
     for recipe, teacher in (("plain", None), ("teacher", parent)):
         # Pruning is deterministic: each recipe starts from its own freshly pruned copy (masked models cannot be deep-copied).
         student = method.prepare(copy.deepcopy(parent), level, example, samples)
-        reg = method.regularizer(student, level) if method.regularizer else None
+        reg = method.regularizer(student, level)
         student = finetune(student, x_train, y_train, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
                            teacher=teacher, regularizer=reg, seed=spec.seed)
         student = method.finalize(student, example).eval()
@@ -90,7 +90,7 @@ def run_one(model_name: str, method_name: str, level: float, data, spec: Finetun
             row["zero_share"] = float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
             macs = sum(l.macs for l in profile_layers(student, data.input_shape))
             row["macs_share"] = macs / sum(l.macs for l in profile_layers(parent, data.input_shape))
-            if with_latency and method.kind in ("channel", "lowrank"):
+            if with_latency and method.structural:
                 row["openvino_latency_ms"] = _openvino_latency(student, data)
                 row["baseline_openvino_latency_ms"] = _openvino_latency(parent, data)
     # The standard fine-tune is the plain one: its figures are the row's headline columns.
