@@ -23,18 +23,10 @@ import numpy as np
 from edgecompress import __version__
 from edgecompress.errors import UsageError
 from edgecompress.fsutil import atomic_path, sha256_file, write_json
+from edgecompress.targets import RUNTIMES, runtime_class
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"
 MANIFEST = "manifest.json"
-# runtime -> example files copied into its bundles
-EXAMPLES = {
-    "onnxruntime": ("infer_onnxruntime.py", "infer_onnxruntime.cpp"),
-    "openvino": ("infer_openvino.py",),
-    # The engine examples run on the Jetson after build_engine.sh; the QDQ ONNX also runs in
-    # ONNX Runtime, which checks the bundle off the device.
-    "tensorrt": ("infer_tensorrt.py", "infer_tensorrt.cpp", "infer_onnxruntime.py", "infer_onnxruntime.cpp"),
-}
-ARTIFACT_NAMES = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.onnx"}
 
 
 class BundleError(UsageError):
@@ -52,7 +44,7 @@ def make_bundle(out: Path, *, artifact: Path, runtime_name: str, runtime_version
                 shutil.copy2(f, tmp / f.name)
         (tmp / "labels.txt").write_text("".join(f"{name}\n" for name in class_names))
         write_json(tmp / "preprocess.json", {**preprocess, "input_name": "input", "output_name": "logits"})
-        for example in EXAMPLES[runtime_name]:
+        for example in runtime_class(runtime_name).bundle_examples:
             shutil.copy2(TEMPLATES / example, tmp / example)
         if "build_command" in deploy_notes:
             script = tmp / "build_engine.sh"
@@ -91,7 +83,7 @@ def read_manifest(bundle: Path) -> dict:
         manifest["files"], manifest["runtime"], manifest["artifact"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"bundle {bundle}: {MANIFEST} is malformed ({exc})") from exc
-    if manifest["runtime"] not in ARTIFACT_NAMES:
+    if manifest["runtime"] not in RUNTIMES:
         raise BundleError(f"bundle {bundle}: unknown runtime {manifest['runtime']!r} in {MANIFEST}")
     return manifest
 
@@ -109,8 +101,6 @@ def check_files(bundle: Path, manifest: dict) -> None:
 
 def open_session(bundle: Path, manifest: dict):
     """The artifact loaded by its runtime's class (TensorRT's QDQ ONNX runs in ONNX Runtime here)."""
-    from edgecompress.targets import runtime_class
-
     artifact = bundle / manifest["artifact"]
     try:
         return runtime_class(manifest["runtime"])(None).session(artifact)

@@ -264,45 +264,6 @@ def time_session(infer: Callable, input_shape, *, min_runs: int = 30, max_second
     return float(np.median(times))
 
 
-def node_times(runtime_name: str, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]:
-    """Mean time per executed runtime node (microseconds per inference), from the runtime's own profiler."""
-    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    totals: dict[str, float] = {}
-    if runtime_name == "onnxruntime":
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.enable_profiling = True
-            options.profile_file_prefix = str(Path(tmp) / "ort")
-            session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            for _ in range(10 + runs):
-                session.run(None, {name: x})
-            trace = json.loads(Path(session.end_profiling()).read_text())
-        # The warm-up runs are in the trace too: keep each node's last ``runs`` events.
-        events: dict[str, list] = {}
-        for e in trace:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                events.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"])
-        return {n: float(np.mean(d[-runs:])) for n, d in events.items()}
-    if runtime_name == "openvino":
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(artifact), "CPU", {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
-        request = compiled.create_infer_request()
-        for _ in range(10):
-            request.infer({0: x})
-        for _ in range(runs):
-            request.infer({0: x})
-            for info in request.get_profiling_info():
-                if info.status == ov.ProfilingInfo.Status.EXECUTED:
-                    totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e6
-        return {n: t / runs for n, t in totals.items()}
-    raise EdgecompressError(f"no per-kernel profiler for runtime {runtime_name!r}")
-
-
 def attribute(times: dict[str, float], members: dict[str, int], graph_names: dict[str, int]) -> tuple[dict[int, float], float]:
     """Share the runtime's node times out over our kernels.
 
@@ -383,7 +344,7 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
             artifact = _artifact(runtime, onnx_path, precision, shape, work)
             tensors = _tensor_owners(onnx_path, members)
             extra = _quantized_names(artifact, members) if precision == "int8" else {}
-            per_kernel, unattributed = attribute(node_times(runtime.name, artifact, shape), members, {**tensors, **extra})
+            per_kernel, unattributed = attribute(runtime.node_times(artifact, shape), members, {**tensors, **extra})
             record = {"key": key, "seed": net_seed, "precision": precision, "input_shape": list(shape),
                       "latency_ms": time_session(runtime.session(artifact), shape),
                       "kernels": [dataclasses.asdict(k) for k in graph.kernels],

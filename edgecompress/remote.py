@@ -1,11 +1,11 @@
 """Benchmark an artifact on the device it is for, over SSH.
 
 ``--device user@host[:port]`` copies the artifact and the stand-alone runner
-(``edgecompress/runner.py``, numpy and the runtime are all it needs) into a
-fresh temporary directory on the device, runs it there, brings back its JSON
-and its raw log, and removes the directory, whatever happened. TensorRT
-targets run ``trtexec`` on the device instead and parse its summary
-(edgecompress.trtexec).
+(``edgecompress/runtimes/runner.py``, numpy and the runtime are all it needs)
+into a fresh temporary directory on the device, runs it there, brings back its
+JSON and its raw log, and removes the directory, whatever happened. How a
+runtime measures on the device is its own (``Runtime.benchmark_on_device``):
+TensorRT runs ``trtexec`` there and parses its summary (edgecompress.trtexec).
 
 Security: the host key is checked against known_hosts (``~/.ssh/known_hosts``
 or ``--known-hosts FILE``); an unknown host is refused unless
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edgecompress.errors import EdgecompressError, UsageError
 
-RUNNER = Path(__file__).with_name("runner.py")
+RUNNER = Path(__file__).parent / "runtimes" / "runner.py"
 COPY_RETRIES = 3
 _DEVICE = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d+))?$")
 
@@ -167,86 +167,58 @@ class Connection:
                 self.connect()
 
 
-def artifact_files(artifact: Path) -> list[Path]:
-    """The artifact and the files it needs beside it (OpenVINO's .bin)."""
-    files = [artifact]
-    if artifact.suffix == ".xml":
-        files.append(artifact.with_suffix(".bin"))
-    return files
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceJob:
+    """What to measure on the device."""
+
+    artifact: Path  # the local artifact (the runtime reads its precision and shape where it needs them)
+    warmup: int
+    runs: int
+    rounds: int = 10
+    precision: str | None = None  # None: the runtime reads it from the artifact
+    sparse: bool = False  # build with the device's sparse kernels
+    eval_npz: Path | None = None  # images and labels to score there (runtimes that can)
+    log_dir: Path | None = None  # where the device's raw log is kept
 
 
-def remote_benchmark(device: DeviceSpec, options: SshOptions, runtime_name: str, artifact: Path, *, warmup: int,
-                     runs: int, eval_npz: Path | None = None, trtexec_args: list[str] | None = None,
-                     log_dir: Path | None = None) -> dict:
-    """Copy, run on the device, fetch the figures and the raw log, clean up. Returns the runner's JSON."""
-    import json
-
+def remote_benchmark(device: DeviceSpec, options: SshOptions, runtime, job: DeviceJob) -> dict:
+    """Copy the artifact's files to a fresh directory on the device, let the runtime measure there, clean up."""
     with Connection(device, options) as conn:
         rc, out, err = conn.run(["mktemp", "-d", "/tmp/edgecompress.XXXXXXXX"], timeout=30)
         workdir = out.strip()
         if rc != 0 or not workdir.startswith("/tmp/edgecompress."):
             raise DeviceError(f"{device}: cannot create a temporary directory: {err.strip() or out.strip()}")
         try:
-            for f in artifact_files(artifact):
+            for f in runtime.artifact_files(job.artifact):
                 conn.put(f, f"{workdir}/{f.name}")
-            remote_artifact = f"{workdir}/{artifact.name}"
-            if runtime_name == "tensorrt":
-                result = _run_trtexec(conn, device, workdir, remote_artifact, trtexec_args or [], warmup, runs, log_dir,
-                                      options.trtexec)
-            else:
-                conn.put(RUNNER, f"{workdir}/runner.py")
-                args = [options.python, f"{workdir}/runner.py", "--runtime", runtime_name, "--artifact", remote_artifact,
-                        "--warmup", str(warmup), "--runs", str(runs)]
-                if eval_npz is not None:
-                    conn.put(eval_npz, f"{workdir}/eval.npz")
-                    args += ["--eval-npz", f"{workdir}/eval.npz"]
-                rc, out, err = conn.run(args)
-                _keep_log(log_dir, args, out, err)
-                if rc != 0:
-                    raise DeviceError(f"{device}: the benchmark runner failed (exit {rc}): {_last_line(err or out)}")
-                result = json.loads(out.strip().splitlines()[-1])
+            result = runtime.benchmark_on_device(conn, workdir, f"{workdir}/{job.artifact.name}", job)
         finally:
             conn.run(["rm", "-rf", "--", workdir], timeout=60)
     return {**result, "device": str(device)}
 
 
-TRTEXEC_LOCATIONS = ("trtexec", "/usr/src/tensorrt/bin/trtexec")  # JetPack keeps it off PATH
+def run_runner_on_device(conn: "Connection", workdir: str, runtime_name: str, remote_artifact: str, job: DeviceJob) -> dict:
+    """The stand-alone runner on the device (numpy and the runtime are all it needs); returns its JSON."""
+    import json
+
+    conn.put(RUNNER, f"{workdir}/runner.py")
+    args = [conn.options.python, f"{workdir}/runner.py", "--runtime", runtime_name, "--artifact", remote_artifact,
+            "--warmup", str(job.warmup), "--runs", str(job.runs), "--rounds", str(job.rounds)]
+    if job.eval_npz is not None:
+        conn.put(job.eval_npz, f"{workdir}/eval.npz")
+        args += ["--eval-npz", f"{workdir}/eval.npz"]
+    rc, out, err = conn.run(args)
+    keep_log(job.log_dir, args, out, err)
+    if rc != 0:
+        raise DeviceError(f"{conn.device}: the benchmark runner failed (exit {rc}): {last_line(err or out)}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def _keep_log(log_dir: Path | None, args: list[str], out: str, err: str) -> None:
+def keep_log(log_dir: Path | None, args: list[str], out: str, err: str) -> None:
     if log_dir is not None:
         (log_dir / "device.log").write_text(f"$ {shlex.join(args)}\n{out}{err}")
 
 
-def _run_trtexec(conn: Connection, device: DeviceSpec, workdir: str, onnx: str, extra: list[str], warmup: int, runs: int,
-                 log_dir: Path | None, location: str | None) -> dict:
-    from edgecompress.trtexec import TrtexecParseError, parse_trtexec
-
-    probe = " || ".join(f"command -v {shlex.quote(p)}" for p in ((location,) if location else TRTEXEC_LOCATIONS))
-    rc, out, _ = conn.run_shell(probe, timeout=30)
-    if rc != 0 or not out.strip():
-        where = location or "on PATH and in /usr/src/tensorrt/bin"
-        raise DeviceError(f"{device}: trtexec not found ({where}); install TensorRT or pass --remote-trtexec PATH")
-    trtexec = out.strip().splitlines()[0]
-    engine = f"{workdir}/model.plan"
-    args = [trtexec, f"--onnx={onnx}", *extra, f"--saveEngine={engine}", f"--warmUp={max(warmup, 1) * 10}",
-            f"--iterations={runs}", "--avgRuns=1"]
-    rc, out, err = conn.run(args, timeout=1800)
-    _keep_log(log_dir, args, out, err)
-    if rc != 0:
-        raise DeviceError(f"{device}: trtexec failed (exit {rc}): {_last_line(out + err)}; its log is in device.log")
-    rc2, size, _ = conn.run(["stat", "-c", "%s", engine], timeout=30)
-    try:
-        parsed = parse_trtexec(out + err)
-    except TrtexecParseError as exc:
-        raise DeviceError(f"{device}: {exc}; its log is in device.log") from None
-    if rc2 == 0 and size.strip().isdigit():
-        parsed["engine_size_mb"] = int(size.strip()) / 1e6
-    parsed.update({"runtime": "tensorrt", "runtime_version": parsed["tensorrt_version"], "runs": runs,
-                   "model_size_mb": parsed.get("engine_size_mb"), "peak_memory_mb": None})
-    return parsed
-
-
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"

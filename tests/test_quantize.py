@@ -7,7 +7,7 @@ from torch import nn
 
 from edgecompress.models import get_model, load_model
 from edgecompress.pipeline import run_session
-from edgecompress.runtimes.base import export_onnx, gain_outliers, quantize_onnx
+from edgecompress.runtimes.base import export_onnx, gain_outliers, onnx_conv_weights, quantize_onnx
 from edgecompress.targets import get_target
 
 
@@ -57,9 +57,11 @@ def test_gain_outliers_finds_the_amplified_channel_in_onnx_and_openvino(tmp_path
     import openvino as ov
 
     path = export_onnx(_DeadChannel().eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
-    onnx_names = gain_outliers(onnx.load(str(path)))
+    onnx_names = gain_outliers(onnx_conv_weights(onnx.load(str(path))))
     assert len(onnx_names) == 1 and "dw" in onnx_names[0]
-    ov_names = gain_outliers(ov.convert_model(str(path)))
+    from edgecompress.runtimes.openvino import OpenVinoRuntime
+
+    ov_names = gain_outliers(OpenVinoRuntime.conv_weights(ov.convert_model(str(path))))
     assert len(ov_names) == 1 and "dw" in ov_names[0]
 
 

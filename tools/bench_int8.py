@@ -80,7 +80,7 @@ def run_model(name: str, data) -> dict:
         compiled = core.compile_model(dynamic, "CPU")
         for batch in (1, 64):
             row[f"openvino_tool_dynamic_batch{batch}"] = _top1(run_session(lambda b: compiled(b)[0], x, batch_size=batch), y)
-        row["gain_outliers"] = len(gain_outliers(static))
+        row["gain_outliers"] = len(gain_outliers(runtime.conv_weights(static)))
 
         row["ort_fp32"] = ort_top1(onnx.load(str(src)))
         for label, minmax in (("nncf_default", False), ("minmax", True)):

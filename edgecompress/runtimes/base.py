@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -75,25 +76,17 @@ class AccuracyControl:
 MAX_CHANNEL_GAIN_SPREAD = 256.0
 
 
-def _conv_weights(model):
-    """(node name, weight array) of every convolution with constant weights, in an ONNX ModelProto or an OpenVINO Model."""
-    if hasattr(model, "graph"):  # ONNX
-        from onnx import numpy_helper
+def onnx_conv_weights(model):
+    """(node name, weight array) of every convolution with constant weights in an ONNX ModelProto."""
+    from onnx import numpy_helper
 
-        inits = {i.name: i for i in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
-                yield node.name, numpy_helper.to_array(inits[node.input[1]])
-        return
-    for op in model.get_ordered_ops():
-        if op.get_type_name() in ("Convolution", "GroupConvolution"):
-            weight = op.input_value(1).get_node()
-            if weight.get_type_name() == "Constant":
-                data = weight.get_data()
-                yield op.get_friendly_name(), data.reshape(-1, *data.shape[-3:]) if data.ndim == 5 else data
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+            yield node.name, numpy_helper.to_array(inits[node.input[1]])
 
 
-def gain_outliers(model, limit: float = MAX_CHANNEL_GAIN_SPREAD) -> list[str]:
+def gain_outliers(conv_weights, limit: float = MAX_CHANNEL_GAIN_SPREAD) -> list[str]:
     """Convolutions that int8 with per-tensor activations cannot carry: some output channels' weights (BatchNorm
     folded in) are more than ``limit`` times the median channel's.
 
@@ -102,20 +95,23 @@ def gain_outliers(model, limit: float = MAX_CHANNEL_GAIN_SPREAD) -> list[str]:
     size in float. Depthwise convolutions in MobileNetV2-style blocks do this (the case Nagel et al. 2019 fix
     with cross-layer equalization): the zoo's mobilenetv2_050 has channels 96,000x the median and fell from
     80% to 10% top-1 in int8; kept in float, 79%.
+
+    ``conv_weights``: (name, array) per convolution, from the runtime's own graph (its ``conv_weights``).
     """
     out = []
-    for name, w in _conv_weights(model):
+    for name, w in conv_weights:
         per_channel = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
         if per_channel.max() > limit * max(float(np.median(per_channel)), 1e-12):
             out.append(name)
     return out
 
 
-def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyControl | None, *, to_input, top1):
+def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyControl | None, *, to_input, top1,
+                          conv_weights):
     """``nncf.quantize``, or ``nncf.quantize_with_accuracy_control`` when ``control`` is given.
 
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
-    validation function over (image, label) items. Activation ranges are the calibration set's min and max
+    validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. Activation ranges are the calibration set's min and max
     (NNCF's default averages each image's extremes, which clips: 1 pp lower top-1 on average over the zoo,
     `tools/bench_int8.py`). Convolutions in ``gain_outliers`` stay in float.
     """
@@ -124,7 +120,7 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     calib = calibration_dataset(calib_images, to_input)
-    ignored = nncf.IgnoredScope(names=gain_outliers(model))
+    ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
     ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     with nncf_quiet():
         if control is None:
@@ -153,30 +149,90 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
         return float(np.mean(hits)), hits
 
     quantized = quantize_with_control(onnx.load(str(src)), calib_images, control,
-                                      to_input=lambda x: {INPUT_NAME: x}, top1=top1)
+                                      to_input=lambda x: {INPUT_NAME: x}, top1=top1, conv_weights=onnx_conv_weights)
     onnx.save(quantized, str(dst))
     return dst
 
 
-class OnnxArtifactRuntime:
-    """A runtime whose artifact is an ONNX file: fp32 as exported, int8 as QDQ ONNX.
+@runtime_checkable
+class Runtime(Protocol):
+    """Everything the tool knows about one runtime; code outside ``runtimes/`` asks this object, never its name.
 
-    Verification runs the file in ONNX Runtime's CPU provider.
+    A runtime class is registered in ``targets.RUNTIMES`` and instantiated with its target (``Target.runtime()``);
+    tests/test_runtimes.py runs the same contract over every registered one.
     """
 
-    name = "onnx"
+    name: str  # as target files name it: runtime = "..."
+    artifact_name: str  # the artifact's file name in a stage directory and a bundle
+    bundle_examples: tuple[str, ...]  # inference examples (bundle_templates/) an application team gets
+    verified_in: str  # where verify runs the artifact, in words for the report
+    measures_accuracy_on_device: bool  # the device benchmark can also score the test split
+
+    def version(self) -> str: ...
+    def export(self, onnx_fp32: Path, precision: str, out_dir: Path) -> Path: ...
+    def quantize(self, artifact: Path, calib_images: np.ndarray, out_dir: Path, control: AccuracyControl | None = None) -> Path: ...
+    def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]: ...
+    def artifact_files(self, artifact: Path) -> list[Path]: ...
+    def unavailable_here(self) -> str | None: ...
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict: ...
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]: ...
+    def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict: ...
+    def node_times(self, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]: ...
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict: ...
+
+
+class RunnerRuntime:
+    """A runtime the stand-alone runner (runtimes/runner.py) times in a fresh process, here or on a device over SSH."""
+
+    measures_accuracy_on_device = True
 
     def __init__(self, target):
         self.target = target
 
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        return [artifact]
+
+    def unavailable_here(self) -> str | None:
+        return None
+
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict:
+        return run_local_benchmark(self.name, [artifact], warmup=warmup, runs=runs, rounds=rounds)[0]
+
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]:
+        """Several artifacts in one fresh process, their rounds interleaved (for comparing them)."""
+        return run_local_benchmark(self.name, artifacts, warmup=warmup, runs=runs, rounds=rounds)
+
+    def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
+        from edgecompress.remote import run_runner_on_device
+
+        return run_runner_on_device(conn, workdir, self.name, remote_artifact, job)
+
+    def node_times(self, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]:
+        raise EdgecompressError(f"no per-kernel profiler for runtime {self.name!r}")
+
+    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
+        return {}
+
+
+class OnnxArtifactRuntime(RunnerRuntime):
+    """A runtime whose artifact is an ONNX file: fp32 as exported, int8 as QDQ ONNX; verified in ONNX Runtime's CPU
+    provider."""
+
+    name = "onnx"
+    artifact_name = "model.onnx"
+    bundle_examples: tuple[str, ...] = ("infer_onnxruntime.py", "infer_onnxruntime.cpp")
+    verified_in = "onnxruntime"
+
     def export(self, onnx_fp32: Path, precision: str, out_dir: Path) -> Path:
         # fp32, fp16 (a build flag on the device) and the graph int8 calibration starts from are one file.
-        dst = out_dir / "model.onnx"
+        dst = out_dir / self.artifact_name
         shutil.copyfile(onnx_fp32, dst)
         return dst
 
     def quantize(self, artifact: Path, calib_images, out_dir: Path, control: AccuracyControl | None = None) -> Path:
-        return quantize_onnx(artifact, calib_images, out_dir / "model.onnx", control)
+        return quantize_onnx(artifact, calib_images, out_dir / self.artifact_name, control)
+
+    conv_weights = staticmethod(onnx_conv_weights)
 
     def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]:
         import onnxruntime as ort
@@ -186,19 +242,16 @@ class OnnxArtifactRuntime:
         session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
-        return {}
 
-
-def run_local_benchmark(runtime_name: str, artifact: Path, *, warmup: int, runs: int) -> dict:
-    """Time the artifact in a fresh process, so peak memory is the model's own."""
-    cmd = [
-        sys.executable, "-m", "edgecompress.runner",
-        "--runtime", runtime_name, "--artifact", str(artifact),
-        "--warmup", str(warmup), "--runs", str(runs),
-    ]
+def run_local_benchmark(runtime_name: str, artifacts: list[Path], *, warmup: int, runs: int, rounds: int = 10) -> list[dict]:
+    """Time artifacts in a fresh process (the stand-alone runner), so peak memory is the model's own; several
+    artifacts are timed in interleaved rounds, so a slow spell of the machine lands on all of them alike."""
+    cmd = [sys.executable, "-m", "edgecompress.runtimes.runner", "--runtime", runtime_name,
+           *[arg for a in artifacts for arg in ("--artifact", str(a))],
+           "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EdgecompressError(f"benchmark of {artifact.name} in {runtime_name} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise EdgecompressError(f"benchmark of {', '.join(a.name for a in artifacts)} in {runtime_name} failed: {tail[0]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["results"] if "results" in result else [result]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.runtimes.base import AccuracyControl, quantize_with_control, run_local_benchmark
+from edgecompress.runtimes.base import AccuracyControl, RunnerRuntime, quantize_with_control
 
 
-class OpenVinoRuntime:
+class OpenVinoRuntime(RunnerRuntime):
     name = "openvino"
-
-    def __init__(self, target):
-        self.target = target
+    artifact_name = "model.xml"
+    bundle_examples = ("infer_openvino.py",)
+    verified_in = "openvino"
 
     @staticmethod
     def version() -> str:
@@ -30,7 +30,7 @@ class OpenVinoRuntime:
         shape = model.input(0).get_partial_shape()
         shape[0] = 1
         model.reshape({model.input(0): shape})
-        dst = out_dir / "model.xml"
+        dst = out_dir / self.artifact_name
         ov.save_model(model, str(dst), compress_to_fp16=(precision == "fp16"))
         return dst
 
@@ -42,8 +42,9 @@ class OpenVinoRuntime:
             return float(np.mean(hits)), hits
 
         model = ov.Core().read_model(str(artifact))
-        quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: x, top1=top1)
-        dst = out_dir / "model.xml"
+        quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: x, top1=top1,
+                                          conv_weights=self.conv_weights)
+        dst = out_dir / self.artifact_name
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
         return dst
 
@@ -62,8 +63,32 @@ class OpenVinoRuntime:
 
         return infer
 
-    def benchmark(self, artifact: Path, *, warmup: int, runs: int) -> dict:
-        return run_local_benchmark(self.name, artifact, warmup=warmup, runs=runs)
+    @staticmethod
+    def conv_weights(model):
+        """(friendly name, weight array) of every convolution with constant weights in an OpenVINO Model."""
+        for op in model.get_ordered_ops():
+            if op.get_type_name() in ("Convolution", "GroupConvolution"):
+                weight = op.input_value(1).get_node()
+                if weight.get_type_name() == "Constant":
+                    data = weight.get_data()
+                    yield op.get_friendly_name(), data.reshape(-1, *data.shape[-3:]) if data.ndim == 5 else data
 
-    def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
-        return {}
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        return [artifact, artifact.with_suffix(".bin")]
+
+    def node_times(self, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]:
+        """Mean time per executed node (microseconds per inference), from OpenVINO's PERF_COUNT profiling."""
+        import openvino as ov
+
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        compiled = ov.Core().compile_model(str(artifact), "CPU", {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+        request = compiled.create_infer_request()
+        for _ in range(10):
+            request.infer({0: x})
+        totals: dict[str, float] = {}
+        for _ in range(runs):
+            request.infer({0: x})
+            for info in request.get_profiling_info():
+                if info.status == ov.ProfilingInfo.Status.EXECUTED:
+                    totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e6
+        return {n: t / runs for n, t in totals.items()}

@@ -3,11 +3,14 @@
 It imports nothing from edgecompress, so it can be copied to a device and run
 there with only numpy and the runtime installed:
 
-    python runner.py --runtime openvino --artifact model.xml --runs 200
+    python runner.py --runtime openvino --artifact model.xml --runs 200 [--rounds 10]
 
-It prints one JSON line: median/p90/mean/min latency in ms, peak memory in MB
-(the process's resident high-water mark minus what it held before loading the
-model), the runtime's version, and, with --eval-npz, the top-1 accuracy.
+It times in rounds and prints one JSON line: the per-round times (``rounds_ms``,
+which edgecompress.timing turns into statistics with confidence intervals), the
+median of the round medians, p90/p99/mean/min latency in ms, peak memory in MB
+(the resident memory the model adds to the loaded runtime), the runtime's
+version, and, with --eval-npz, the top-1 accuracy. With several --artifact, the
+rounds interleave them and the line is {"results": [one object per artifact]}.
 """
 
 import argparse
@@ -63,61 +66,81 @@ def _load(runtime, artifact):
     raise SystemExit(f"runner: unknown runtime {runtime!r}")
 
 
+def _model_size_mb(artifact):
+    size = os.path.getsize(artifact)
+    if artifact.endswith(".xml"):
+        size += os.path.getsize(artifact[:-4] + ".bin")
+    return size / 1e6
+
+
 def main(argv=None):
     import numpy as np
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runtime", required=True)
-    parser.add_argument("--artifact", required=True)
+    parser.add_argument("--artifact", required=True, action="append",
+                        help="repeatable: several artifacts are timed in interleaved rounds")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--eval-npz", help="npz with 'images' (N,C,H,W float32) and 'labels'")
+    parser.add_argument("--runs", type=int, default=200, help="timed runs per artifact, over all rounds")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--eval-npz", help="npz with 'images' (N,C,H,W float32) and 'labels' (first artifact)")
     args = parser.parse_args(argv)
 
     _warm_runtime(args.runtime)
-    rss_before = _rss_bytes()
-    load_start = time.perf_counter()
-    infer, shape, version = _load(args.runtime, args.artifact)
-    load_ms = (time.perf_counter() - load_start) * 1e3
-    rss_loaded = _rss_bytes()
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(args.warmup):
-        infer(x)
-    times = []
-    for _ in range(args.runs):
-        start = time.perf_counter_ns()
-        infer(x)
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    result = {
-        "runtime": args.runtime,
-        "runtime_version": version,
-        "runs": args.runs,
-        "warmup": args.warmup,
-        "latency_ms_median": float(np.median(times)),
-        "latency_ms_p90": float(np.percentile(times, 90)),
-        "latency_ms_mean": float(np.mean(times)),
-        "latency_ms_min": float(np.min(times)),
-        "load_ms": load_ms,
-        # Resident memory the model adds over the loaded runtime: weights, compiled
-        # graph, working buffers (sampled after loading and after the timed runs;
-        # the process high-water mark is dominated by the runtime's own import).
-        "peak_memory_mb": max(rss_loaded, _rss_bytes()) / 1e6 - rss_before / 1e6,
-        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
-        "runtime_rss_mb": rss_before / 1e6,
-        "model_size_mb": os.path.getsize(args.artifact) / 1e6 + (
-            os.path.getsize(args.artifact[:-4] + ".bin") / 1e6 if args.artifact.endswith(".xml") else 0.0
-        ),
-        "input_shape": shape,
-    }
+    models = []
+    for artifact in args.artifact:
+        rss_before = _rss_bytes()
+        load_start = time.perf_counter()
+        infer, shape, version = _load(args.runtime, artifact)
+        load_ms = (time.perf_counter() - load_start) * 1e3
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(args.warmup):
+            infer(x)
+        models.append({"artifact": artifact, "infer": infer, "x": x, "shape": shape, "version": version,
+                       "load_ms": load_ms, "rss_before": rss_before, "rss_loaded": _rss_bytes(), "rounds_ms": []})
+    rounds = max(1, min(args.rounds, args.runs))
+    per_round = max(1, -(-args.runs // rounds))
+    # Rounds interleave the artifacts, so a slow spell of the machine lands on all of them, not on one.
+    for _ in range(rounds):
+        for m in models:
+            infer, x, times = m["infer"], m["x"], []
+            for _ in range(per_round):
+                start = time.perf_counter_ns()
+                infer(x)
+                times.append((time.perf_counter_ns() - start) / 1e6)
+            m["rounds_ms"].append(times)
+    results = []
+    for m in models:
+        times = [t for r in m["rounds_ms"] for t in r]
+        results.append({
+            "runtime": args.runtime,
+            "runtime_version": m["version"],
+            "artifact": os.path.basename(m["artifact"]),
+            "runs": len(times),
+            "warmup": args.warmup,
+            "latency_ms_median": float(np.median([np.median(r) for r in m["rounds_ms"]])),
+            "latency_ms_p90": float(np.percentile(times, 90)),
+            "latency_ms_p99": float(np.percentile(times, 99)),
+            "latency_ms_mean": float(np.mean(times)),
+            "latency_ms_min": float(np.min(times)),
+            "rounds_ms": [[round(t, 5) for t in r] for r in m["rounds_ms"]],
+            "load_ms": m["load_ms"],
+            # Resident memory the model adds over what was loaded before it: weights, compiled graph, working
+            # buffers (the process high-water mark is dominated by the runtime's own import).
+            "peak_memory_mb": max(m["rss_loaded"], _rss_bytes() if len(models) == 1 else 0) / 1e6 - m["rss_before"] / 1e6,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
+            "runtime_rss_mb": m["rss_before"] / 1e6,
+            "model_size_mb": _model_size_mb(m["artifact"]),
+            "input_shape": m["shape"],
+        })
     if args.eval_npz:
         data = np.load(args.eval_npz)
         images, labels = data["images"], data["labels"]
-        correct = 0
-        for i in range(len(labels)):
-            correct += int(infer(images[i:i + 1]).argmax(1)[0] == labels[i])
-        result["accuracy"] = correct / max(len(labels), 1)
-        result["eval_samples"] = int(len(labels))
-    print(json.dumps(result))
+        infer = models[0]["infer"]
+        correct = sum(int(infer(images[i:i + 1]).argmax(1)[0] == labels[i]) for i in range(len(labels)))
+        results[0]["accuracy"] = correct / max(len(labels), 1)
+        results[0]["eval_samples"] = int(len(labels))
+    print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
 
 
 if __name__ == "__main__":

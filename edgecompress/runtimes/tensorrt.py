@@ -19,6 +19,11 @@ from edgecompress.runtimes.base import INPUT_NAME, OnnxArtifactRuntime
 
 class TensorRtRuntime(OnnxArtifactRuntime):
     name = "tensorrt"
+    # The engine examples run on the Jetson after build_engine.sh; the QDQ ONNX also runs in ONNX Runtime, which
+    # checks the bundle off the device.
+    bundle_examples = ("infer_tensorrt.py", "infer_tensorrt.cpp", "infer_onnxruntime.py", "infer_onnxruntime.cpp")
+    verified_in = "onnxruntime (QDQ/ONNX graph; the TensorRT engine is built on the device)"
+    measures_accuracy_on_device = False  # trtexec times the engine; it does not run a test split
 
     @staticmethod
     def version() -> str:
@@ -29,11 +34,51 @@ class TensorRtRuntime(OnnxArtifactRuntime):
         except ImportError:
             return "not installed here (engine built on the device)"
 
-    def benchmark(self, artifact: Path, *, warmup: int, runs: int) -> dict | None:
-        """Build and time the engine on this machine's GPU; None where TensorRT or a GPU is missing."""
-        if local_tensorrt_missing() is not None:
-            return None
-        return time_engine_locally(artifact, onnx_precision(artifact), onnx_input_shape(artifact), warmup=warmup, runs=runs)
+    def unavailable_here(self) -> str | None:
+        return local_tensorrt_missing()
+
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict:
+        """Build and time the engine on this machine's GPU (check ``unavailable_here`` first)."""
+        return time_engine_locally(artifact, onnx_precision(artifact), onnx_input_shape(artifact), warmup=warmup, runs=runs,
+                                   rounds=rounds)
+
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]:
+        # Each engine is built and timed on its own; the GPU is not shared with anything else here.
+        return [self.benchmark(a, warmup=warmup, runs=runs, rounds=rounds) for a in artifacts]
+
+    def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
+        """trtexec on the device builds the engine and times it; its summary is parsed (edgecompress.trtexec)."""
+        from edgecompress.remote import DeviceError, keep_log, last_line
+        from edgecompress.trtexec import TrtexecParseError, parse_trtexec
+
+        device = conn.device
+        location = conn.options.trtexec
+        probe = " || ".join(f"command -v {shlex.quote(p)}" for p in ((location,) if location else TRTEXEC_LOCATIONS))
+        rc, out, _ = conn.run_shell(probe, timeout=30)
+        if rc != 0 or not out.strip():
+            where = location or "on PATH and in /usr/src/tensorrt/bin"
+            raise DeviceError(f"{device}: trtexec not found ({where}); install TensorRT or pass --remote-trtexec PATH")
+        trtexec = out.strip().splitlines()[0]
+        engine = f"{workdir}/model.plan"
+        local = Path(job.artifact)
+        precision = job.precision or onnx_precision(local)
+        flags = self.trtexec_flags(precision, onnx_input_shape(local), sparse=job.sparse)
+        args = [trtexec, f"--onnx={remote_artifact}", *flags, f"--saveEngine={engine}",
+                f"--warmUp={max(job.warmup, 1) * 10}", f"--iterations={job.runs}", "--avgRuns=1"]
+        rc, out, err = conn.run(args, timeout=1800)
+        keep_log(job.log_dir, args, out, err)
+        if rc != 0:
+            raise DeviceError(f"{device}: trtexec failed (exit {rc}): {last_line(out + err)}; its log is in device.log")
+        rc2, size, _ = conn.run(["stat", "-c", "%s", engine], timeout=30)
+        try:
+            parsed = parse_trtexec(out + err)
+        except TrtexecParseError as exc:
+            raise DeviceError(f"{device}: {exc}; its log is in device.log") from None
+        if rc2 == 0 and size.strip().isdigit():
+            parsed["engine_size_mb"] = int(size.strip()) / 1e6
+        parsed.update({"runtime": "tensorrt", "runtime_version": parsed["tensorrt_version"], "runs": job.runs,
+                       "model_size_mb": parsed.get("engine_size_mb"), "peak_memory_mb": None})
+        return parsed
 
     @staticmethod
     def trtexec_flags(precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> list[str]:
@@ -55,6 +100,9 @@ class TensorRtRuntime(OnnxArtifactRuntime):
 
     def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict:
         return {"build_command": self.trtexec_command(artifact.name, precision, input_shape, sparse=sparse)}
+
+
+TRTEXEC_LOCATIONS = ("trtexec", "/usr/src/tensorrt/bin/trtexec")  # JetPack keeps it off PATH
 
 
 def onnx_precision(path: Path) -> str:
@@ -86,7 +134,7 @@ def local_tensorrt_missing() -> str | None:
 
 
 def time_engine_locally(onnx_path: Path, precision: str, input_shape: tuple[int, ...], *, warmup: int, runs: int,
-                        sparse: bool = False) -> dict:
+                        rounds: int = 10, sparse: bool = False) -> dict:
     """Build a TensorRT engine from the ONNX with the Python API and time it on the local GPU (batch 1)."""
     import time
 
@@ -142,4 +190,5 @@ def time_engine_locally(onnx_path: Path, precision: str, input_shape: tuple[int,
         "engine_build_s": build_s, "engine_size_mb": serialized.nbytes / 1e6, "model_size_mb": serialized.nbytes / 1e6,
         "peak_memory_mb": engine.device_memory_size / 1e6 + serialized.nbytes / 1e6,
         "gpu": torch.cuda.get_device_name(0), "precision": precision,
+        "rounds_ms": [chunk.tolist() for chunk in np.array_split(np.asarray(times), max(1, min(rounds, runs)))],
     }

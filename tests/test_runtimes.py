@@ -1,0 +1,73 @@
+"""The runtime contract: every registered runtime exports, quantizes, runs, names its files and examples, and
+benchmarks here where it can; and no code outside ``runtimes/`` asks for a runtime by name."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgecompress.errors import EdgecompressError
+from edgecompress.runtimes.base import Runtime, export_onnx
+from edgecompress.targets import RUNTIMES, get_target, list_targets, runtime_class
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "edgecompress" / "bundle_templates"
+
+
+def _target_for(runtime_name):
+    return next(get_target(t) for t in list_targets() if get_target(t).runtime_name == runtime_name)
+
+
+@pytest.mark.parametrize("name", sorted(RUNTIMES))
+def test_runtime_contract(name, tmp_path):
+    runtime = _target_for(name).runtime()
+    assert isinstance(runtime, Runtime) and runtime.name == name
+    for example in runtime.bundle_examples:
+        assert (TEMPLATES / example).is_file(), example
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    onnx_path = export_onnx(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    for precision in ("fp32", "int8"):
+        out = tmp_path / precision
+        out.mkdir()
+        artifact = runtime.export(onnx_path, "fp32", out)
+        if precision == "int8":
+            (out / "q").mkdir()
+            artifact = runtime.quantize(artifact, x, out / "q")
+        assert artifact.name == runtime.artifact_name
+        assert all(f.is_file() for f in runtime.artifact_files(artifact))
+        logits = runtime.session(artifact)(x)
+        assert logits.shape == (3, 4) and np.isfinite(logits).all()
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    fp32 = runtime.session(tmp_path / "fp32" / runtime.artifact_name)(x)
+    assert np.allclose(fp32, reference, atol=1e-2)
+    assert isinstance(runtime.deploy_notes(artifact, "int8", (1, 3, 16, 16)), dict)
+    if runtime.unavailable_here() is None:
+        result = runtime.benchmark(artifact, warmup=1, runs=5)
+        assert result["latency_ms_median"] > 0 and result["runs"] == 5
+    try:
+        times = runtime.node_times(artifact, (1, 3, 16, 16), runs=3)
+    except EdgecompressError as exc:
+        assert "no per-kernel profiler" in str(exc)
+    else:
+        assert times and all(t >= 0 for t in times.values())
+
+
+def test_runtime_classes_import_lazily():
+    """Listing targets never imports a runtime's class; asking for one does."""
+    for name in RUNTIMES:
+        assert runtime_class(name).name == name
+
+
+def test_no_code_outside_runtimes_branches_on_a_runtime_name():
+    package = Path(__file__).resolve().parents[1] / "edgecompress"
+    names = "|".join(re.escape(n) for n in RUNTIMES)
+    pattern = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    offenders = [f"{p.relative_to(package)}:{i}" for p in package.rglob("*.py") if "runtimes" not in p.parts
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
