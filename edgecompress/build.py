@@ -13,16 +13,19 @@ from edgecompress import __version__
 from edgecompress.bundle import make_bundle
 from edgecompress.costmodel import describe as describe_cost_model
 from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
+from edgecompress.devicecal import ensure_calibrated
 from edgecompress.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.fsutil import write_json
 from edgecompress.kernels import model_graph
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
-from edgecompress.pipeline import Pipeline, per_class_accuracy
+from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.predictor import AccuracyModel
+from edgecompress.premeasure import can_premeasure, premeasure
 from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_budget
-from edgecompress.report import write_report
+from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
+from edgecompress.timing import accuracy_interval, straddles
 from edgecompress.train import predict_torch
 
 
@@ -32,7 +35,7 @@ class BuildOptions:
     budget: Budget
     data_dir: Path | None = None
     model_specs: tuple[str, ...] = ()
-    sweep: dict | None = None  # method -> ratios (None: methods.DEFAULT_SWEEP)
+    sweep: dict | None = None  # method -> ratios (None: methods.default_sweep())
     precisions: tuple[str, ...] = ()  # () : every precision the target runs
     out: Path | None = None
     resume: bool = False
@@ -145,14 +148,24 @@ def _next_candidate(the_plan: Plan, tried: set[str], correction: float):
     if not untried:
         return None
     for est in untried:
-        latency_ok = budget.latency_ms is None or est.cost.latency_ms * correction <= budget.latency_ms
-        memory_ok = budget.memory_mb is None or est.cost.memory_mb <= budget.memory_mb
-        if latency_ok and memory_ok:
+        # A pre-measured latency is the device's own figure; a prediction is corrected by what builds measured.
+        latency = est.premeasured_ms if est.premeasured_ms is not None else est.cost.latency_ms * correction
+        if budget.admits(latency_ms=latency, memory_mb=est.cost.memory_mb):
             return est
-    return min(untried, key=lambda e: e.cost.latency_ms)
+    return min(untried, key=lambda e: e.latency_ms)
 
 
-def run_build(options: BuildOptions, console=None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A candidate that went through every stage, with what was measured and the verdict."""
+
+    estimate: object  # planner.Estimate
+    measured: Measured
+    outcome: str
+    stages: tuple  # (CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult)
+
+
+def run_build(options: BuildOptions, console=None) -> BuildReport:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -167,6 +180,8 @@ def run_build(options: BuildOptions, console=None) -> dict:
     out = check_run_dir(options)
     graphs, accuracies = model_facts(entries, data)
     accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
+    if options.device is None:  # with --device the candidates are timed on that machine, not calibrated to this one
+        ensure_calibrated(target, console)
     t_plan = time.perf_counter()
     the_plan = plan(target, options.budget, graphs, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
                     precisions=options.precisions or None)
@@ -176,17 +191,25 @@ def run_build(options: BuildOptions, console=None) -> dict:
     write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
                                         "budget": options.budget.to_dict()})
     budget = options.budget
-    inside = sum((budget.latency_ms is None or e.cost.latency_ms <= budget.latency_ms)
-                 and (budget.memory_mb is None or e.cost.memory_mb <= budget.memory_mb) for e in the_plan.ranked)
+    inside = sum(budget.admits(latency_ms=e.cost.latency_ms, memory_mb=e.cost.memory_mb) for e in the_plan.ranked)
     promised = sum(e.fits for e in the_plan.ranked)
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms: {inside} predicted "
                   f"inside the latency/memory budget, {promised} of them with the accuracy bound inside the allowed drop")
+    why_not = can_premeasure(target, options.device)
+    if why_not is None:
+        the_plan = the_plan.with_premeasured(premeasure(the_plan, target, entries, data, run_dir / "premeasure", console),
+                                             target)
+        timed = [e for e in the_plan.ranked if e.premeasured_ms is not None]
+        console.print(f"{sum(budget.admits(latency_ms=e.premeasured_ms) for e in timed)} of the {len(timed)} "
+                      f"candidates timed before training meet the latency budget ({budget.latency_stat})")
+    else:
+        console.print(f"latency before training is predicted only: {why_not}")
 
     calibration = functools.cache(lambda: calibration_set(options, data, entries, accuracies, run_dir, console))
     pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
                         int8_max_drop=options.budget.max_accuracy_drop, calibration=calibration,
                         calibration_key=calibration_key(options, data))
-    outcomes: dict[str, dict] = {}
+    outcomes: dict[str, Built | str] = {}  # candidate id -> what was built, or why it could not be
     ratios: list[float] = []
     chosen = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -199,113 +222,99 @@ def run_build(options: BuildOptions, console=None) -> dict:
             cand = est.candidate
             task = progress.add_task(f"[{attempt + 1}/{options.max_tries}] {cand.id}", total=options.finetune.steps)
             try:
-                compressed, calibrated, verified, benched = pipeline.run_candidate(
-                    cand, progress=lambda step: progress.update(task, completed=step + 1))
+                stages = pipeline.run_candidate(cand, progress=lambda step: progress.update(task, completed=step + 1))
             except NumericalError as exc:
-                outcomes[cand.id] = {"outcome": f"rejected: {exc}"}
+                outcomes[cand.id] = f"rejected: {exc}"
                 console.print(f"[red]{cand.id}: rejected, {exc}[/]")
                 continue
             finally:
                 progress.remove_task(task)
-            measured = dict(benched.measured) if benched.measured else None
-            latency = measured["latency_ms_median"] if measured else est.cost.latency_ms
-            if measured:
-                ratios.append(measured["latency_ms_median"] / est.cost.latency_ms)
+            compressed, _, verified, benched = stages
+            bench = _settled(benched, budget, target, options.device, console)
+            measured = Measured(
+                latency_ms_median=bench.get("latency_ms_median"), latency_ms_p90=bench.get("latency_ms_p90"),
+                latency_ms_p99=bench.get("latency_ms_p99"), latency_ci_ms=bench.get("latency_ci_ms"),
+                timings=bench.get("timings", 1), peak_memory_mb=bench.get("peak_memory_mb"),
+                model_size_mb=bench.get("model_size_mb"), accuracy=verified.accuracy,
+                accuracy_ci=accuracy_interval(verified.accuracy, len(data.split("test")[1])),
+                baseline_accuracy=compressed.baseline_accuracy)
+            latency = budget.measured_latency_ms(bench) if bench else None
+            if latency is None:
+                latency = est.cost.latency_ms
+            if measured.latency_ms_median is not None:
+                ratios.append(measured.latency_ms_median / est.cost.latency_ms)
             # trtexec reports no resident memory: the prediction stands in for it, and the report says measured is null.
-            memory = (measured or {}).get("peak_memory_mb") or est.cost.memory_mb
-            record = {
-                "measured": {
-                    **({k: measured.get(k) for k in ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "model_size_mb")} if measured else
-                       {"latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "model_size_mb": None}),
-                    "accuracy": verified.accuracy,
-                    "baseline_accuracy": compressed.baseline_accuracy,
-                },
-                "stages": (compressed, calibrated, verified, benched),
-            }
-            budget = options.budget
-            drop = compressed.baseline_accuracy - verified.accuracy
-            if budget.latency_ms is not None and latency > budget.latency_ms:
-                record["outcome"] = f"rejected: latency {latency:.3f} ms > budget {budget.latency_ms:g} ms"
-            elif budget.memory_mb is not None and memory > budget.memory_mb:
-                record["outcome"] = f"rejected: memory {memory:.1f} MB > budget {budget.memory_mb:g} MB"
-            elif budget.max_accuracy_drop is not None and drop > budget.max_accuracy_drop:
-                record["outcome"] = f"rejected: accuracy drop {drop * 100:.2f} pp > allowed {budget.max_accuracy_drop * 100:.2f} pp"
-            else:
-                record["outcome"] = "chosen"
-            outcomes[cand.id] = record
-            console.print(f"{cand.id}: {latency:.3f} ms {'measured' if measured else 'predicted'}, "
-                          f"accuracy {verified.accuracy:.4f}: {record['outcome']}")
-            if record["outcome"] == "chosen":
-                chosen = (est, record)
+            memory = measured.peak_memory_mb or est.cost.memory_mb
+            why = budget.violation(latency_ms=latency, memory_mb=memory,
+                                   accuracy_drop=compressed.baseline_accuracy - verified.accuracy)
+            built = Built(est, measured, "chosen" if why is None else f"rejected: {why}", stages)
+            outcomes[cand.id] = built
+            console.print(f"{cand.id}: {latency:.3f} ms {budget.latency_stat + ' measured' if benched.measured else 'predicted'}, "
+                          f"accuracy {verified.accuracy:.4f}: {built.outcome}")
+            if why is None:
+                chosen = built
                 break
 
-    report = _report(options, the_plan, outcomes, chosen, data, entries, run_dir, plan_ms, started)
-    report["reused_stages"] = pipeline.reused
+    report = make_report(options, the_plan, outcomes, chosen, data, entries, run_dir, plan_ms, started, pipeline.reused)
+    if chosen is not None:
+        make_bundle_for(report, chosen, data, options, run_dir)
     write_report(run_dir, report)
     if chosen is None:
-        built = [(cid, o) for cid, o in outcomes.items() if "measured" in o]
+        built = [(cid, o) for cid, o in outcomes.items() if isinstance(o, Built)]
         if built:
-            cid, o = min(built, key=lambda item: item[1]["measured"]["latency_ms_median"] or float("inf"))
-            best = f"the fastest built was {cid} at {o['measured']['latency_ms_median']:.3f} ms"
+            cid, o = min(built, key=lambda item: item[1].measured.latency_ms_median or float("inf"))
+            best = f"the fastest built was {cid} at {o.measured.latency_ms_median:.3f} ms"
         else:
             best = f"the fastest predicted is {the_plan.fastest().candidate.id} at {the_plan.fastest().cost.latency_ms:.3f} ms"
         raise BudgetError(f"no candidate met the budget after {len(outcomes)} tries; {best} (report: {run_dir / 'report.html'})")
     return report
 
 
-def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, plan_ms: float, started: float) -> dict:
+RETIME_MAX = 2  # re-timings of a candidate whose latency interval holds the budget
+
+
+def _settled(benched, budget, target, device, console) -> dict:
+    """The benchmark's figures, re-timed in fresh processes while the budget statistic's interval straddles the
+    budget: a decision that one more draw could flip is not taken on one draw."""
+    bench = dict(benched.measured or {})
+    stat = budget.latency_stat
+    for _ in range(RETIME_MAX):
+        if budget.latency_ms is None or stat not in bench.get("latency_ci_ms", {}) \
+                or not straddles(bench, stat, budget.latency_ms):
+            break
+        low, high = bench["latency_ci_ms"][stat]
+        console.print(f"{benched.candidate.id}: {stat} interval [{low:.3f}, {high:.3f}] ms holds the budget; timing again")
+        bench = retimed(dataclasses.replace(benched, measured=bench), target, device)
+    return bench
+
+
+BUNDLE_DIR = "bundle"
+
+
+def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, entries, run_dir: Path, plan_ms: float,
+                started: float, reused_stages) -> BuildReport:
     target = options.target
     candidates = []
     for est in the_plan.ranked:
-        row = est.to_dict()
         outcome = outcomes.get(est.candidate.id)
-        row["tried"] = outcome is not None
-        if outcome:
-            row["outcome"] = outcome["outcome"]
-            row["measured"] = outcome.get("measured")
-        candidates.append(row)
-    report = {
-        "tool_version": __version__,
-        "command": options.command,
-        "target": target.name,
-        "runtime": target.runtime_name,
-        "runtime_version": target.runtime().version(),
-        "budget": options.budget.to_dict(),
-        "dataset": {"name": data.name, **data.features(), "test_samples": int(len(data.split("test")[1]))},
-        "test_samples": int(len(data.split("test")[1])),
-        "accuracy_basis": the_plan.accuracy_basis,
-        "plan_ms": plan_ms,
-        "choice": None,
-        "choice_id": None,
-        "artifact": None,
-        "measured": None,
-        "predicted": None,
-        "candidates": candidates,
-        "wall_seconds": None,
-        "run_dir": str(run_dir),
-    }
+        candidates.append(CandidateRecord(
+            id=est.candidate.id, **est.candidate.to_dict(), predicted=est.predicted_dict(),
+            fits_budget_predicted=est.fits, tried=outcome is not None,
+            outcome=outcome.outcome if isinstance(outcome, Built) else outcome,
+            measured=outcome.measured if isinstance(outcome, Built) else None,
+        ))
+    x, y = data.split("test")
+    fields = {}
     if chosen:
-        est, record = chosen
-        compressed, calibrated, verified, benched = record["stages"]
-        from edgecompress.methods import get_method
-
-        sparse = get_method(est.candidate.prune.method).sparse_pattern in target.sparse_kernels
-        notes = target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape, sparse=sparse)
-        bundle_dir = make_bundle(
-            run_dir / "bundle", artifact=calibrated.artifact, runtime_name=target.runtime_name,
-            runtime_version=report["runtime_version"], target_name=target.name, precision=est.candidate.quant.precision,
-            class_names=data.class_names, preprocess=data.preprocess.to_dict(), command=options.command,
-            deploy_notes=notes, archive=options.archive,
-        )
-        x, y = data.split("test")
+        est = chosen.estimate
+        compressed, calibrated, verified, benched = chosen.stages
         original = load_model(entries[est.candidate.model], data.num_classes)
-        original_pred = predict_torch(original, x).argmax(1)
-        report.update({
+        fields = {
             "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
             "choice_id": est.candidate.id,
-            "artifact": str((bundle_dir / calibrated.artifact.name).relative_to(run_dir)),
-            "bundle": str(bundle_dir.relative_to(run_dir)),
-            "measured": record["measured"],
+            "artifact": f"{BUNDLE_DIR}/{calibrated.artifact.name}",
+            "bundle": BUNDLE_DIR,
+            "measured": chosen.measured,
             "measured_where": benched.where,
             "benchmark": benched.measured,
             "verified_in": verified.verified_in,
@@ -313,18 +322,41 @@ def _report(options, the_plan, outcomes, chosen, data, entries, run_dir: Path, p
             "finetune": dataclasses.asdict(options.finetune) if compressed.finetune_steps else None,
             "predicted": {"latency_ms": est.cost.latency_ms, "memory_mb": est.cost.memory_mb, "accuracy": est.accuracy,
                           "accuracy_low": est.accuracy_low,
-                          "latency_model": describe_cost_model(options.target, est.candidate.quant.precision)},
+                          "latency_model": describe_cost_model(target, est.candidate.quant.precision)},
             "device": ({"name": str(options.device[0]), "accuracy": (benched.measured or {}).get("accuracy"),
                         "eval_samples": (benched.measured or {}).get("eval_samples")} if options.device else None),
             "per_class_accuracy": {
                 "classes": list(data.class_names),
-                "original": per_class_accuracy(original_pred, y, data.num_classes),
+                "original": per_class_accuracy(predict_torch(original, x).argmax(1), y, data.num_classes),
                 "compressed": verified.per_class_accuracy,
             },
-            "deploy": notes,
-        })
-    report["wall_seconds"] = round(time.time() - started, 1)
-    return report
+            "deploy": target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape,
+                                                    sparse=_sparse(est.candidate, target)),
+        }
+    return BuildReport(
+        tool_version=__version__, command=options.command, target=target.name, runtime=target.runtime_name,
+        runtime_version=target.runtime().version(), budget=options.budget.to_dict(),
+        dataset={"name": data.name, **data.features(), "test_samples": int(len(y))}, test_samples=int(len(y)),
+        accuracy_basis=the_plan.accuracy_basis, plan_ms=plan_ms, candidates=tuple(candidates), run_dir=str(run_dir),
+        wall_seconds=round(time.time() - started, 1), reused_stages=tuple(reused_stages), **fields,
+    )
+
+
+def make_bundle_for(report: BuildReport, chosen: Built, data, options, run_dir: Path) -> Path:
+    """The deployment bundle of the chosen artifact, where the report says it is."""
+    calibrated = chosen.stages[1]
+    return make_bundle(
+        run_dir / report.bundle, artifact=calibrated.artifact, runtime_name=report.runtime,
+        runtime_version=report.runtime_version, target_name=report.target, precision=report.choice["precision"],
+        class_names=data.class_names, preprocess=data.preprocess.to_dict(), command=report.command,
+        deploy_notes=report.deploy, archive=options.archive,
+    )
+
+
+def _sparse(candidate, target) -> bool:
+    from edgecompress.methods import get_method
+
+    return get_method(candidate.prune.method).sparse_pattern in target.sparse_kernels
 
 
 def _method_description(candidate) -> str:

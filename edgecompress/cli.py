@@ -16,14 +16,20 @@ from edgecompress.errors import EdgecompressError, UsageError
 from edgecompress.units import parse_fraction, parse_latency_ms, parse_size_bytes
 
 
-def _budget(latency, memory, max_drop):
+def _budget(latency, memory, max_drop, latency_stat="p90"):
     from edgecompress.planner import Budget
 
     return Budget(
         latency_ms=parse_latency_ms(latency) if latency is not None else None,
         memory_mb=parse_size_bytes(memory) / 1e6 if memory is not None else None,
         max_accuracy_drop=parse_fraction(max_drop) if max_drop is not None else None,
+        latency_stat=latency_stat,
     )
+
+
+_LATENCY_STAT = click.option(
+    "--latency-stat", type=click.Choice(["median", "p90", "p99"]), default="p90", show_default=True,
+    help="Which measured latency the budget holds (over timed rounds, batch 1; MLPerf SingleStream reports p90).")
 
 
 def _device_options(fn):
@@ -62,7 +68,8 @@ def cli(debug):
 
 @cli.command()
 @click.option("--target", "target_name", required=True, help="Device target (see `edgecompress targets`).")
-@click.option("--latency", help="Latency budget, e.g. 10ms, 800us, 1.2s (median, batch 1).")
+@click.option("--latency", help="Latency budget, e.g. 10ms, 800us, 1.2s (batch 1; see --latency-stat).")
+@_LATENCY_STAT
 @click.option("--memory", help="Memory budget, e.g. 8MB, 512KiB.")
 @click.option("--max-accuracy-drop", "max_drop", default="2%", show_default=True,
               help="Allowed top-1 drop against the uncompressed model, e.g. 1% or 0.01.")
@@ -85,7 +92,7 @@ def cli(debug):
               help="Training steps of the calibration synthesizer (with --calib synth/auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @_device_options
-def build(target_name, latency, memory, max_drop, data_dir, models, methods, precisions, out, resume, force, max_tries, image_size, finetune_steps,
+def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models, methods, precisions, out, resume, force, max_tries, image_size, finetune_steps,
           archive, calib_mode, synth_steps, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
@@ -100,27 +107,28 @@ def build(target_name, latency, memory, max_drop, data_dir, models, methods, pre
         out = resume
     target = get_target(target_name)
     options = BuildOptions(
-        target=target, budget=_budget(latency, memory, max_drop), data_dir=data_dir, model_specs=tuple(models),
+        target=target, budget=_budget(latency, memory, max_drop, latency_stat), data_dir=data_dir, model_specs=tuple(models),
         sweep=sweep_for(methods), precisions=tuple(precisions), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
         finetune=FinetuneSpec(steps=finetune_steps), archive=archive, calib=calib_mode, synth_steps=synth_steps,
         device=_device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec),
     )
     report = run_build(options)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        m, c = report["measured"], report["choice"]
-        lat = m["latency_ms_median"]
-        lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report['predicted']['latency_ms']:.3f} ms predicted (not measured)"
+        m, c = report.measured, report.choice
+        lat = m.latency_ms_median
+        lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
         click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: "
-                   f"{lat_text}, accuracy {m['accuracy'] * 100:.2f}% (uncompressed {m['baseline_accuracy'] * 100:.2f}%)")
-        click.echo(f"bundle: {Path(report['run_dir']) / report['bundle']}")
-        click.echo(f"report: {Path(report['run_dir']) / 'report.html'}")
+                   f"{lat_text}, accuracy {m.accuracy * 100:.2f}% (uncompressed {m.baseline_accuracy * 100:.2f}%)")
+        click.echo(f"bundle: {Path(report.run_dir) / report.bundle}")
+        click.echo(f"report: {Path(report.run_dir) / 'report.html'}")
 
 
 @cli.command()
 @click.option("--target", "target_name", required=True)
 @click.option("--latency")
+@_LATENCY_STAT
 @click.option("--memory")
 @click.option("--max-accuracy-drop", "max_drop")
 @click.option("--model", "models", multiple=True)
@@ -128,7 +136,7 @@ def build(target_name, latency, memory, max_drop, data_dir, models, methods, pre
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]), help="Repeatable.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True)
-def plan(target_name, latency, memory, max_drop, models, methods, precisions, top, as_json):
+def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, precisions, top, as_json):
     """Rank candidates for TARGET without compressing anything."""
     import time
 
@@ -136,13 +144,15 @@ def plan(target_name, latency, memory, max_drop, models, methods, precisions, to
 
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data import load_digits
+    from edgecompress.devicecal import ensure_calibrated
     from edgecompress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
     from edgecompress.predictor import AccuracyModel
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
-    budget = _budget(latency, memory, max_drop)
+    budget = _budget(latency, memory, max_drop, latency_stat)
+    ensure_calibrated(target, Console(stderr=True))
     data = load_digits(32)
     console = Console(stderr=True)
     graphs, accuracies = model_facts(resolve_models(tuple(models), data), data)
@@ -218,6 +228,7 @@ def targets_profile(target_name, networks, work, out, seed):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edgecompress.devicecal import machine_fingerprint
     from edgecompress.fsutil import cache_dir
     from edgecompress.latency import fit, profile_target
     from edgecompress.targets import get_target
@@ -238,6 +249,7 @@ def targets_profile(target_name, networks, work, out, seed):
 
         records = profile_target(target, work, networks=networks, seed=seed, progress=progress)
     model = fit(records, info={"target": target.name, "runtime_version": target.runtime().version(),
+                               "machine": machine_fingerprint(target.runtime()),
                                "date": datetime.date.today().isoformat(), "networks": networks, "seed": seed,
                                "command": f"edgecompress targets profile {target.name} --networks {networks}"})
     model.save(out)
@@ -247,6 +259,36 @@ def targets_profile(target_name, networks, work, out, seed):
         console.print(f"{target.path} does not use it yet: add  kernels = \"{os.path.relpath(out, target.path.parent)}\"  "
                       "to its [latency_model]", markup=False)
     click.echo(json.dumps(summary, indent=2))
+
+
+@targets.command("calibrate")
+@click.argument("target_name")
+@click.option("--force", is_flag=True, help="Measure again even where a cached calibration exists.")
+@click.option("--json", "as_json", is_flag=True)
+def targets_calibrate(target_name, force, as_json):
+    """Rescale TARGET's kernel latency model to this machine (about 20 s the first time; cached)."""
+    from rich.console import Console
+
+    from edgecompress.devicecal import calibrate
+    from edgecompress.targets import get_target
+
+    calibration = calibrate(get_target(target_name), force=force, console=Console(stderr=True))
+    if as_json:
+        click.echo(json.dumps(calibration.to_json(), indent=2))
+        return
+    if calibration.fitted_on_this_machine:
+        click.echo(f"{calibration.target}: its kernel model was fitted on this machine ({calibration.where()}); "
+                   "predictions are used as they are")
+        return
+    how = "read from the cache" if calibration.from_cache else "measured"
+    load = f", load average {calibration.load_average_1m:.1f}" if calibration.load_average_1m is not None else ""
+    click.echo(f"{calibration.target}: calibrated to {calibration.where()} ({how}; {calibration.seconds:.1f} s of "
+               f"measuring on {calibration.date}{load})")
+    for precision, scale in calibration.scales.items():
+        ratios = sorted(m.ratio for m in calibration.measurements if m.precision == precision)
+        click.echo(f"  {precision}: predictions x{scale:.2f} (median measured / predicted of "
+                   f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    click.echo(f"cached: {calibration.cache_path}")
 
 
 @targets.command("refit")
@@ -275,6 +317,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
           remote_python, remote_trtexec):
     """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
     from edgecompress.targets import get_target
+    from edgecompress.timing import with_statistics
 
     target = get_target(target_name)
     if not artifact.is_file():
@@ -283,26 +326,24 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         raise UsageError(f"--eval-npz {eval_npz} does not exist")
     remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec)
     runtime = target.runtime()
+    try:  # a file the runtime cannot load is the user's mistake, not a failed benchmark
+        runtime.session(artifact)
+    except Exception as exc:  # the runtimes raise their own types for a file that is not a model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"{artifact} is not a model {runtime.name} can load: {first}") from exc
     if remote is not None:
-        from edgecompress.remote import remote_benchmark
+        from edgecompress.remote import DeviceJob, remote_benchmark
 
-        flags = None
-        if runtime.name == "tensorrt":
-            from edgecompress.runtimes.tensorrt import onnx_input_shape, onnx_precision
-
-            flags = runtime.trtexec_flags(onnx_precision(artifact), onnx_input_shape(artifact))
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-        result = remote_benchmark(*remote, runtime.name, artifact, warmup=warmup, runs=runs, eval_npz=eval_npz,
-                                  trtexec_args=flags, log_dir=log_dir)
+        job = DeviceJob(artifact=artifact, warmup=warmup, runs=runs, eval_npz=eval_npz, log_dir=log_dir)
+        result = remote_benchmark(*remote, runtime, job)
     else:
+        reason = runtime.unavailable_here()
+        if reason is not None:
+            raise UsageError(f"{target.name} cannot be measured on this machine ({reason}); pass --device USER@HOST")
         result = runtime.benchmark(artifact, warmup=warmup, runs=runs)
-        if result is None:
-            from edgecompress.runtimes.tensorrt import local_tensorrt_missing
-
-            raise UsageError(f"{target.name} cannot be measured on this machine ({local_tensorrt_missing()}); "
-                             "pass --device USER@HOST")
-    click.echo(json.dumps(result, indent=2))
+    click.echo(json.dumps(with_statistics(result), indent=2))
 
 
 @cli.command()

@@ -23,11 +23,12 @@ from edgecompress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, 
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
+from edgecompress.timing import merged, with_statistics
 from edgecompress.train import finetune, predict_torch
 
-PRUNE_SAMPLES = 256  # labelled train samples offered to methods that use data while pruning
 BENCH_WARMUP = 20
 BENCH_RUNS = 200
+BENCH_ROUNDS = 10  # the runs are timed in rounds: statistics with intervals (edgecompress.timing)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -132,12 +133,13 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
     steps = 0
     if method.kind != "none":
         x_train, y_train = data.split("train")
-        samples = PruneData(torch.from_numpy(x_train[:PRUNE_SAMPLES]), torch.from_numpy(y_train[:PRUNE_SAMPLES]))
+        n = method.data_samples
+        samples = PruneData(torch.from_numpy(x_train[:n]), torch.from_numpy(y_train[:n]))
         model = method.prepare(model, candidate.prune.ratio, example, samples)
         steps = finetune_spec.steps
         model = finetune(
             model, x_train, y_train, steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
-            regularizer=method.regularizer(model, candidate.prune.ratio) if method.regularizer else None,
+            regularizer=method.regularizer(model, candidate.prune.ratio),
             seed=finetune_spec.seed, on_step=progress,
         )
         model = method.finalize(model, example).eval()
@@ -205,10 +207,9 @@ def verify(calibrated: CalibratedModel, target: Target, data: Dataset) -> Verifi
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         raise NumericalError(f"{calibrated.candidate.id}: {bad} of {len(labels)} test outputs hold NaN or Inf")
     pred = logits.argmax(1)
-    where = "onnxruntime (QDQ/ONNX graph; the TensorRT engine is built on the device)" if runtime.name == "tensorrt" else runtime.name
     return VerifiedModel(
         candidate=calibrated.candidate, artifact=calibrated.artifact, accuracy=float((pred == labels).mean()),
-        per_class_accuracy=per_class_accuracy(pred, labels, data.num_classes), verified_in=where,
+        per_class_accuracy=per_class_accuracy(pred, labels, data.num_classes), verified_in=runtime.verified_in,
     )
 
 
@@ -220,27 +221,47 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = No
     """
     runtime = target.runtime()
     if device is None:
-        measured = runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS)
-        where = ("this machine" + (f" ({measured['gpu']}, TensorRT {measured['runtime_version']})" if "gpu" in measured else "")
-                 if measured is not None else "not measured: no device; latency is the target model's prediction")
+        if runtime.unavailable_here() is not None:
+            return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=None,
+                                   where="not measured: no device; latency is the target model's prediction")
+        measured = with_statistics(runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS,
+                                                     rounds=BENCH_ROUNDS))
+        where = "this machine" + (f" ({measured['gpu']}, {runtime.name} {measured['runtime_version']})" if "gpu" in measured else "")
         return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
     from edgecompress.remote import remote_benchmark
 
     spec, ssh = device
-    eval_npz, flags = None, None
-    if runtime.name == "tensorrt":
-        sparse = get_method(verified.candidate.prune.method).sparse_pattern in target.sparse_kernels
-        flags = runtime.trtexec_flags(verified.candidate.quant.precision, data.input_shape, sparse=sparse)
-    else:
+    eval_npz = None
+    if runtime.measures_accuracy_on_device:
         images, labels = data.split("test")
         eval_npz = out / "eval.npz"
         np.savez(eval_npz, images=images, labels=labels)
-    measured = remote_benchmark(spec, ssh, runtime.name, verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS,
-                                eval_npz=eval_npz, trtexec_args=flags, log_dir=out)
+    measured = with_statistics(remote_benchmark(spec, ssh, runtime, _device_job(verified, target, eval_npz, out)))
     if eval_npz is not None:
         eval_npz.unlink()
     return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured,
                            where=f"device {spec} over SSH")
+
+
+def _device_job(verified, target: Target, eval_npz: Path | None = None, log_dir: Path | None = None):
+    from edgecompress.remote import DeviceJob
+
+    return DeviceJob(artifact=verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS,
+                     precision=verified.candidate.quant.precision,
+                     sparse=get_method(verified.candidate.prune.method).sparse_pattern in target.sparse_kernels,
+                     eval_npz=eval_npz, log_dir=log_dir)
+
+
+def retimed(benched: BenchmarkResult, target: Target, device=None) -> dict:
+    """The same artifact timed once more in a fresh process, here or on the device, merged with the first timing."""
+    runtime = target.runtime()
+    if device is None:
+        again = runtime.benchmark(benched.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS)
+    else:
+        from edgecompress.remote import remote_benchmark
+
+        again = remote_benchmark(*device, runtime, _device_job(benched, target))
+    return merged(benched.measured, again)
 
 
 def at_precision(compressed: CompressedModel, precision: str, target: Target, data: Dataset, workdir: Path) -> CalibratedModel:
@@ -295,7 +316,8 @@ class Pipeline:
     def run_candidate(self, candidate: Candidate, *, progress=None) -> tuple[CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult]:
         entry = self.entries[candidate.model]
         data_key = self.data.fingerprint()
-        k_compress = spec_hash("compress", candidate, self.finetune_spec, entry.sha256, data_key)
+        k_compress = spec_hash("compress", candidate, get_method(candidate.prune.method).settings_hash(), self.finetune_spec,
+                               entry.sha256, data_key)
         compressed = self._stage(candidate, "compress", k_compress, CompressedModel,
                                  lambda out: compress(candidate, entry, self.data, self.finetune_spec, out, progress=progress))
         k_export = spec_hash("export", k_compress, self.target.name)
@@ -308,7 +330,7 @@ class Pipeline:
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
                                lambda out: verify(calibrated, self.target, self.data))
-        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, str(self.device[0]) if self.device else "local")
+        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, BENCH_ROUNDS, str(self.device[0]) if self.device else "local")
         benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
                               lambda out: benchmark(verified, self.target, self.data, out, self.device))
         return compressed, calibrated, verified, benched

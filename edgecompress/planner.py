@@ -22,8 +22,9 @@ import itertools
 from edgecompress.costmodel import CostPrediction, predict_cost
 from edgecompress.errors import BudgetError, UsageError
 from edgecompress.kernels import ModelGraph
-from edgecompress.methods import DEFAULT_SWEEP, Candidate, PruneSpec, QuantSpec, get_method, severity
+from edgecompress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
 from edgecompress.targets import Target
+from edgecompress.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS
 
 ACCURACY_BASIS = "parent's uncompressed accuracy (no accuracy model)"
 
@@ -33,6 +34,37 @@ class Budget:
     latency_ms: float | None = None
     memory_mb: float | None = None
     max_accuracy_drop: float | None = None
+    latency_stat: str = DEFAULT_LATENCY_STAT  # which measured latency the budget holds: median, p90 or p99
+
+    def __post_init__(self):
+        if self.latency_stat not in LATENCY_STATS:
+            raise UsageError(f"latency statistic {self.latency_stat!r}: choose one of {', '.join(LATENCY_STATS)}")
+
+    def measured_latency_ms(self, measured: dict) -> float | None:
+        """The benchmark's figure for the budget's statistic (trtexec gives no p99: its p90 and then median stand in)."""
+        for stat in (self.latency_stat, "p90", "median"):
+            if measured.get(f"latency_ms_{stat}") is not None:
+                return measured[f"latency_ms_{stat}"]
+        return None
+
+    def violation(self, *, latency_ms: float | None = None, memory_mb: float | None = None,
+                  accuracy_drop: float | None = None) -> str | None:
+        """Why these figures break the budget, in one line; None when it admits them. A figure not given is not checked.
+
+        The one budget check: the plan, the choice of the next candidate to build and the verdict on a built one
+        all ask it, with predicted or measured figures.
+        """
+        if self.latency_ms is not None and latency_ms is not None and latency_ms > self.latency_ms:
+            return f"latency ({self.latency_stat}) {latency_ms:.3f} ms > budget {self.latency_ms:g} ms"
+        if self.memory_mb is not None and memory_mb is not None and memory_mb > self.memory_mb:
+            return f"memory {memory_mb:.1f} MB > budget {self.memory_mb:g} MB"
+        # The tolerance keeps a drop equal to the allowed one (up to float rounding) inside.
+        if self.max_accuracy_drop is not None and accuracy_drop is not None and accuracy_drop > self.max_accuracy_drop + 1e-9:
+            return f"accuracy drop {accuracy_drop * 100:.2f} pp > allowed {self.max_accuracy_drop * 100:.2f} pp"
+        return None
+
+    def admits(self, **figures) -> bool:
+        return self.violation(**figures) is None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -46,21 +78,27 @@ class Estimate:
     fits: bool  # latency and memory inside the budget (predicted), and the accuracy bound when one is set
     accuracy_low: float | None = None
     parent_accuracy: float | None = None
+    premeasured_ms: float | None = None  # the artifact's structure timed on the device before any fine-tuning
+
+    @property
+    def latency_ms(self) -> float:
+        """The best figure known before building: pre-measured where it was, else predicted."""
+        return self.premeasured_ms if self.premeasured_ms is not None else self.cost.latency_ms
+
+    def predicted_dict(self) -> dict:
+        return {
+            "premeasured_latency_ms": self.premeasured_ms,
+            "latency_ms": self.cost.latency_ms,
+            "memory_mb": self.cost.memory_mb,
+            "accuracy": self.accuracy,
+            "accuracy_low": self.accuracy_low,
+            "macs": self.cost.macs,
+            "params": self.cost.params,
+        }
 
     def to_dict(self) -> dict:
-        return {
-            **self.candidate.to_dict(),
-            "id": self.candidate.id,
-            "predicted": {
-                "latency_ms": self.cost.latency_ms,
-                "memory_mb": self.cost.memory_mb,
-                "accuracy": self.accuracy,
-                "accuracy_low": self.accuracy_low,
-                "macs": self.cost.macs,
-                "params": self.cost.params,
-            },
-            "fits_budget_predicted": self.fits,
-        }
+        return {**self.candidate.to_dict(), "id": self.candidate.id, "predicted": self.predicted_dict(),
+                "fits_budget_predicted": self.fits}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +109,13 @@ class Plan:
     accuracy_basis: str = ACCURACY_BASIS
 
     def fastest(self) -> Estimate:
-        return min(self.ranked, key=lambda e: e.cost.latency_ms)
+        return min(self.ranked, key=lambda e: e.latency_ms)
+
+    def with_premeasured(self, latencies: dict, target: Target) -> "Plan":
+        """The plan re-ranked with pre-measured latencies (``speed_key`` -> ms) in place of the predictions."""
+        estimates = [dataclasses.replace(e, premeasured_ms=latencies.get(speed_key(e.candidate, target), e.premeasured_ms))
+                     for e in self.ranked]
+        return dataclasses.replace(self, ranked=rank(estimates, self.budget))
 
 
 def validate_budget(budget: Budget, target: Target) -> None:
@@ -86,7 +130,7 @@ def validate_budget(budget: Budget, target: Target) -> None:
 
 def enumerate_candidates(models: list[str], target: Target, sweep: dict | None = None,
                          precisions: tuple[str, ...] | None = None) -> list[Candidate]:
-    sweep = DEFAULT_SWEEP if sweep is None else sweep
+    sweep = default_sweep() if sweep is None else sweep
     if precisions:
         unsupported = [p for p in precisions if p not in target.precisions]
         if unsupported:
@@ -99,11 +143,21 @@ def enumerate_candidates(models: list[str], target: Target, sweep: dict | None =
     return out
 
 
+def speed_key(candidate: Candidate, target: Target) -> tuple:
+    """Candidates with equal keys run the same kernels on ``target``: their latency is one figure (masks that the
+    target's kernels cannot skip run dense)."""
+    m = get_method(candidate.prune.method)
+    sparse = m.sparse_pattern if m.sparse_pattern in target.sparse_kernels else None
+    return (candidate.model, m.kind if m.structural else "dense", candidate.prune.ratio if m.structural else 0.0,
+            candidate.quant.precision, sparse)
+
+
 def estimate_cost(model: str, method: str, ratio: float, precision: str,
                   graphs: dict[str, ModelGraph], target: Target, cache: dict | None = None) -> CostPrediction:
     """The candidate's predicted cost; ``cache`` shares it between candidates that differ only in what costs nothing."""
     m = get_method(method)
-    key = (model, m.kind, ratio if m.kind in ("channel", "lowrank") else 0.0, precision, m.sparse_pattern)
+    key = speed_key(Candidate(model=model, prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec(precision=precision)),
+                    target)
     if cache is not None and key in cache:
         return cache[key]
     cost = predict_cost(m.graph_after(graphs[model], ratio), target, precision, sparse_pattern=m.sparse_pattern)
@@ -130,33 +184,39 @@ def plan(
     else:
         expected = lower = [accuracies.get(c.model) for c in candidates]
         basis = ACCURACY_BASIS
-    groups: tuple[list, list, list] = ([], [], [])
     costs: dict = {}
-    for cand, acc, low in zip(candidates, expected, lower):
-        cost = estimate_cost(cand.model, cand.prune.method, cand.prune.ratio, cand.quant.precision, graphs, target, costs)
-        inside = (budget.latency_ms is None or cost.latency_ms <= budget.latency_ms) and (
-            budget.memory_mb is None or cost.memory_mb <= budget.memory_mb
-        )
-        parent = accuracies.get(cand.model)
-        trusted = (budget.max_accuracy_drop is None or parent is None or low is None
-                   or parent - low <= budget.max_accuracy_drop + 1e-9)
-        est = Estimate(cand, cost, None if acc is None else float(acc), inside and trusted,
-                       None if low is None else float(low), parent)
+    estimates = [
+        Estimate(cand, estimate_cost(cand.model, cand.prune.method, cand.prune.ratio, cand.quant.precision, graphs, target,
+                                     costs),
+                 None if acc is None else float(acc), False, None if low is None else float(low), accuracies.get(cand.model))
+        for cand, acc, low in zip(candidates, expected, lower)
+    ]
+    return Plan(target=target.name, budget=budget, ranked=rank(estimates, budget), accuracy_basis=basis)
+
+
+def rank(estimates: list[Estimate], budget: Budget) -> tuple[Estimate, ...]:
+    """The plan's order (module docstring), with ``fits`` set from the best latency known for each candidate."""
+    groups: tuple[list, list, list] = ([], [], [])
+    for est in estimates:
+        inside = budget.admits(latency_ms=est.latency_ms, memory_mb=est.cost.memory_mb)
+        parent, low = est.parent_accuracy, est.accuracy_low
+        trusted = parent is None or low is None or budget.admits(accuracy_drop=parent - low)
+        est = dataclasses.replace(est, fits=inside and trusted)
         groups[0 if est.fits else 1 if inside else 2].append(est)
-    by_accuracy = lambda e: (-(e.accuracy or 0.0), severity(e.candidate), e.cost.latency_ms)  # noqa: E731
-    ranked = sorted(groups[0], key=by_accuracy) + sorted(groups[1], key=by_accuracy) + sorted(
-        groups[2], key=lambda e: e.cost.latency_ms)
-    return Plan(target=target.name, budget=budget, ranked=tuple(ranked), accuracy_basis=basis)
+    by_accuracy = lambda e: (-(e.accuracy or 0.0), severity(e.candidate), e.latency_ms)  # noqa: E731
+    return tuple(sorted(groups[0], key=by_accuracy) + sorted(groups[1], key=by_accuracy)
+                 + sorted(groups[2], key=lambda e: e.latency_ms))
 
 
 def check_reachable(the_plan: Plan, *, slack: float = 2.0) -> None:
     """Refuse budgets far below anything predicted, before compressing anything."""
     fastest = the_plan.fastest()
     budget = the_plan.budget
-    if budget.latency_ms is not None and fastest.cost.latency_ms > slack * budget.latency_ms:
+    if budget.latency_ms is not None and fastest.latency_ms > slack * budget.latency_ms:
+        how = "measured" if fastest.premeasured_ms is not None else "predicted"
         raise BudgetError(
             f"latency budget {budget.latency_ms:g} ms is out of reach on {the_plan.target}: the fastest candidate, "
-            f"{fastest.candidate.id}, is predicted at {fastest.cost.latency_ms:.3f} ms"
+            f"{fastest.candidate.id}, is {how} at {fastest.latency_ms:.3f} ms"
         )
     if budget.memory_mb is not None:
         smallest = min(the_plan.ranked, key=lambda e: e.cost.memory_mb)

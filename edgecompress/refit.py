@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgecompress.errors import UnknownNameError, UsageError
 from edgecompress.fsutil import write_text
+from edgecompress.report import read_report
 
 
 def device_samples(target, run_dirs: list[Path]) -> tuple[list, int]:
@@ -29,29 +30,26 @@ def device_samples(target, run_dirs: list[Path]) -> tuple[list, int]:
     graphs: dict = {}
     samples, skipped = [], 0
     for run in run_dirs:
-        path = Path(run) / "report.json"
-        if not path.is_file():
-            raise UsageError(f"{run}: no report.json (give run directories of finished builds)")
-        report = json.loads(path.read_text())
-        if report.get("target") != target.name:
-            raise UsageError(f"{run}: built for {report.get('target')}, not {target.name}")
-        if not report.get("device"):
+        report = read_report(Path(run))
+        if report.target != target.name:
+            raise UsageError(f"{run}: built for {report.target}, not {target.name}")
+        if not report.device:
             raise UsageError(f"{run}: built without --device, so nothing in it was measured on {target.name}")
-        size, classes = report["dataset"]["image_size"], report["dataset"]["num_classes"]
-        for c in report.get("candidates", []):
-            measured = (c.get("measured") or {}).get("latency_ms_median")
+        size, classes = report.dataset["image_size"], report.dataset["num_classes"]
+        for c in report.candidates:
+            measured = c.measured.latency_ms_median if c.measured else None
             if not measured:
                 continue
             try:
-                entry = get_model(c["model"])
+                entry = get_model(c.model)
             except UnknownNameError:
                 skipped += 1  # a user's model: its weights are not in the report
                 continue
-            key = (c["model"], size, classes)
+            key = (c.model, size, classes)
             if key not in graphs:
                 graphs[key] = model_graph(load_model(entry, classes), (1, 3, size, size))
-            method = get_method(c["prune_method"])
-            samples.append((method.graph_after(graphs[key], c["prune_ratio"]), c["precision"], method.sparse_pattern,
+            method = get_method(c.prune_method)
+            samples.append((method.graph_after(graphs[key], c.prune_ratio), c.precision, method.sparse_pattern,
                             float(measured)))
     return samples, skipped
 

@@ -1,12 +1,121 @@
-"""report.json and a self-contained report.html (inline SVG, no network fetches)."""
+"""The build's outcome: :class:`BuildReport`, written as a versioned report.json and a self-contained report.html.
+
+``write_report`` and ``read_report`` are the one pair of functions that write and read report.json; everything that
+reads a finished build (the CLI, ``targets refit``) goes through :class:`BuildReport`. The HTML is inline SVG with
+no network fetches.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
 import math
 from pathlib import Path
 
+from edgecompress.errors import UsageError
 from edgecompress.fsutil import write_json, write_text
+
+REPORT_FORMAT = 2  # 1: the same layout without a format field (read as such)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Measured:
+    """What was measured of a built candidate: latency and memory by the benchmark, accuracy by verify."""
+
+    latency_ms_median: float | None = None
+    latency_ms_p90: float | None = None
+    latency_ms_p99: float | None = None
+    latency_ci_ms: dict | None = None  # stat -> [low, high], 95% bootstrap over the timing rounds
+    timings: int = 1  # fresh-process timings merged (re-timed when the interval straddled the budget)
+    peak_memory_mb: float | None = None
+    model_size_mb: float | None = None
+    accuracy: float | None = None
+    accuracy_ci: tuple[float, float] | None = None  # 95% Wilson interval for the test split's size
+    baseline_accuracy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CandidateRecord:
+    """One planned candidate: its prediction, and what happened to it if it was built."""
+
+    id: str
+    model: str
+    prune_method: str
+    prune_ratio: float
+    precision: str
+    predicted: dict  # latency_ms, memory_mb, accuracy, accuracy_low, macs, params
+    fits_budget_predicted: bool
+    tried: bool = False
+    outcome: str | None = None  # "chosen" or "rejected: <why>"
+    measured: Measured | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BuildReport:
+    tool_version: str
+    command: str
+    target: str
+    runtime: str
+    runtime_version: str
+    budget: dict
+    dataset: dict  # name, num_classes, image_size, train_samples
+    test_samples: int
+    accuracy_basis: str
+    plan_ms: float
+    candidates: tuple[CandidateRecord, ...]
+    run_dir: str
+    wall_seconds: float | None = None
+    reused_stages: tuple[str, ...] = ()
+    # The chosen candidate; all None when nothing met the budget.
+    choice: dict | None = None  # model, prune_method, prune_ratio, precision, method_description
+    choice_id: str | None = None
+    artifact: str | None = None  # relative to run_dir, inside the bundle
+    bundle: str | None = None
+    measured: Measured | None = None
+    measured_where: str | None = None
+    benchmark: dict | None = None  # the benchmark's own output
+    verified_in: str | None = None
+    calibration: dict | None = None
+    finetune: dict | None = None
+    predicted: dict | None = None  # latency_ms, memory_mb, accuracy, accuracy_low, latency_model
+    device: dict | None = None  # name, accuracy and eval_samples measured on the device
+    per_class_accuracy: dict | None = None
+    deploy: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"format": REPORT_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "report.json") -> "BuildReport":
+        version = data.get("format", 1)
+        if not isinstance(version, int) or version > REPORT_FORMAT:
+            raise UsageError(f"{where} has report format {version!r}; this edgecompress reads up to {REPORT_FORMAT}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["candidates"] = tuple(
+            CandidateRecord(**{**c, "measured": _measured(c.get("measured"))})
+            for c in (dict(c) for c in fields.get("candidates", ())))
+        fields["measured"] = _measured(fields.get("measured"))
+        fields["reused_stages"] = tuple(fields.get("reused_stages") or ())
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise UsageError(f"{where} is not a build report ({exc})") from exc
+
+    @property
+    def chosen(self) -> CandidateRecord | None:
+        return next((c for c in self.candidates if c.id == self.choice_id), None)
+
+
+def _measured(data: dict | None) -> Measured | None:
+    if data is None:
+        return None
+    names = {f.name for f in dataclasses.fields(Measured)}
+    fields = {k: v for k, v in data.items() if k in names}
+    if fields.get("accuracy_ci") is not None:
+        fields["accuracy_ci"] = tuple(fields["accuracy_ci"])
+    return Measured(**fields)
 
 
 def _scatter_svg(points: list[dict], budget_ms: float | None, *, width=720, height=400) -> str:
@@ -84,70 +193,74 @@ def _calibration_text(calibration: dict | None) -> str:
     return text
 
 
-def render_html(report: dict) -> str:
-    choice = report.get("choice") or {}
-    measured = report.get("measured") or {}
-    predicted = report.get("predicted") or {}
-    budget = report["budget"]
+def render_html(report: BuildReport) -> str:
+    choice = report.choice or {}
+    measured = report.measured or Measured()
+    predicted = report.predicted or {}
+    budget = report.budget
     points = []
-    chosen_id = report.get("choice_id")
-    for c in report["candidates"]:
-        m = c.get("measured") or {}
-        acc = m.get("accuracy") if m.get("accuracy") is not None else c["predicted"]["accuracy"]
-        lat = m.get("latency_ms_median") or c["predicted"]["latency_ms"]
-        kind = "chosen" if c["id"] == chosen_id else ("measured" if m else "predicted")
-        label = f'{c["id"]}: {lat:.3f} ms, {"measured" if m else "predicted"}'
+    for c in report.candidates:
+        m = c.measured or Measured()
+        acc = m.accuracy if m.accuracy is not None else c.predicted.get("accuracy")
+        lat = m.latency_ms_median or c.predicted.get("latency_ms")
+        if lat is None:
+            continue
+        kind = "chosen" if c.id == report.choice_id else ("measured" if c.measured else "predicted")
+        label = f'{c.id}: {lat:.3f} ms, {"measured" if c.measured else "predicted"}'
         points.append({"x": lat, "y": acc, "kind": kind, "label": label})
         if kind == "chosen":
             points.append({"x": lat, "y": acc, "kind": "measured", "label": label})
     rows = []
-    for c in report["candidates"]:
-        if not c.get("tried"):
+    for c in report.candidates:
+        if not c.tried:
             continue
-        m = c.get("measured") or {}
+        m = c.measured or Measured()
         rows.append(
-            f'<tr><td>{html.escape(c["id"])}</td><td>{_fmt(c["predicted"]["latency_ms"])}</td>'
-            f'<td>{_fmt(m.get("latency_ms_median"))}</td><td>{_fmt(m.get("accuracy"), 4)}</td>'
-            f'<td>{html.escape(c.get("outcome", ""))}</td></tr>'
+            f'<tr><td>{html.escape(c.id)}</td><td>{_fmt(c.predicted.get("latency_ms"))}</td>'
+            f'<td>{_fmt(c.predicted.get("premeasured_latency_ms"))}</td>'
+            f'<td>{_fmt(m.latency_ms_p90)}{_interval((m.latency_ci_ms or {}).get("p90"))}</td>'
+            f'<td>{_fmt(m.accuracy, 4)}{_interval(m.accuracy_ci, 4)}</td>'
+            f'<td>{html.escape(c.outcome or "")}</td></tr>'
         )
-    latency_note = html.escape(report.get("measured_where", ""))
-    per_class = report.get("per_class_accuracy") or {}
+    latency_note = html.escape(report.measured_where or "")
+    per_class = report.per_class_accuracy or {}
     class_rows = "".join(
         f"<tr><td>{html.escape(str(name))}</td><td>{_fmt(a, 3)}</td><td>{_fmt(b, 3)}</td></tr>"
         for name, a, b in zip(per_class.get("classes", []), per_class.get("original", []), per_class.get("compressed", []))
     )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>edgecompress report: {html.escape(report["target"])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>edgecompress report: {html.escape(report.target)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 900px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
 th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} .note {{ color: #555; }}
 </style></head><body>
-<h1>edgecompress build for {html.escape(report["target"])}</h1>
-<p>Command: <code>{html.escape(report.get("command", ""))}</code></p>
+<h1>edgecompress build for {html.escape(report.target)}</h1>
+<p>Command: <code>{html.escape(report.command)}</code></p>
 <h2>Choice</h2>
 <table>
 <tr><th>model</th><td>{html.escape(str(choice.get("model")))}</td></tr>
 <tr><th>pruning</th><td>{html.escape(str(choice.get("prune_method")))} at ratio {_fmt(choice.get("prune_ratio"), 2)}</td></tr>
 <tr><th>precision</th><td>{html.escape(str(choice.get("precision")))}</td></tr>
-<tr><th>artifact</th><td><code>{html.escape(str(report.get("artifact")))}</code></td></tr>
+<tr><th>artifact</th><td><code>{html.escape(str(report.artifact))}</code></td></tr>
 </table>
 <h2>Budget, predicted and measured</h2>
 <table><tr><th></th><th>budget</th><th>predicted</th><th>measured</th></tr>
-<tr><th>latency (median), ms</th><td>{_fmt(budget.get("latency_ms"))}</td><td>{_fmt(predicted.get("latency_ms"))}</td><td>{_fmt(measured.get("latency_ms_median"))}</td></tr>
-<tr><th>latency p90, ms</th><td></td><td></td><td>{_fmt(measured.get("latency_ms_p90"))}</td></tr>
-<tr><th>memory, MB</th><td>{_fmt(budget.get("memory_mb"), 1)}</td><td>{_fmt(predicted.get("memory_mb"), 1)}</td><td>{_fmt(measured.get("peak_memory_mb"), 1)}</td></tr>
-<tr><th>model file, MB</th><td></td><td></td><td>{_fmt(measured.get("model_size_mb"), 2)}</td></tr>
+{_latency_rows(budget, predicted, measured)}
+<tr><th>memory, MB</th><td>{_fmt(budget.get("memory_mb"), 1)}</td><td>{_fmt(predicted.get("memory_mb"), 1)}</td><td>{_fmt(measured.peak_memory_mb, 1)}</td></tr>
+<tr><th>model file, MB</th><td></td><td></td><td>{_fmt(measured.model_size_mb, 2)}</td></tr>
 <tr><th>top-1 accuracy</th><td>max drop {_fmt(budget.get("max_accuracy_drop"), 3)}</td><td>{_fmt(predicted.get("accuracy"), 4)}
-(lower bound {_fmt(predicted.get("accuracy_low"), 4)})</td><td>{_fmt(measured.get("accuracy"), 4)} (uncompressed {_fmt(measured.get("baseline_accuracy"), 4)})</td></tr>
+(lower bound {_fmt(predicted.get("accuracy_low"), 4)})</td><td>{_fmt(measured.accuracy, 4)}{_interval(measured.accuracy_ci, 4)} (uncompressed {_fmt(measured.baseline_accuracy, 4)})</td></tr>
 {_device_row(report)}</table>
 <p class="note">Latency and memory: {latency_note}. Predicted latency: {html.escape(predicted.get("latency_model", ""))}.
-Predicted memory: weights at the precision, peak live activations over the execution order, and the runtime's overhead. Accuracy: {html.escape(report.get("verified_in", ""))}, on {report.get("test_samples", "?")} held-out test images.
-Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calibration: {html.escape(_calibration_text(report.get("calibration")))}.</p>
+Predicted memory: weights at the precision, peak live activations over the execution order, and the runtime's overhead. Accuracy: {html.escape(report.verified_in or "")}, on {report.test_samples} held-out test images.
+Predicted accuracy is the {html.escape(report.accuracy_basis)}. Calibration: {html.escape(_calibration_text(report.calibration))}.</p>
 <h2>Candidates</h2>
 {_scatter_svg(points, budget.get("latency_ms"))}
-<p class="note">{len(report["candidates"])} candidates considered; those built are listed below.</p>
-<table><tr><th>candidate</th><th>predicted ms</th><th>measured ms</th><th>accuracy</th><th>outcome</th></tr>
+<p class="note">{len(report.candidates)} candidates considered; those built are listed below.</p>
+<p class="note">Latency three ways: predicted by the cost model; pre-measured (the candidate's structure timed here
+before any fine-tuning, budget statistic); measured (the built artifact, p90 with its 95% interval). Accuracy on the test split with its 95% interval.</p>
+<table><tr><th>candidate</th><th>predicted ms</th><th>pre-measured ms</th><th>measured p90 ms</th><th>accuracy</th><th>outcome</th></tr>
 {"".join(rows)}</table>
 <h2>Per-class accuracy</h2>
 <table><tr><th>class</th><th>original</th><th>compressed</th></tr>{class_rows}</table>
@@ -155,8 +268,29 @@ Predicted accuracy is the {html.escape(report.get("accuracy_basis", ""))}. Calib
 """
 
 
-def _device_row(report: dict) -> str:
-    device = report.get("device")
+def _interval(bounds, digits=3) -> str:
+    return f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else ""
+
+
+def _latency_rows(budget: dict, predicted: dict, measured: Measured) -> str:
+    """Median, p90 and p99 with their 95% intervals; the budget sits on the row of the statistic it holds."""
+    stat = budget.get("latency_stat", "median")
+    intervals = measured.latency_ci_ms or {}
+    rows = []
+    for name in ("median", "p90", "p99"):
+        held = name == stat
+        rows.append(f'<tr><th>latency {name}, ms{" (budget)" if held else ""}</th>'
+                    f'<td>{_fmt(budget.get("latency_ms")) if held else ""}</td>'
+                    f'<td>{_fmt(predicted.get("latency_ms")) if name == "median" else ""}</td>'
+                    f'<td>{_fmt(getattr(measured, f"latency_ms_{name}"))}{_interval(intervals.get(name))}</td></tr>')
+    timings = f"{measured.timings} timings" if measured.timings > 1 else "one timing"
+    rows.append(f'<tr><th></th><td colspan="3" class="note">measured: {timings} in fresh processes, rounds of runs; '
+                f'[interval] is the 95% bootstrap interval over the rounds</td></tr>')
+    return "\n".join(rows)
+
+
+def _device_row(report: BuildReport) -> str:
+    device = report.device
     if not device:
         return ""
     acc = device.get("accuracy")
@@ -165,6 +299,19 @@ def _device_row(report: dict) -> str:
     return f'<tr><th>top-1 on {html.escape(device["name"])}</th><td></td><td></td><td>{text}</td></tr>'
 
 
-def write_report(run_dir: Path, report: dict) -> None:
-    write_json(run_dir / "report.json", report)
+def write_report(run_dir: Path, report: BuildReport) -> None:
+    write_json(run_dir / "report.json", report.to_json())
     write_text(run_dir / "report.html", render_html(report))
+
+
+def read_report(run_dir: Path) -> BuildReport:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no report.json (give run directories of finished builds)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a build report")
+    return BuildReport.from_json(data, str(path))

@@ -44,3 +44,13 @@ def write_images(root, classes, per_class, size=12, seed=0):
         for i in range(per_class):
             arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / cls / f"{i}.png")
+
+
+@pytest.fixture(autouse=True)
+def _no_device_calibration_between_tests():
+    """A calibration activated by one test's plan or build (process-wide, as it is for one CLI run) must not rescale
+    the next test's predictions."""
+    from edgecompress import devicecal
+
+    yield
+    devicecal._ACTIVE.clear()

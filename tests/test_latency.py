@@ -200,6 +200,7 @@ def _device_run(tmp_path, target, slowdown):
 
     from edgecompress.costmodel import roofline_ms
     from edgecompress.methods import get_method
+    from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 
     slow = dataclasses.replace(target, latency=dataclasses.replace(
         target.latency, per_layer_us=target.latency.per_layer_us * slowdown, overhead_ms=0.2))
@@ -209,13 +210,16 @@ def _device_run(tmp_path, target, slowdown):
         for method, ratio, precision in (("none", 0.0, "fp16"), ("torch_pruning.l1", 0.5, "int8"), ("sparse24", 0.5, "int8")):
             m = get_method(method)
             ms = roofline_ms(m.graph_after(graph, ratio), slow, precision, sparse=m.sparse_pattern is not None)
-            candidates.append({"model": name, "prune_method": method, "prune_ratio": ratio, "precision": precision,
-                               "tried": True, "measured": {"latency_ms_median": ms}})
+            candidates.append(CandidateRecord(
+                id=f"{name}-{method}-{precision}", model=name, prune_method=method, prune_ratio=ratio, precision=precision,
+                predicted={}, fits_budget_predicted=True, tried=True, measured=Measured(latency_ms_median=ms)))
     run = tmp_path / "run"
     run.mkdir()
-    (run / "report.json").write_text(json.dumps({
-        "target": target.name, "device": {"name": "nvidia@orin"}, "candidates": candidates,
-        "dataset": {"image_size": 32, "num_classes": 10}}))
+    write_report(run, BuildReport(
+        tool_version="test", command="edgecompress build", target=target.name, runtime=target.runtime_name,
+        runtime_version="10.3", budget={"latency_ms": 1.0}, dataset={"name": "digits", "image_size": 32, "num_classes": 10},
+        test_samples=360, accuracy_basis="test", plan_ms=1.0, candidates=tuple(candidates), run_dir=str(run),
+        device={"name": "nvidia@orin"}))
     return run
 
 

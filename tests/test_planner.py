@@ -154,3 +154,17 @@ def test_low_rank_candidates_are_costed_from_the_factorized_graph(facts):
     strong = by_id["resnet10t__lowrank-0.90__fp32"].cost
     assert strong.macs < 0.2 * dense.macs and strong.params < dense.params
     assert strong.latency_ms < dense.latency_ms
+
+
+def test_budget_is_one_check():
+    """Budget.violation is the one budget check: each limit, only the figures given, and the reason in one line."""
+    budget = Budget(latency_ms=1.0, memory_mb=10.0, max_accuracy_drop=0.02)
+    assert budget.admits(latency_ms=1.0, memory_mb=10.0, accuracy_drop=0.02)
+    assert budget.violation(latency_ms=1.2) == "latency (p90) 1.200 ms > budget 1 ms"
+    assert Budget(latency_ms=1.0, latency_stat="p99").measured_latency_ms({"latency_ms_p99": 2.0, "latency_ms_p90": 1.0}) == 2.0
+    with pytest.raises(UsageError, match="latency statistic"):
+        Budget(latency_ms=1.0, latency_stat="mean")
+    assert budget.violation(memory_mb=12.0) == "memory 12.0 MB > budget 10 MB"
+    assert budget.violation(accuracy_drop=0.03) == "accuracy drop 3.00 pp > allowed 2.00 pp"
+    assert budget.admits(latency_ms=None, memory_mb=None)  # nothing given, nothing checked
+    assert Budget(latency_ms=1.0).admits(memory_mb=1e9, accuracy_drop=1.0)  # no memory or accuracy limit

@@ -94,3 +94,24 @@ def test_pipeline_reuses_finished_stages(tmp_path, small_digits):
     assert a[2].accuracy == b[2].accuracy and a[3].measured == b[3].measured
     # No temporary directories are left beside the stages.
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_a_changed_method_setting_is_not_served_from_the_cache(tmp_path, small_digits, monkeypatch):
+    """Method settings are in the compress stage's key: changing one rebuilds instead of reusing a stale stage."""
+    import dataclasses
+
+    from edgecompress import methods
+
+    entries = {MODEL: get_model(MODEL)}
+    cand = Candidate(model=MODEL, prune=PruneSpec(method="woodfisher", ratio=0.5), quant=QuantSpec(precision="fp32"))
+    pipeline.BENCH_RUNS, pipeline.BENCH_WARMUP = 10, 1
+    pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT).run_candidate(cand)
+    same = pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT)
+    same.run_candidate(cand)
+    assert len(same.reused) == 5
+    method = methods.get_method("woodfisher")
+    changed = dataclasses.replace(method, settings=dataclasses.replace(method.settings, samples=16))
+    monkeypatch.setitem(methods.METHODS, "woodfisher", changed)
+    other = pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT)
+    other.run_candidate(cand)
+    assert other.reused == []

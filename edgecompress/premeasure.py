@@ -1,0 +1,124 @@
+"""Time candidate architectures on the device before fine-tuning anything.
+
+A candidate's speed does not depend on its accuracy: its pruned or factorized graph, made one-shot, exported and
+turned into the target's artifact (int8 calibrated on a few images), runs the kernels the fine-tuned candidate will
+run. So before anything is trained, the plan's most promising structures are built this way and timed together in
+one fresh process, in interleaved rounds; the plan is re-ranked on those figures, and only what already fits is
+fine-tuned. Predictions narrow the space first (only candidates predicted within ``SLACK`` times the budget are
+timed) and stand alone where the device cannot be reached from here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.planner import Plan, speed_key
+from edgecompress.targets import Target
+from edgecompress.timing import with_statistics
+
+MAX_ARTIFACTS = 16  # distinct (structure, precision) pairs timed per build; an int8 one takes a few seconds to make
+SLACK = 2.0  # predictions on another machine are off by up to about 2x either way
+CALIB_IMAGES = 16  # int8 ranges for timing only: the kernels, not the accuracy, matter here
+WARMUP, RUNS, ROUNDS = 5, 60, 6
+
+
+def can_premeasure(target: Target, device) -> str | None:
+    """None when the target's artifacts can be timed from here before training; else why not."""
+    if device is not None:
+        return "a remote device is timed only for the candidates built"
+    return target.runtime().unavailable_here() if target.local else f"{target.name} is not on this machine"
+
+
+def to_time(the_plan: Plan, target: Target, limit: int = MAX_ARTIFACTS) -> list:
+    """The plan's estimates worth timing, one per distinct structure, in the plan's order."""
+    budget = the_plan.budget
+    keys, out = set(), []
+    for est in the_plan.ranked:
+        if budget.latency_ms is not None and est.cost.latency_ms > SLACK * budget.latency_ms:
+            continue
+        key = speed_key(est.candidate, target)
+        if key not in keys:
+            keys.add(key)
+            out.append(est)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> list[Path]:
+    """One artifact per estimate, all of one model and structure: pruned and exported once, then made at each
+    precision (int8 from the fp32 artifact)."""
+    import torch
+
+    from edgecompress.methods import PruneData, get_method
+    from edgecompress.models import load_model
+    from edgecompress.runtimes.base import export_onnx
+
+    cand = estimates[0].candidate
+    method = get_method(cand.prune.method)
+    model = load_model(entry, data.num_classes)
+    if method.structural:
+        example = torch.zeros(data.input_shape)
+        x, y = data.split("train")
+        n = method.data_samples
+        model = method.finalize(method.prepare(model, cand.prune.ratio, example,
+                                               PruneData(torch.from_numpy(x[:n]), torch.from_numpy(y[:n]))), example)
+    out.mkdir(parents=True)
+    onnx_path = export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
+    runtime = target.runtime()
+    made: dict[str, Path] = {}
+
+    def at(precision: str) -> Path:
+        if precision not in made:
+            (out / precision).mkdir(exist_ok=True)
+            made[precision] = (runtime.quantize(at("fp32"), data.split("calib")[0][:CALIB_IMAGES], out / precision)
+                               if precision == "int8" else runtime.export(onnx_path, precision, out / precision))
+        return made[precision]
+
+    return [at(e.candidate.quant.precision) for e in estimates]
+
+
+def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Path, console=None) -> dict:
+    """Time the plan's promising structures here: ``speed_key`` -> the budget statistic in ms.
+
+    Results are kept in ``workdir/latencies.json``; a resumed build reuses them.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    estimates = to_time(the_plan, target)
+    if not estimates:
+        return {}
+    saved = json.loads((workdir / "latencies.json").read_text()) if (workdir / "latencies.json").is_file() else {}
+    wanted = {repr(speed_key(e.candidate, target)): e for e in estimates}
+    if set(wanted) <= set(saved.get("measured", {})):
+        return {speed_key(e.candidate, target): saved["measured"][k] for k, e in wanted.items()}
+    started = time.time()
+    structures: dict[tuple, list] = {}  # (model, structure) -> its estimates, one per precision
+    for est in estimates:
+        structures.setdefault(speed_key(est.candidate, target)[:3], []).append(est)
+    artifacts, ordered = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("pre-measuring: making artifacts", total=len(estimates))
+        for i, group in enumerate(structures.values()):
+            final = workdir / f"{i:03d}"
+            with atomic_path(final) as tmp:  # a full disk or Ctrl-C leaves no half-made artifact behind
+                made = _make_artifacts(group, entries[group[0].candidate.model], data, target, tmp)
+                artifacts += [final / p.relative_to(tmp) for p in made]
+            ordered += group
+            progress.advance(task, len(group))
+        estimates = ordered
+        progress.update(task, description=f"pre-measuring: timing {len(artifacts)} artifacts in interleaved rounds")
+        results = target.runtime().benchmark_interleaved(artifacts, warmup=WARMUP, runs=RUNS, rounds=ROUNDS)
+    measured = {}
+    for est, result in zip(estimates, results):
+        measured[repr(speed_key(est.candidate, target))] = the_plan.budget.measured_latency_ms(with_statistics(result))
+    write_json(workdir / "latencies.json", {"measured": measured, "seconds": round(time.time() - started, 1),
+                                             "statistic": the_plan.budget.latency_stat})
+    if console is not None:
+        console.print(f"pre-measured {len(artifacts)} candidate structures on this machine in "
+                      f"{time.time() - started:.0f} s before fine-tuning")
+    return {speed_key(e.candidate, target): measured[k] for k, e in wanted.items()}

@@ -1,0 +1,105 @@
+"""Latency statistics over timed rounds, re-timing of a candidate whose interval straddles the budget, and the
+budget's named statistic."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgecompress import build, pipeline
+from edgecompress.methods import Candidate, PruneSpec, QuantSpec
+from edgecompress.planner import Budget
+from edgecompress.timing import accuracy_interval, merged, straddles, summarize, with_statistics
+
+
+def _rounds(centre, spread, rounds=10, per_round=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(centre + spread * rng.standard_normal(per_round) ** 2) for _ in range(rounds)]
+
+
+def test_summary_orders_its_statistics_and_brackets_them():
+    s = summarize(_rounds(1.0, 0.1))
+    assert s["rounds"] == 10 and s["timed_runs"] == 200
+    assert s["latency_ms_median"] <= s["latency_ms_p90"] <= s["latency_ms_p99"]
+    for stat in ("median", "p90", "p99"):
+        low, high = s["latency_ci_ms"][stat]
+        assert low <= s[f"latency_ms_{stat}"] <= high
+
+
+def test_a_slow_round_moves_the_median_of_round_medians_little():
+    rounds = _rounds(1.0, 0.01)
+    rounds[3] = [5.0] * 20  # another process woke up for one round
+    assert summarize(rounds)["latency_ms_median"] < 1.1
+
+
+def test_interval_narrows_with_more_rounds_and_straddles_only_near_the_budget():
+    few, many = summarize(_rounds(1.0, 0.3, rounds=3)), summarize(_rounds(1.0, 0.3, rounds=40))
+    width = lambda s: s["latency_ci_ms"]["p90"][1] - s["latency_ci_ms"]["p90"][0]  # noqa: E731
+    assert width(many) < width(few)
+    p90 = many["latency_ms_p90"]
+    assert straddles(many, "p90", p90) and not straddles(many, "p90", 10 * p90) and not straddles(many, "p90", p90 / 10)
+
+
+def test_merged_timings_pool_their_rounds():
+    a = with_statistics({"rounds_ms": _rounds(1.0, 0.1, seed=1), "runs": 200, "peak_memory_mb": 10.0})
+    b = {"rounds_ms": _rounds(1.0, 0.1, seed=2), "runs": 200, "peak_memory_mb": 12.0}
+    m = merged(a, b)
+    assert m["rounds"] == 20 and m["runs"] == 400 and m["timings"] == 2 and m["peak_memory_mb"] == 12.0
+
+
+def test_accuracy_interval_for_the_test_size():
+    low, high = accuracy_interval(0.95, 126)
+    assert 0.025 < 0.95 - low < 0.06 and 0.02 < high - 0.95 < 0.04  # about +-3 pp on 126 images
+    assert accuracy_interval(0.95, 5000)[1] - accuracy_interval(0.95, 5000)[0] < 0.015
+
+
+def _benched(rounds):
+    cand = Candidate(model="m", prune=PruneSpec(), quant=QuantSpec())
+    return pipeline.BenchmarkResult(candidate=cand, artifact=None, measured=with_statistics({"rounds_ms": rounds, "runs": 200}),
+                                    where="this machine")
+
+
+class _Console:
+    def __init__(self):
+        self.lines = []
+
+    def print(self, text):
+        self.lines.append(text)
+
+
+def test_a_straddling_candidate_is_timed_again(monkeypatch):
+    """The first timing's p90 interval holds the budget: it is re-timed (fresh processes), at most RETIME_MAX times."""
+    first = _benched(_rounds(1.0, 0.3, rounds=3, seed=3))
+    budget = Budget(latency_ms=first.measured["latency_ms_p90"])
+    calls = []
+
+    def fake_retimed(benched, target, device=None):
+        calls.append(benched.measured["rounds"])
+        return merged(benched.measured, {"rounds_ms": _rounds(0.6, 0.05, rounds=10, seed=len(calls)), "runs": 200})
+
+    monkeypatch.setattr(build, "retimed", fake_retimed)
+    console = _Console()
+    settled = build._settled(first, budget, target=None, device=None, console=console)
+    assert calls and settled["timings"] == 1 + len(calls) <= 1 + build.RETIME_MAX
+    assert "timing again" in console.lines[0]
+    clear = _benched(_rounds(1.0, 0.01))
+    assert build._settled(clear, Budget(latency_ms=5.0), target=None, device=None, console=console).get("timings", 1) == 1
+
+
+@pytest.mark.parametrize("stat", ["median", "p90", "p99"])
+def test_the_budget_holds_the_named_statistic(stat):
+    measured = summarize(_rounds(1.0, 0.5))
+    budget = Budget(latency_ms=measured["latency_ms_median"] * 1.01, latency_stat=stat)
+    admitted = budget.admits(latency_ms=budget.measured_latency_ms(measured))
+    assert admitted == (stat == "median")
+
+
+def test_cli_passes_the_latency_stat(monkeypatch):
+    from edgecompress import cli
+
+    seen = {}
+    monkeypatch.setattr("edgecompress.build.run_build", lambda options: seen.setdefault("budget", options.budget) and 1 / 0)
+    assert cli.main(["build", "--target", "ort-cpu", "--latency", "1ms", "--latency-stat", "p99"]) == 1
+    assert seen["budget"].latency_stat == "p99"
+    assert cli.main(["build", "--target", "ort-cpu", "--latency", "1ms", "--latency-stat", "mean"]) == 2
+    assert dataclasses.asdict(seen["budget"])["latency_stat"] == "p99"
