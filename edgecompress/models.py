@@ -1,10 +1,15 @@
-"""The model registry: the embedded zoo and users' own timm weights.
+"""The model registry: the embedded zoos (one per task) and users' own timm weights.
 
 ``list_models("mobile*")`` and ``get_model("lcnet_050")`` query the zoo that
-ships with the package; ``parse_model_spec("timm:resnet18=w.pth")`` describes a
-user's model. :func:`load_model` builds the timm architecture and loads its
-weights with ``torch.load(..., weights_only=True)``, checking the sha256 where
-the zoo manifest has one.
+ships with the package for a task: the digits by default, the zoo trained on
+Fashion-MNIST with ``task="fashion-mnist"`` (:func:`zoo_tasks` lists those that
+ship). ``parse_model_spec("timm:resnet18=w.pth")`` describes a user's model.
+:func:`load_model` builds the timm architecture and loads its weights with
+``torch.load(..., weights_only=True)``, checking the sha256 where the zoo
+manifest has one.
+
+Layout: the digits zoo is ``zoo/manifest.json`` with its checkpoints beside it
+(where it always was); every other task's is ``zoo/<task>/manifest.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from edgecompress.errors import UnknownNameError, UsageError, WeightsError
 from edgecompress.fsutil import sha256_file
 
 ZOO_DIR = Path(__file__).parent / "zoo"
-MANIFEST = ZOO_DIR / "manifest.json"
+MANIFEST = ZOO_DIR / "manifest.json"  # the digits zoo's
+DEFAULT_TASK = "digits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,9 @@ class ModelEntry:
     flops: int | None = None
     test_accuracy: float | None = None
     sha256: str | None = None
+    # The task (a name in edgecompress.data.NAMED_DATASETS): a zoo model's training data; for a
+    # user's weights, the task they were named under (zoo accuracies are matched within it only).
+    task: str = DEFAULT_TASK
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -43,17 +52,33 @@ class ModelEntry:
         return d
 
 
-@lru_cache(maxsize=1)
-def _zoo() -> dict[str, ModelEntry]:
-    if not MANIFEST.exists():
-        return {}
-    data = json.loads(MANIFEST.read_text())
-    entries = {}
+def zoo_dir(task: str = DEFAULT_TASK) -> Path:
+    """Where ``task``'s zoo lives (whether or not it exists)."""
+    return ZOO_DIR if task == DEFAULT_TASK else ZOO_DIR / task
+
+
+def zoo_tasks() -> list[str]:
+    """The tasks with a zoo manifest, the digits first."""
+    others = sorted(p.parent.name for p in ZOO_DIR.glob("*/manifest.json"))
+    return ([DEFAULT_TASK] if (ZOO_DIR / "manifest.json").is_file() else []) + others
+
+
+@lru_cache(maxsize=8)
+def _read_zoo(manifest: Path, task: str) -> tuple[dict[str, ModelEntry], frozenset[str]]:
+    """Shipped entries by name, and the names the manifest records without a checkpoint ("shipped": false).
+
+    Cached by the manifest's path, so a test pointing ZOO_DIR elsewhere reads its own manifest.
+    """
+    data = json.loads(manifest.read_text())
+    entries, unshipped = {}, set()
     for row in data["models"]:
+        if not row.get("shipped", True):
+            unshipped.add(row["name"])
+            continue
         entries[row["name"]] = ModelEntry(
             name=row["name"],
             architecture=row["architecture"],
-            weights=ZOO_DIR / row["file"],
+            weights=manifest.parent / row["file"],
             source="zoo",
             input_size=row["input_size"],
             num_classes=row["num_classes"],
@@ -61,25 +86,48 @@ def _zoo() -> dict[str, ModelEntry]:
             flops=row["flops"],
             test_accuracy=row["test_accuracy"],
             sha256=row["sha256"],
+            task=task,
         )
-    return entries
+    return entries, frozenset(unshipped)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _zoo() if fnmatch.fnmatch(n, pattern))
+def _zoo(task: str = DEFAULT_TASK) -> dict[str, ModelEntry]:
+    manifest = zoo_dir(task) / "manifest.json"
+    if not manifest.is_file():
+        if task == DEFAULT_TASK:
+            return {}  # a checkout before tools/train_zoo.py ran; callers say "the zoo is empty"
+        from edgecompress.data import NAMED_DATASETS
+
+        if task in NAMED_DATASETS:
+            raise UsageError(f"no zoo is trained on {task} yet ({manifest} is missing); "
+                             f"run tools/train_zoo.py --task {task}")
+        raise UnknownNameError("zoo task", task, zoo_tasks())
+    return _read_zoo(manifest, task)[0]
 
 
-def get_model(name: str) -> ModelEntry:
-    zoo = _zoo()
+def list_models(pattern: str = "*", task: str = DEFAULT_TASK) -> list[str]:
+    """Names of ``task``'s shipped zoo models matching the shell pattern."""
+    return sorted(n for n in _zoo(task) if fnmatch.fnmatch(n, pattern))
+
+
+def get_model(name: str, task: str = DEFAULT_TASK) -> ModelEntry:
+    zoo = _zoo(task)
     if name not in zoo:
+        manifest = zoo_dir(task) / "manifest.json"
+        if manifest.is_file() and name in _read_zoo(manifest, task)[1]:
+            raise WeightsError(
+                f"zoo model {name} ({task}) is recorded but not shipped (the package's size budget); "
+                f"train it with tools/train_zoo.py --task {task} --models {name} --out DIR and pass "
+                f"--model timm:{name}=DIR/{name}.pth"
+            )
         raise UnknownNameError("model", name, zoo)
     return zoo[name]
 
 
-def parse_model_spec(spec: str) -> ModelEntry:
-    """``NAME`` (zoo) or ``timm:ARCH=path/to/weights.pth`` (user weights)."""
+def parse_model_spec(spec: str, task: str = DEFAULT_TASK) -> ModelEntry:
+    """``NAME`` (``task``'s zoo) or ``timm:ARCH=path/to/weights.pth`` (user weights)."""
     if not spec.startswith("timm:"):
-        return get_model(spec)
+        return get_model(spec, task)
     body = spec[len("timm:"):]
     if "=" not in body:
         raise UsageError(f"model {spec!r}: write timm:ARCH=path/to/weights.pth")
@@ -91,7 +139,7 @@ def parse_model_spec(spec: str) -> ModelEntry:
     weights = Path(path).expanduser()
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist")
-    zoo_match = {e.sha256: e for e in _zoo().values()}
+    zoo_match = {e.sha256: e for e in (_zoo(task) if task in zoo_tasks() else {}).values()}
     digest = sha256_file(weights)
     known = zoo_match.get(digest)
     return ModelEntry(
@@ -101,6 +149,7 @@ def parse_model_spec(spec: str) -> ModelEntry:
         source="user",
         sha256=digest,
         test_accuracy=known.test_accuracy if known else None,
+        task=task,
     )
 
 
