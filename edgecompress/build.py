@@ -18,7 +18,7 @@ from edgecompress.errors import BudgetError, NumericalError, RunDirError, UsageE
 from edgecompress.fsutil import write_json
 from edgecompress.kernels import model_graph
 from edgecompress.methods import FinetuneSpec
-from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec
+from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.predictor import AccuracyModel
 from edgecompress.premeasure import can_premeasure, premeasure
@@ -95,15 +95,16 @@ def calibration_set(options: BuildOptions, data: Dataset, entries, accuracies, r
 
 
 def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntry]:
+    """The models to build from: those named, else the zoo trained on the data's task (the digits, Fashion-MNIST)."""
+    task = data.task or DIGITS_NAME
     if not specs:
-        if data.name != DIGITS_NAME:
-            raise UsageError(
-                "the embedded zoo is trained on the digits; with --data, pass your models as --model timm:ARCH=weights.pth"
-            )
-        specs = tuple(list_models())
+        if data.task not in zoo_tasks():
+            raise UsageError(f"the embedded zoos are trained on {', '.join(zoo_tasks())}; with --data DIR, pass your "
+                             "models as --model timm:ARCH=weights.pth")
+        specs = tuple(list_models(task=task))
         if not specs:
-            raise UsageError("the embedded zoo is empty; run tools/train_zoo.py")
-    entries = [parse_model_spec(s) for s in specs]
+            raise UsageError(f"the {task} zoo is empty; run tools/train_zoo.py --task {task}")
+    entries = [parse_model_spec(s, task=task) for s in specs]
     return {e.name: e for e in entries}
 
 
@@ -113,7 +114,8 @@ def model_facts(entries: dict[str, ModelEntry], data: Dataset):
     for name, entry in entries.items():
         model = load_model(entry, data.num_classes)
         graphs[name] = model_graph(model, data.input_shape)
-        if entry.source == "zoo" and data.name == DIGITS_NAME and entry.test_accuracy is not None:
+        # The manifest's accuracy is on the task's full test split; a subset or another dataset is measured.
+        if entry.source == "zoo" and data.name == entry.task and entry.test_accuracy is not None:
             accuracies[name] = entry.test_accuracy
         else:
             x, y = data.split("test")

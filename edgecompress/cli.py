@@ -73,7 +73,8 @@ def cli(debug):
 @click.option("--memory", help="Memory budget, e.g. 8MB, 512KiB.")
 @click.option("--max-accuracy-drop", "max_drop", default="2%", show_default=True,
               help="Allowed top-1 drop against the uncompressed model, e.g. 1% or 0.01.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), help="ImageFolder directory (default: the embedded digits).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="ImageFolder directory, or a named dataset: digits (the default), fashion-mnist (Debian's package).")
 @click.option("--model", "models", multiple=True, help="Zoo name or timm:ARCH=weights.pth; repeatable (default: the zoo).")
 @click.option("--method", "methods", multiple=True,
               help="Pruning method to sweep; repeatable (default: those the shipped meta-dataset covers).")

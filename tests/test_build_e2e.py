@@ -26,7 +26,7 @@ def test_build_openvino_end_to_end(tmp_path, capsys, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     for key in ("target", "budget", "choice", "artifact", "measured", "predicted", "candidates"):
         assert key in report
-    assert set(report["budget"]) == {"latency_ms", "memory_mb", "max_accuracy_drop"}
+    assert set(report["budget"]) == {"latency_ms", "memory_mb", "max_accuracy_drop", "latency_stat"}
     assert set(report["choice"]) >= {"model", "prune_method", "prune_ratio", "precision"}
     m = report["measured"]
     assert m["latency_ms_median"] <= 5 and m["latency_ms_p90"] >= m["latency_ms_median"]
