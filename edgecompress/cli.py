@@ -502,7 +502,7 @@ def meta_eval(data_path, as_json):
 
 # Import-time chatter of third-party modules (torch's CUDA probe on a CPU machine, deprecation notes)
 # is not the user's business; --debug shows it.
-QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "torchao", "nncf", "diffusers")
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree", "nncf", "diffusers")
 
 
 def main(argv=None) -> int:
