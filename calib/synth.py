@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.errors import UsageError
+from edgecompress.core.errors import UsageError
 
 MIN_PER_CLASS = 2
 
@@ -59,7 +59,7 @@ class SynthSpec:
 
 
 def cache_root() -> Path:
-    from edgecompress.fsutil import cache_dir
+    from edgecompress.core.fsutil import cache_dir
 
     return cache_dir() / "synth"
 
@@ -177,7 +177,7 @@ def synthesizer(pixels: np.ndarray, labels: np.ndarray, num_classes: int, spec: 
     """The trained UNet for these inputs: from the cache, or trained now and cached. Returns (unet, cached?, seconds)."""
     from diffusers import UNet2DModel
 
-    from edgecompress.fsutil import atomic_path
+    from edgecompress.core.fsutil import atomic_path
 
     directory = cache_root() / spec.key(pixels, labels)
     if (directory / "config.json").is_file():

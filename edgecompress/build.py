@@ -14,8 +14,8 @@ from edgecompress.bundle import make_bundle
 from edgecompress.costmodel import describe as describe_cost_model
 from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.devicecal import ensure_calibrated
-from edgecompress.errors import BudgetError, NumericalError, RunDirError, UsageError
-from edgecompress.fsutil import write_json
+from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
+from edgecompress.core.fsutil import write_json
 from edgecompress.kernels import model_graph
 from edgecompress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks

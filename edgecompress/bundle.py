@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress import __version__
-from edgecompress.errors import UsageError
-from edgecompress.fsutil import atomic_path, sha256_file, write_json
+from edgecompress.core.errors import UsageError
+from edgecompress.core.fsutil import atomic_path, sha256_file, write_json
 from edgecompress.targets import RUNTIMES, runtime_class
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"

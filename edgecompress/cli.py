@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from edgecompress.errors import EdgecompressError, UsageError
-from edgecompress.units import parse_fraction, parse_latency_ms, parse_size_bytes
+from edgecompress.core.errors import EdgecompressError, UsageError
+from edgecompress.core.units import parse_fraction, parse_latency_ms, parse_size_bytes
 
 
 def _budget(latency, memory, max_drop, latency_stat="p90"):
@@ -230,7 +230,7 @@ def targets_profile(target_name, networks, work, out, seed):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgecompress.devicecal import machine_fingerprint
-    from edgecompress.fsutil import cache_dir
+    from edgecompress.core.fsutil import cache_dir
     from edgecompress.latency import fit, profile_target
     from edgecompress.targets import get_target
 
@@ -399,7 +399,7 @@ def calib_synth(data_dir, per_class, count, out, pipeline_path, model_spec, trai
 
     from edgecompress.calib.synth import SynthSpec, few_shot, synthesize, to_unit, write_image_folder
     from edgecompress.data import load_dataset
-    from edgecompress.fsutil import atomic_path, write_json
+    from edgecompress.core.fsutil import atomic_path, write_json
     from edgecompress.models import load_model, parse_model_spec
 
     if out.exists():
@@ -440,7 +440,7 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     from edgecompress.collect import PRECISIONS, collect
     from edgecompress.methods import FinetuneSpec, list_methods
     from edgecompress.models import list_models
-    from edgecompress.units import parse_fraction
+    from edgecompress.core.units import parse_fraction
 
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in precision_list if p not in PRECISIONS]

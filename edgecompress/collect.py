@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgecompress.errors import UsageError
-from edgecompress.fsutil import atomic_path
+from edgecompress.core.errors import UsageError
+from edgecompress.core.fsutil import atomic_path
 from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
 PRECISIONS = ("fp32", "fp16", "int8")

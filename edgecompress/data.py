@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.errors import DataError
+from edgecompress.core.errors import DataError
 
 SPLITS = ("train", "calib", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -169,7 +169,7 @@ def _unpacked(gz: Path) -> Path:
     Keyed by the source's path, size and mtime, so a replaced file is unpacked again; written
     atomically, so an interrupted unpack is never mistaken for a finished one.
     """
-    from edgecompress.fsutil import atomic_path, cache_dir
+    from edgecompress.core.fsutil import atomic_path, cache_dir
 
     stat = gz.stat()
     key = hashlib.sha256(f"{gz.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]

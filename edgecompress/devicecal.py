@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgecompress.errors import UsageError
-from edgecompress.fsutil import cache_dir, sha256_file, write_json
+from edgecompress.core.errors import UsageError
+from edgecompress.core.fsutil import cache_dir, sha256_file, write_json
 
 FORMAT = 1
 # CPU features that change which kernels a runtime picks (and so how fast they run): x86 vector widths,

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.errors import EdgecompressError
-from edgecompress.fsutil import append_jsonl, read_jsonl, write_json, write_text
+from edgecompress.core.errors import EdgecompressError
+from edgecompress.core.fsutil import append_jsonl, read_jsonl, write_json, write_text
 from edgecompress.kernels import ACT_CODES, Kernel, ModelGraph, graph_kernels
 
 FAMILIES = {"conv": "conv", "depthwise": "depthwise", "pointwise": "pointwise", "linear": "linear",

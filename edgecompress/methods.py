@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from edgecompress.errors import UnknownNameError, UsageError
+from edgecompress.core.errors import UnknownNameError, UsageError
 from edgecompress.targets import PRECISIONS
 
 SPEC_VERSION = 1

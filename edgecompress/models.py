@@ -22,8 +22,8 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from edgecompress.errors import UnknownNameError, UsageError, WeightsError
-from edgecompress.fsutil import sha256_file
+from edgecompress.core.errors import UnknownNameError, UsageError, WeightsError
+from edgecompress.core.fsutil import sha256_file
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 MANIFEST = ZOO_DIR / "manifest.json"  # the digits zoo's

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress.data import Dataset
-from edgecompress.errors import NumericalError
-from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.core.errors import NumericalError
+from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx

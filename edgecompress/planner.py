@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 
 from edgecompress.costmodel import CostPrediction, predict_cost
-from edgecompress.errors import BudgetError, UsageError
+from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.kernels import ModelGraph
 from edgecompress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
 from edgecompress.targets import Target

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.errors import UsageError
+from edgecompress.core.errors import UsageError
 from edgecompress.features import FEATURE_DOCS
-from edgecompress.fsutil import atomic_path
+from edgecompress.core.fsutil import atomic_path
 from edgecompress.methods import METHODS
 
 UPPER_QUANTILE = 0.9

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from edgecompress.fsutil import atomic_path, write_json
+from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.planner import Plan, speed_key
 from edgecompress.targets import Target
 from edgecompress.timing import with_statistics

@@ -16,8 +16,8 @@ import json
 import re
 from pathlib import Path
 
-from edgecompress.errors import UnknownNameError, UsageError
-from edgecompress.fsutil import write_text
+from edgecompress.core.errors import UnknownNameError, UsageError
+from edgecompress.core.fsutil import write_text
 from edgecompress.report import read_report
 
 

@@ -25,7 +25,7 @@ import socket
 import time
 from pathlib import Path
 
-from edgecompress.errors import EdgecompressError, UsageError
+from edgecompress.core.errors import EdgecompressError, UsageError
 
 RUNNER = Path(__file__).parent / "runtimes" / "runner.py"
 COPY_RETRIES = 3

@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from edgecompress.errors import UsageError
-from edgecompress.fsutil import write_json, write_text
+from edgecompress.core.errors import UsageError
+from edgecompress.core.fsutil import write_json, write_text
 
 REPORT_FORMAT = 2  # 1: the same layout without a format field (read as such)
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from edgecompress.errors import TargetFileError, UnknownNameError
+from edgecompress.core.errors import TargetFileError, UnknownNameError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIMES = {

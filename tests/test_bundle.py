@@ -107,7 +107,7 @@ def test_verify_and_predict_refuse_a_damaged_bundle(run, tmp_path, capsys, damag
 
 def test_verify_catches_a_model_that_does_not_load(run, tmp_path, capsys):
     """Even with a manifest re-hashed to match, a corrupt artifact fails to load."""
-    from edgecompress.fsutil import sha256_file
+    from edgecompress.core.fsutil import sha256_file
 
     copy = tmp_path / "bundle"
     shutil.copytree(run / "bundle", copy)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edgecompress.data import SPLITS, load_image_folder
-from edgecompress.errors import DataError
+from edgecompress.core.errors import DataError
 
 from conftest import write_images
 

@@ -19,7 +19,7 @@ from edgecompress.devicecal import (
     ensure_calibrated,
     machine_fingerprint,
 )
-from edgecompress.errors import UsageError
+from edgecompress.core.errors import UsageError
 from edgecompress.kernels import graph_kernels
 from edgecompress.targets import get_target
 

@@ -26,7 +26,7 @@ from edgecompress.data import (
     load_digits,
     load_fashion_mnist,
 )
-from edgecompress.errors import DataError
+from edgecompress.core.errors import DataError
 
 from conftest import write_images
 

@@ -8,7 +8,7 @@ import pytest
 
 from edgecompress import pipeline
 from edgecompress.cli import main
-from edgecompress.errors import NumericalError
+from edgecompress.core.errors import NumericalError
 
 
 @pytest.fixture

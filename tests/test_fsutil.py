@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from edgecompress.fsutil import DiskFullError, atomic_path, write_json
+from edgecompress.core.fsutil import DiskFullError, atomic_path, write_json
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
@@ -48,7 +48,7 @@ def test_disk_full_keeps_previous_state(tmp_path, monkeypatch):
 
 
 def test_jsonl_resume_skips_a_line_cut_short(tmp_path):
-    from edgecompress.fsutil import append_jsonl, read_jsonl
+    from edgecompress.core.fsutil import append_jsonl, read_jsonl
 
     path = tmp_path / "rows.jsonl"
     assert read_jsonl(path, key=lambda r: r["k"]) == {}

@@ -9,7 +9,7 @@ from torch import nn
 
 from edgecompress.cli import main
 from edgecompress.costmodel import predict_cost
-from edgecompress.errors import EdgecompressError
+from edgecompress.core.errors import EdgecompressError
 from edgecompress.kernels import Kernel, ModelGraph, model_graph
 from edgecompress.latency import KernelLatencyModel, fit, kernel_features, profile_target, random_network
 from edgecompress.layers import profile_layers

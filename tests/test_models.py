@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from edgecompress.errors import UnknownNameError, UsageError, WeightsError
+from edgecompress.core.errors import UnknownNameError, UsageError, WeightsError
 from edgecompress.models import get_model, load_model, parse_model_spec
 
 
@@ -80,7 +80,7 @@ def _write_zoo(root, task, rows):
 def _row(name, folder, *, shipped=True, num_classes=10):
     import timm
 
-    from edgecompress.fsutil import sha256_file
+    from edgecompress.core.fsutil import sha256_file
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=num_classes)

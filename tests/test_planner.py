@@ -1,7 +1,7 @@
 import pytest
 
 from edgecompress.costmodel import predict_cost
-from edgecompress.errors import BudgetError, UsageError
+from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.kernels import model_graph
 from edgecompress.methods import severity
 from edgecompress.models import get_model, list_models, load_model

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from edgecompress.errors import TargetFileError, UnknownNameError
+from edgecompress.core.errors import TargetFileError, UnknownNameError
 from edgecompress.methods import METHODS, get_method, list_methods
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.targets import PRECISIONS, get_target, list_targets, load_target_file

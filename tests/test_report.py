@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgecompress.errors import UsageError
+from edgecompress.core.errors import UsageError
 from edgecompress.report import REPORT_FORMAT, BuildReport, CandidateRecord, Measured, read_report, write_report
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress.errors import EdgecompressError
+from edgecompress.core.errors import EdgecompressError
 from edgecompress.runtimes.base import Runtime, export_onnx
 from edgecompress.targets import RUNTIMES, get_target, list_targets, runtime_class
 

@@ -3,7 +3,7 @@
 import pytest
 
 from edgecompress import pipeline
-from edgecompress.errors import NumericalError
+from edgecompress.core.errors import NumericalError
 from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec
 from edgecompress.models import get_model
 from edgecompress.targets import get_target

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgecompress.errors import UsageError
-from edgecompress.units import parse_fraction, parse_latency_ms, parse_size_bytes
+from edgecompress.core.errors import UsageError
+from edgecompress.core.units import parse_fraction, parse_latency_ms, parse_size_bytes
 
 
 @pytest.mark.parametrize("text, ms", [

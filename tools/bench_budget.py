@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edgecompress.fsutil import append_jsonl, atomic_path, read_jsonl, write_json  # noqa: E402
+from edgecompress.core.fsutil import append_jsonl, atomic_path, read_jsonl, write_json  # noqa: E402
 
 TARGETS = ("ort-cpu", "openvino-cpu")
 FACTORS = (1.2, 0.5, 2.0, 0.8)  # budget / dense fp32 p90, in the order the cases run
@@ -260,7 +260,7 @@ def run_build_cli(argv: list[str]) -> tuple[str, str | None]:
     import logging
 
     from edgecompress import cli
-    from edgecompress.errors import BudgetError
+    from edgecompress.core.errors import BudgetError
 
     for name in cli.QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

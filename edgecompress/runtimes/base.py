@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edgecompress.errors import EdgecompressError
+from edgecompress.core.errors import EdgecompressError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -142,7 +142,7 @@ def time_engine_locally(onnx_path: Path, precision: str, input_shape: tuple[int,
     import tensorrt as trt
     import torch
 
-    from edgecompress.errors import EdgecompressError
+    from edgecompress.core.errors import EdgecompressError
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgecompress.errors import EdgecompressError
+from edgecompress.core.errors import EdgecompressError
 
 
 class DiskFullError(EdgecompressError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from edgecompress.errors import UsageError
+from edgecompress.core.errors import UsageError
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 

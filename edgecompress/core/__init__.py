@@ -1,0 +1,1 @@
+"""What every part uses: the exception tree, units, files written atomically."""
