@@ -12,7 +12,7 @@ from pathlib import Path
 from edgecompress import __version__
 from edgecompress.bundle import make_bundle
 from edgecompress.costmodel import describe as describe_cost_model
-from edgecompress.data import DIGITS_NAME, Dataset, load_dataset
+from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.devicecal import ensure_calibrated
 from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.core.fsutil import write_json

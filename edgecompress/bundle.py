@@ -127,7 +127,7 @@ def verify_bundle(bundle: Path) -> dict:
 
 def preprocess_image(path: Path, spec: dict) -> np.ndarray:
     """One image as the model's batch-1 input, by the bundle's preprocess.json."""
-    from edgecompress.data import Preprocess, _normalise, _read_image
+    from edgecompress.data.datasets import Preprocess, _normalise, _read_image
 
     fields = {f.name for f in dataclasses.fields(Preprocess)}
     pre = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k in fields})

@@ -144,7 +144,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     from rich.console import Console
 
     from edgecompress.build import model_facts, resolve_models
-    from edgecompress.data import load_digits
+    from edgecompress.data.datasets import load_digits
     from edgecompress.devicecal import ensure_calibrated
     from edgecompress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
@@ -398,7 +398,7 @@ def calib_synth(data_dir, per_class, count, out, pipeline_path, model_spec, trai
     from rich.console import Console
 
     from edgecompress.calib.synth import SynthSpec, few_shot, synthesize, to_unit, write_image_folder
-    from edgecompress.data import load_dataset
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.core.fsutil import atomic_path, write_json
     from edgecompress.models import load_model, parse_model_spec
 

@@ -49,7 +49,7 @@ def run_job(job: CollectJob) -> list[dict]:
     import torch
 
     from edgecompress import pipeline
-    from edgecompress.data import load_dataset
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.features import Featurizer
     from edgecompress.models import load_model, parse_model_spec
     from edgecompress.targets import get_target
@@ -102,7 +102,7 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     import torch
     from rich.progress import Progress
 
-    from edgecompress.data import load_dataset
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
     from edgecompress.train import evaluate_torch
@@ -187,7 +187,7 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
     import ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from edgecompress.data import load_dataset
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.models import parse_model_spec
 
     if out.suffix != ".parquet":

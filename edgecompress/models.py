@@ -42,7 +42,7 @@ class ModelEntry:
     flops: int | None = None
     test_accuracy: float | None = None
     sha256: str | None = None
-    # The task (a name in edgecompress.data.NAMED_DATASETS): a zoo model's training data; for a
+    # The task (a name in edgecompress.data.datasets.NAMED_DATASETS): a zoo model's training data; for a
     # user's weights, the task they were named under (zoo accuracies are matched within it only).
     task: str = DEFAULT_TASK
 
@@ -96,7 +96,7 @@ def _zoo(task: str = DEFAULT_TASK) -> dict[str, ModelEntry]:
     if not manifest.is_file():
         if task == DEFAULT_TASK:
             return {}  # a checkout before tools/train_zoo.py ran; callers say "the zoo is empty"
-        from edgecompress.data import NAMED_DATASETS
+        from edgecompress.data.datasets import NAMED_DATASETS
 
         if task in NAMED_DATASETS:
             raise UsageError(f"no zoo is trained on {task} yet ({manifest} is missing); "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.data import Dataset
+from edgecompress.data.datasets import Dataset
 from edgecompress.core.errors import NumericalError
 from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgecompress.data import load_digits
+from edgecompress.data.datasets import load_digits
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

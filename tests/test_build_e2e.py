@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgecompress.cli import main
-from edgecompress.data import load_digits
+from edgecompress.data.datasets import load_digits
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgecompress.data import SPLITS, load_image_folder
+from edgecompress.data.datasets import SPLITS, load_image_folder
 from edgecompress.core.errors import DataError
 
 from conftest import write_images

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecompress.data import (
+from edgecompress.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,
     FASHION_MNIST_FILES,

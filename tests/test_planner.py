@@ -84,7 +84,7 @@ def test_jetson_int8_and_sparsity_model(facts):
 @pytest.fixture(scope="module")
 def accuracy_model(facts):
     from edgecompress.build import resolve_models
-    from edgecompress.data import load_digits
+    from edgecompress.data.datasets import load_digits
     from edgecompress.predictor import AccuracyModel
 
     data = load_digits(32)
@@ -126,7 +126,7 @@ def test_plan_scores_an_unseen_model_from_its_features(tmp_path, facts):
     import torch
 
     from edgecompress.build import model_facts, resolve_models
-    from edgecompress.data import load_digits
+    from edgecompress.data.datasets import load_digits
     from edgecompress.predictor import AccuracyModel
 
     data = load_digits(32)

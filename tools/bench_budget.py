@@ -480,7 +480,7 @@ def main(argv=None) -> int:
         cases = cases[:args.cases]
 
     if not args.markdown:
-        from edgecompress.data import load_digits
+        from edgecompress.data.datasets import load_digits
         from edgecompress.targets import get_target
 
         data, skipped = None, 0

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.calib.synth import SynthSpec, few_shot, match_intensities, synthesize  # noqa: E402
-from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.pipeline import run_session  # noqa: E402

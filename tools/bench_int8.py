@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.pipeline import run_session  # noqa: E402
 from edgecompress.runtimes.base import calibration_dataset, export_onnx, gain_outliers, nncf_quiet, quantize_onnx  # noqa: E402

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgecompress.data import load_digits  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.layers import profile_layers  # noqa: E402
 from edgecompress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402

@@ -1,0 +1,1 @@
+"""Datasets: the embedded digits, Fashion-MNIST, ImageFolder trees."""
