@@ -17,7 +17,7 @@ from edgecompress.devicecal import ensure_calibrated
 from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.core.fsutil import write_json
 from edgecompress.kernels import model_graph
-from edgecompress.methods import FinetuneSpec
+from edgecompress.compress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.predictor import AccuracyModel
@@ -26,7 +26,7 @@ from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_b
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
 from edgecompress.timing import accuracy_interval, straddles
-from edgecompress.train import predict_torch
+from edgecompress.compress.finetune import predict_torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ def synthesizes(options: BuildOptions, data: Dataset) -> bool:
 
 def calibration_key(options: BuildOptions, data: Dataset) -> str:
     """What the calibration images will be, known before any is synthesized (for the stage cache)."""
-    from edgecompress.methods import spec_hash
+    from edgecompress.compress.methods import spec_hash
 
     if not synthesizes(options, data):
         return "real"
@@ -356,13 +356,13 @@ def make_bundle_for(report: BuildReport, chosen: Built, data, options, run_dir: 
 
 
 def _sparse(candidate, target) -> bool:
-    from edgecompress.methods import get_method
+    from edgecompress.compress.methods import get_method
 
     return get_method(candidate.prune.method).sparse_pattern in target.sparse_kernels
 
 
 def _method_description(candidate) -> str:
-    from edgecompress.methods import get_method
+    from edgecompress.compress.methods import get_method
 
     method = get_method(candidate.prune.method)
     return method.description if method.kind == "none" else f"{method.description}, ratio {candidate.prune.ratio:.2f}"

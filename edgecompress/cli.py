@@ -97,7 +97,7 @@ def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models
           archive, calib_mode, synth_steps, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
-    from edgecompress.methods import FinetuneSpec, sweep_for
+    from edgecompress.compress.methods import FinetuneSpec, sweep_for
     from edgecompress.targets import get_target
 
     if resume and force:
@@ -146,7 +146,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data.datasets import load_digits
     from edgecompress.devicecal import ensure_calibrated
-    from edgecompress.methods import sweep_for
+    from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
     from edgecompress.predictor import AccuracyModel
     from edgecompress.targets import get_target
@@ -438,7 +438,7 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     from rich.console import Console
 
     from edgecompress.collect import PRECISIONS, collect
-    from edgecompress.methods import FinetuneSpec, list_methods
+    from edgecompress.compress.methods import FinetuneSpec, list_methods
     from edgecompress.models import list_models
     from edgecompress.core.units import parse_fraction
 

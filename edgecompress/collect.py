@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgecompress.core.errors import UsageError
 from edgecompress.core.fsutil import atomic_path
-from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
@@ -105,7 +105,7 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     from edgecompress.data.datasets import load_dataset
     from edgecompress.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
-    from edgecompress.train import evaluate_torch
+    from edgecompress.compress.finetune import evaluate_torch
 
     rows = read_rows(path)
     if not rows:

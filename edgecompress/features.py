@@ -147,7 +147,7 @@ class Featurizer:
     def method_features(self, method_name: str, ratio: float) -> dict:
         """What kind of method it is, and weight-magnitude sensitivity proxies for pruning at ``ratio`` (sorted once,
         O(layers) per ratio)."""
-        from edgecompress.methods import get_method
+        from edgecompress.compress.methods import get_method
 
         method = get_method(method_name)
         kind = method.kind
@@ -177,7 +177,7 @@ class Featurizer:
 
     # ------------------------------------------------------------ one-shot proxies
     def _one_shot_pruned(self, method_name: str, ratio: float) -> nn.Module:
-        from edgecompress.methods import PruneData, get_method
+        from edgecompress.compress.methods import PruneData, get_method
 
         key = (method_name, ratio)
         if key not in self._pruned:

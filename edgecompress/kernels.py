@@ -95,7 +95,7 @@ class ModelGraph:
     def low_rank(self, ratio: float) -> ModelGraph:
         """The graph after low-rank factorization removing ``ratio`` of each factorizable kernel's MACs.
 
-        The same kernels :mod:`edgecompress.lowrank` factorizes (1x1 and linear: two factors; k x k: Tucker-2,
+        The same kernels :mod:`edgecompress.compress.lowrank` factorizes (1x1 and linear: two factors; k x k: Tucker-2,
         three), with ranks spread uniformly; the real ranks depend on each layer's spectrum, so this is the
         planner's estimate before anything is decomposed.
         """

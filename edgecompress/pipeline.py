@@ -19,12 +19,12 @@ import numpy as np
 from edgecompress.data.datasets import Dataset
 from edgecompress.core.errors import NumericalError
 from edgecompress.core.fsutil import atomic_path, write_json
-from edgecompress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
 from edgecompress.timing import merged, with_statistics
-from edgecompress.train import finetune, predict_torch
+from edgecompress.compress.finetune import finetune, predict_torch
 
 BENCH_WARMUP = 20
 BENCH_RUNS = 200

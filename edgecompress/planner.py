@@ -22,7 +22,7 @@ import itertools
 from edgecompress.costmodel import CostPrediction, predict_cost
 from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.kernels import ModelGraph
-from edgecompress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
+from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
 from edgecompress.targets import Target
 from edgecompress.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS
 

@@ -17,7 +17,7 @@ import numpy as np
 from edgecompress.core.errors import UsageError
 from edgecompress.features import FEATURE_DOCS
 from edgecompress.core.fsutil import atomic_path
-from edgecompress.methods import METHODS
+from edgecompress.compress.methods import METHODS
 
 UPPER_QUANTILE = 0.9
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared

@@ -53,7 +53,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
     precision (int8 from the fp32 artifact)."""
     import torch
 
-    from edgecompress.methods import PruneData, get_method
+    from edgecompress.compress.methods import PruneData, get_method
     from edgecompress.models import load_model
     from edgecompress.runtimes.base import export_onnx
 

@@ -199,7 +199,7 @@ def _device_run(tmp_path, target, slowdown):
     import dataclasses
 
     from edgecompress.costmodel import roofline_ms
-    from edgecompress.methods import get_method
+    from edgecompress.compress.methods import get_method
     from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 
     slow = dataclasses.replace(target, latency=dataclasses.replace(

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress.methods import METHODS, PruneData, PruneSpec, get_method
+from edgecompress.compress.methods import METHODS, PruneData, PruneSpec, get_method
 from edgecompress.models import get_model, load_model
 from edgecompress.runtimes.base import export_onnx
-from edgecompress.train import finetune
-from edgecompress.woodfisher import inverse_fisher_blocks, prunable_layers, woodfisher_prune
+from edgecompress.compress.finetune import finetune
+from edgecompress.compress.woodfisher import inverse_fisher_blocks, prunable_layers, woodfisher_prune
 
 
 def _weight_zero_share(model):
@@ -130,7 +130,7 @@ def test_second_order_beats_magnitude_one_shot(digits):
 
     (Measured 2026-11-23 on lcnet_050: magnitude 93.3%, WoodFisher 95.6% on the test split.)
     """
-    from edgecompress.train import evaluate_torch
+    from edgecompress.compress.finetune import evaluate_torch
 
     model = load_model(get_model("lcnet_050"), 10)
     x, y = digits.split("train")
@@ -152,7 +152,7 @@ def test_second_order_beats_magnitude_one_shot(digits):
 
 
 def test_low_rank_factors_are_exact_at_full_rank():
-    from edgecompress.lowrank import _factor_linear, _factor_tucker2
+    from edgecompress.compress.lowrank import _factor_linear, _factor_tucker2
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, 2, 1, bias=True).eval()
@@ -168,7 +168,7 @@ def test_low_rank_factors_are_exact_at_full_rank():
 
 def test_low_rank_ranks_follow_the_spectrum():
     """One global energy threshold: a layer with a fast-decaying spectrum is cut harder than a full-rank one."""
-    from edgecompress.lowrank import decompose
+    from edgecompress.compress.lowrank import decompose
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -204,7 +204,7 @@ def _other(value):
 
 def test_features_read_traits_not_names(digits, monkeypatch):
     """A newly registered second-order, per-layer method gets those features from its record, whatever its name."""
-    from edgecompress import methods
+    from edgecompress.compress import methods
     from edgecompress.features import Featurizer
 
     twin = dataclasses.replace(get_method("woodfisher"), name="obs.other", local=True)
@@ -216,7 +216,7 @@ def test_features_read_traits_not_names(digits, monkeypatch):
 
 
 def test_register_method_refuses_a_duplicate_name():
-    from edgecompress.methods import register_method
+    from edgecompress.compress.methods import register_method
 
     with pytest.raises(ValueError, match="twice"):
         register_method(get_method("woodfisher"))
@@ -245,7 +245,7 @@ def _follows_tensorrt_2_4(weight) -> bool:
 def test_2_4_masks_follow_tensorrt_rule(layer):
     """TensorRT's rule: 2 of every 4 along the input channels at each (k, r, s); a 3x3 mask grouped over the flattened
     (C, R, S) row breaks it. Layers without groups of 4 input channels (depthwise, C=6) stay dense."""
-    from edgecompress.methods import n_of_m_mask
+    from edgecompress.compress.methods import n_of_m_mask
 
     torch.manual_seed(0)
     nn.init.normal_(layer.weight)

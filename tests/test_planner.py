@@ -3,7 +3,7 @@ import pytest
 from edgecompress.costmodel import predict_cost
 from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.kernels import model_graph
-from edgecompress.methods import severity
+from edgecompress.compress.methods import severity
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.planner import Budget, check_reachable, plan
 from edgecompress.targets import get_target
@@ -71,7 +71,7 @@ def test_no_budget(facts):
 
 def test_jetson_int8_and_sparsity_model(facts):
     """Unstructured sparsity is free of speed-up on dense kernels; int8 helps compute-bound convs."""
-    from edgecompress.methods import get_method
+    from edgecompress.compress.methods import get_method
 
     profiles, accuracies = facts
     p = plan(get_target("jetson-orin-agx"), Budget(latency_ms=1.0), profiles, accuracies)
@@ -144,7 +144,7 @@ def test_plan_scores_an_unseen_model_from_its_features(tmp_path, facts):
 
 
 def test_low_rank_candidates_are_costed_from_the_factorized_graph(facts):
-    from edgecompress.methods import sweep_for
+    from edgecompress.compress.methods import sweep_for
 
     profiles, accuracies = facts
     p = plan(get_target("openvino-cpu"), Budget(latency_ms=1.0), {"resnet10t": profiles["resnet10t"]}, accuracies,

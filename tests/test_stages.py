@@ -4,7 +4,7 @@ import pytest
 
 from edgecompress import pipeline
 from edgecompress.core.errors import NumericalError
-from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec
 from edgecompress.models import get_model
 from edgecompress.targets import get_target
 
@@ -100,7 +100,7 @@ def test_a_changed_method_setting_is_not_served_from_the_cache(tmp_path, small_d
     """Method settings are in the compress stage's key: changing one rebuilds instead of reusing a stale stage."""
     import dataclasses
 
-    from edgecompress import methods
+    from edgecompress.compress import methods
 
     entries = {MODEL: get_model(MODEL)}
     cand = Candidate(model=MODEL, prune=PruneSpec(method="woodfisher", ratio=0.5), quant=QuantSpec(precision="fp32"))

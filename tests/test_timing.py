@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgecompress import build, pipeline
-from edgecompress.methods import Candidate, PruneSpec, QuantSpec
+from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
 from edgecompress.planner import Budget
 from edgecompress.timing import accuracy_interval, merged, straddles, summarize, with_statistics
 

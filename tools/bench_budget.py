@@ -113,7 +113,7 @@ def user_model(arch: str, work: Path, data) -> tuple[str, dict]:
     import timm
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgecompress.train import evaluate_torch
+    from edgecompress.compress.finetune import evaluate_torch
 
     recipe = {**train_zoo.DEFAULT, "epochs": USER_EPOCHS}
     train_zoo.TASKS[USER_TASK] = train_zoo.Task(USER_TASK, "digits-32", recipe, {a: {} for a in USER_ARCHS})
@@ -155,7 +155,7 @@ def plan_as_build(target, spec: str, data, console):
     """The plan `build --model SPEC` makes (default sweep and precisions), with a placeholder budget, and timings."""
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.devicecal import ensure_calibrated
-    from edgecompress.methods import sweep_for
+    from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import Budget, plan
     from edgecompress.predictor import AccuracyModel
 

@@ -109,8 +109,8 @@ def second_use(data, synthetic: np.ndarray, synthetic_labels: np.ndarray) -> dic
     import torch
     from scipy.stats import spearmanr
 
-    from edgecompress.methods import PruneData, get_method
-    from edgecompress.train import predict_torch
+    from edgecompress.compress.methods import PruneData, get_method
+    from edgecompress.compress.finetune import predict_torch
 
     x_test, y_test = data.split("test")
     x_val, y_val = data.split("val")

@@ -29,7 +29,7 @@ from edgecompress import pipeline  # noqa: E402
 from edgecompress.costmodel import fit_roofline, predict_cost  # noqa: E402
 from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.kernels import model_graph  # noqa: E402
-from edgecompress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.targets import get_target  # noqa: E402
 

@@ -52,7 +52,7 @@ from edgecompress.data.datasets import load_digits, load_fashion_mnist  # noqa: 
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json  # noqa: E402
 from edgecompress.layers import count_params, profile_layers, total_macs  # noqa: E402
 from edgecompress.models import zoo_dir  # noqa: E402
-from edgecompress.train import augment, evaluate_torch  # noqa: E402
+from edgecompress.compress.finetune import augment, evaluate_torch  # noqa: E402
 
 ZOO = {
     # architecture: recipe overrides (the default recipe is in DEFAULT)

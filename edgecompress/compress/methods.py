@@ -258,7 +258,7 @@ def _unmask(model, example_input=None):
 
 
 def _woodfisher(model, ratio, example_input, data, settings: WoodFisherSettings):
-    from edgecompress.woodfisher import woodfisher_prune
+    from edgecompress.compress.woodfisher import woodfisher_prune
 
     if data is None:
         raise UsageError("woodfisher needs labelled samples for its Fisher estimate")
@@ -268,7 +268,7 @@ def _woodfisher(model, ratio, example_input, data, settings: WoodFisherSettings)
 
 
 def _low_rank(model, ratio, example_input, data, settings: LowRankSettings):
-    from edgecompress.lowrank import decompose
+    from edgecompress.compress.lowrank import decompose
 
     return decompose(model, ratio, example_input, bisection_steps=settings.bisection_steps)[0]
 
