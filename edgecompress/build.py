@@ -11,12 +11,12 @@ from pathlib import Path
 
 from edgecompress import __version__
 from edgecompress.bundle import make_bundle
-from edgecompress.costmodel import describe as describe_cost_model
+from edgecompress.costmodel.cost import describe as describe_cost_model
 from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
-from edgecompress.devicecal import ensure_calibrated
+from edgecompress.costmodel.devicecal import ensure_calibrated
 from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.core.fsutil import write_json
-from edgecompress.kernels import model_graph
+from edgecompress.costmodel.kernels import model_graph
 from edgecompress.compress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed

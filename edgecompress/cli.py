@@ -145,7 +145,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
 
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data.datasets import load_digits
-    from edgecompress.devicecal import ensure_calibrated
+    from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
     from edgecompress.predictor import AccuracyModel
@@ -229,9 +229,9 @@ def targets_profile(target_name, networks, work, out, seed):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgecompress.devicecal import machine_fingerprint
+    from edgecompress.costmodel.devicecal import machine_fingerprint
     from edgecompress.core.fsutil import cache_dir
-    from edgecompress.latency import fit, profile_target
+    from edgecompress.costmodel.latency import fit, profile_target
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
@@ -270,7 +270,7 @@ def targets_calibrate(target_name, force, as_json):
     """Rescale TARGET's kernel latency model to this machine (about 20 s the first time; cached)."""
     from rich.console import Console
 
-    from edgecompress.devicecal import calibrate
+    from edgecompress.costmodel.devicecal import calibrate
     from edgecompress.targets import get_target
 
     calibration = calibrate(get_target(target_name), force=force, console=Console(stderr=True))
@@ -300,7 +300,7 @@ def targets_calibrate(target_name, force, as_json):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def targets_refit(target_name, run_dirs, out, force):
     """Refit a device target's roofline to the latencies builds with --device measured on it (RUN_DIRS)."""
-    from edgecompress.refit import refit
+    from edgecompress.costmodel.refit import refit
     from edgecompress.targets import get_target
 
     click.echo(json.dumps(refit(get_target(target_name), list(run_dirs), out, force=force), indent=2))

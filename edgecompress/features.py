@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompress.layers import profile_layers
+from edgecompress.costmodel.layers import profile_layers
 
 FEATURES_VERSION = 3
 ONESHOT_SAMPLES = 128

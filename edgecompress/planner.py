@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from edgecompress.costmodel import CostPrediction, predict_cost
+from edgecompress.costmodel.cost import CostPrediction, predict_cost
 from edgecompress.core.errors import BudgetError, UsageError
-from edgecompress.kernels import ModelGraph
+from edgecompress.costmodel.kernels import ModelGraph
 from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
 from edgecompress.targets import Target
 from edgecompress.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS

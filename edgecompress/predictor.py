@@ -306,7 +306,7 @@ REGRESSORS = ("lightgbm", "ridge")
 def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, np.ndarray]:
     """Predicted latency of every meta-dataset row on each target (zoo models' exported graphs)."""
     from edgecompress.data.datasets import load_digits
-    from edgecompress.kernels import model_graph
+    from edgecompress.costmodel.kernels import model_graph
     from edgecompress.models import get_model, load_model
     from edgecompress.planner import estimate_cost
     from edgecompress.targets import get_target

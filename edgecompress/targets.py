@@ -48,13 +48,13 @@ def builtin_targets_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class LatencyModel:
-    """Per-layer roofline plus fixed costs; see edgecompress.costmodel."""
+    """Per-layer roofline plus fixed costs; see edgecompress.costmodel.cost."""
 
     overhead_ms: float
     per_layer_us: float
     efficiency: dict  # kernel kind -> share of peak reached
     int8_efficiency: dict  # kernel kind -> share of int8 peak reached
-    kernels: Path | None = None  # fitted kernel-level model (edgecompress.latency); None: the roofline alone
+    kernels: Path | None = None  # fitted kernel-level model (edgecompress.costmodel.latency); None: the roofline alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Target:
         """The fitted kernel-level latency model, or None where the target has only the roofline."""
         if self.latency.kernels is None:
             return None
-        from edgecompress.latency import KernelLatencyModel
+        from edgecompress.costmodel.latency import KernelLatencyModel
 
         return _load_kernel_model(self.latency.kernels, KernelLatencyModel)
 

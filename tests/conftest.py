@@ -50,7 +50,7 @@ def write_images(root, classes, per_class, size=12, seed=0):
 def _no_device_calibration_between_tests():
     """A calibration activated by one test's plan or build (process-wide, as it is for one CLI run) must not rescale
     the next test's predictions."""
-    from edgecompress import devicecal
+    from edgecompress.costmodel import devicecal
 
     yield
     devicecal._ACTIVE.clear()

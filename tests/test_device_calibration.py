@@ -1,4 +1,4 @@
-"""Calibrating the CPU targets' kernel latency models to the machine that runs the tool (edgecompress.devicecal)."""
+"""Calibrating the CPU targets' kernel latency models to the machine that runs the tool (edgecompress.costmodel.devicecal)."""
 
 import dataclasses
 import io
@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgecompress import devicecal
+from edgecompress.costmodel import devicecal
 from edgecompress.cli import main
-from edgecompress.costmodel import describe, predict_cost
-from edgecompress.devicecal import (
+from edgecompress.costmodel.cost import describe, predict_cost
+from edgecompress.costmodel.devicecal import (
     ReferenceNetwork,
     calibrate,
     ensure_calibrated,
     machine_fingerprint,
 )
 from edgecompress.core.errors import UsageError
-from edgecompress.kernels import graph_kernels
+from edgecompress.costmodel.kernels import graph_kernels
 from edgecompress.targets import get_target
 
 TWO_NETWORKS = (ReferenceNetwork("lcnet_050", 32), ReferenceNetwork("resnet10t", 32))

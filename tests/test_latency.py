@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from edgecompress.cli import main
-from edgecompress.costmodel import predict_cost
+from edgecompress.costmodel.cost import predict_cost
 from edgecompress.core.errors import EdgecompressError
-from edgecompress.kernels import Kernel, ModelGraph, model_graph
-from edgecompress.latency import KernelLatencyModel, fit, kernel_features, profile_target, random_network
-from edgecompress.layers import profile_layers
+from edgecompress.costmodel.kernels import Kernel, ModelGraph, model_graph
+from edgecompress.costmodel.latency import KernelLatencyModel, fit, kernel_features, profile_target, random_network
+from edgecompress.costmodel.layers import profile_layers
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.targets import get_target, load_target_file
 
@@ -119,7 +119,7 @@ def test_a_target_pointing_at_a_missing_model_fails_clearly(tmp_path):
 
 
 def test_runtime_node_names_are_attributed_to_kernels():
-    from edgecompress.latency import attribute
+    from edgecompress.costmodel.latency import attribute
 
     members = {"/stem/Conv": 0, "/stem/act/Relu": 0, "/blocks.0/conv/Conv": 1, "/blocks.0/Add": 1}
     tensors = {"/stem/act/Relu_output_0": 0}
@@ -198,7 +198,7 @@ def _device_run(tmp_path, target, slowdown):
     """A finished build's run directory whose device measured the roofline's prediction times ``slowdown``."""
     import dataclasses
 
-    from edgecompress.costmodel import roofline_ms
+    from edgecompress.costmodel.cost import roofline_ms
     from edgecompress.compress.methods import get_method
     from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 

@@ -49,8 +49,8 @@ def test_method_contract(name, small_digits, tmp_path):
     elif method.kind == "none":
         assert sum(p.numel() for p in model.parameters()) == params_before
     elif method.kind == "lowrank":
-        from edgecompress.layers import profile_layers
-        from edgecompress.kernels import model_graph
+        from edgecompress.costmodel.layers import profile_layers
+        from edgecompress.costmodel.kernels import model_graph
 
         parent = load_model(get_model("lcnet_050"), 10)
         full = sum(l.macs for l in profile_layers(parent, small_digits.input_shape))

@@ -145,7 +145,7 @@ def test_zoo_without_the_digits_manifest(tmp_path, monkeypatch):
 
 def test_every_shipped_zoo_loads_and_fits_the_package_budget():
     """Each task's shipped checkpoints load at their manifest's size; all of them together stay under 100 MB."""
-    from edgecompress.layers import count_params
+    from edgecompress.costmodel.layers import count_params
     from edgecompress.models import list_models, zoo_tasks
 
     assert zoo_tasks()[0] == "digits"

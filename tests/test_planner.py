@@ -1,8 +1,8 @@
 import pytest
 
-from edgecompress.costmodel import predict_cost
+from edgecompress.costmodel.cost import predict_cost
 from edgecompress.core.errors import BudgetError, UsageError
-from edgecompress.kernels import model_graph
+from edgecompress.costmodel.kernels import model_graph
 from edgecompress.compress.methods import severity
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.planner import Budget, check_reachable, plan

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgecompress.kernels import model_graph
+from edgecompress.costmodel.kernels import model_graph
 from edgecompress.models import get_model, load_model
 from edgecompress.planner import Budget, plan, speed_key
 from edgecompress.premeasure import can_premeasure, premeasure, to_time

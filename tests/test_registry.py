@@ -66,7 +66,7 @@ def test_zoo_has_six_families_and_fits_size():
 
 @pytest.mark.parametrize("name", list_models())
 def test_zoo_model_matches_manifest(name, digits):
-    from edgecompress.layers import count_params
+    from edgecompress.costmodel.layers import count_params
     from edgecompress.compress.finetune import evaluate_torch
 
     entry = get_model(name)

@@ -51,7 +51,7 @@ Metrics, per target and overall:
 --latency-stat median|p90|p99 picks the budget statistic (default p90, as build); it is part of a case's key
 and the exhaustive timings are kept per statistic. --cases N keeps the first N cases of the ordered list (finished ones still count towards N). Errors are
 recorded in the cache and not rerun unless --retry-errors. The summary covers every cached case of the chosen
-targets and records the machine (edgecompress.devicecal.machine_fingerprint), the load average and the date;
+targets and records the machine (edgecompress.costmodel.devicecal.machine_fingerprint), the load average and the date;
 each cache line has its own date and load average. The machine may be shared: read single cases with care.
 """
 
@@ -154,7 +154,7 @@ class _TimedAccuracyModel:
 def plan_as_build(target, spec: str, data, console):
     """The plan `build --model SPEC` makes (default sweep and precisions), with a placeholder budget, and timings."""
     from edgecompress.build import model_facts, resolve_models
-    from edgecompress.devicecal import ensure_calibrated
+    from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import Budget, plan
     from edgecompress.predictor import AccuracyModel
@@ -399,7 +399,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def machine(targets: list[str]) -> dict:
-    from edgecompress.devicecal import machine_fingerprint
+    from edgecompress.costmodel.devicecal import machine_fingerprint
     from edgecompress.targets import get_target
 
     prints = {t: machine_fingerprint(get_target(t).runtime()) for t in targets}

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
-from edgecompress.layers import profile_layers  # noqa: E402
+from edgecompress.costmodel.layers import profile_layers  # noqa: E402
 from edgecompress.compress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.compress.finetune import finetune, predict_torch  # noqa: E402

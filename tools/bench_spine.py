@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress import pipeline  # noqa: E402
-from edgecompress.costmodel import fit_roofline, predict_cost  # noqa: E402
+from edgecompress.costmodel.cost import fit_roofline, predict_cost  # noqa: E402
 from edgecompress.data.datasets import load_digits  # noqa: E402
-from edgecompress.kernels import model_graph  # noqa: E402
+from edgecompress.costmodel.kernels import model_graph  # noqa: E402
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.targets import get_target  # noqa: E402
@@ -63,7 +63,7 @@ def measure(target_name: str, model_name: str, data, workdir: Path) -> list[dict
 
 
 def fit_target(target_name: str, rows: list[dict], data) -> dict:
-    """The roofline's constants refitted to these measurements (edgecompress.costmodel.fit_roofline)."""
+    """The roofline's constants refitted to these measurements (edgecompress.costmodel.cost.fit_roofline)."""
     target = get_target(target_name)
     rows = [r for r in rows if r["target"] == target_name]
     graphs = {m: model_graph(load_model(get_model(m), 10), data.input_shape) for m in {r["model"] for r in rows}}

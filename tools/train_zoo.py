@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.data.datasets import load_digits, load_fashion_mnist  # noqa: E402
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json  # noqa: E402
-from edgecompress.layers import count_params, profile_layers, total_macs  # noqa: E402
+from edgecompress.costmodel.layers import count_params, profile_layers, total_macs  # noqa: E402
 from edgecompress.models import zoo_dir  # noqa: E402
 from edgecompress.compress.finetune import augment, evaluate_torch  # noqa: E402
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from edgecompress.core.errors import EdgecompressError
 from edgecompress.core.fsutil import append_jsonl, read_jsonl, write_json, write_text
-from edgecompress.kernels import ACT_CODES, Kernel, ModelGraph, graph_kernels
+from edgecompress.costmodel.kernels import ACT_CODES, Kernel, ModelGraph, graph_kernels
 
 FAMILIES = {"conv": "conv", "depthwise": "depthwise", "pointwise": "pointwise", "linear": "linear",
             "pool": "pool", "global_pool": "pool", "eltwise": "eltwise", "concat": "eltwise"}

@@ -1,6 +1,6 @@
 """Calibrating a target's kernel latency model to the machine that runs the tool.
 
-A kernel model (:mod:`edgecompress.latency`) is fitted on one machine's
+A kernel model (:mod:`edgecompress.costmodel.latency`) is fitted on one machine's
 measurements; on another CPU its predictions were off by 1.9x on median (0.6x
 to 8x), enough for ``build`` to pick candidates that miss the budget. So when
 the model was fitted elsewhere (or, like the shipped models, on a machine it
@@ -12,7 +12,7 @@ the first run on a machine pays for it.
 
 Where it is applied: :func:`ensure_calibrated` (called by ``plan`` and
 ``build`` before planning) makes the calibration the *active* one for its
-target, and :func:`edgecompress.costmodel.predict_cost` multiplies the kernel
+target, and :func:`edgecompress.costmodel.cost.predict_cost` multiplies the kernel
 model's prediction by ``active_calibration(target.name).scale(precision)``;
 ``costmodel.describe`` names the calibration in every report. Nothing else
 reads the registry, and nothing is active until ``ensure_calibrated`` runs.
@@ -170,7 +170,7 @@ def reference_graph(reference: ReferenceNetwork, workdir: Path):
     import timm
     import torch
 
-    from edgecompress.kernels import graph_kernels
+    from edgecompress.costmodel.kernels import graph_kernels
     from edgecompress.runtimes.base import export_onnx
 
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def measure_artifacts(runtime, onnx_path: Path, precisions, input_shape, workdir
 
     import numpy as np
 
-    from edgecompress.latency import time_session
+    from edgecompress.costmodel.latency import time_session
     from edgecompress.runtimes.base import nncf_quiet
 
     artifacts: dict[str, Path] = {}

@@ -1,9 +1,9 @@
 """Predicted latency and memory of a candidate, from its parent's exported graph.
 
 Latency: targets that can be measured (the CPU runtimes) carry a kernel-level
-model fitted on this machine's measurements (:mod:`edgecompress.latency`):
+model fitted on this machine's measurements (:mod:`edgecompress.costmodel.latency`):
 one regressor per kernel family over the kernel's configuration and
-precision, summed over the graph's kernels (:mod:`edgecompress.kernels`) plus
+precision, summed over the graph's kernels (:mod:`edgecompress.costmodel.kernels`) plus
 the runtime's per-inference and per-kernel cost. Targets that cannot be
 measured here (Jetson) use a roofline per kernel, ``max(compute, memory
 traffic)`` with the target's peak throughput for the precision scaled by a
@@ -19,7 +19,7 @@ kernel's channels.
 
 A kernel model fitted on another machine (or on one it does not name, as the
 shipped ones) is rescaled here by the target's active device calibration
-(:mod:`edgecompress.devicecal`: measured / predicted on reference networks
+(:mod:`edgecompress.costmodel.devicecal`: measured / predicted on reference networks
 timed on this machine), which ``plan`` and ``build`` activate before
 planning; :func:`describe` says which calibration was applied.
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgecompress.devicecal import active_calibration
-from edgecompress.kernels import MAC_KINDS, ModelGraph
+from edgecompress.costmodel.devicecal import active_calibration
+from edgecompress.costmodel.kernels import MAC_KINDS, ModelGraph
 from edgecompress.targets import Target
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}

@@ -10,7 +10,7 @@ groups, fused activation). :func:`peak_activation_elements` gives the largest
 set of activations alive at once over the same order (liveness of every
 tensor from its producer to its last consumer), which the memory model uses.
 
-A :class:`Kernel` is a :class:`edgecompress.layers.LayerProfile` (which
+A :class:`Kernel` is a :class:`edgecompress.costmodel.layers.LayerProfile` (which
 profiles the torch model for the meta-features) with what was fused into it.
 """
 
@@ -22,7 +22,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from edgecompress.layers import LayerProfile
+from edgecompress.costmodel.layers import LayerProfile
 
 KINDS = ("conv", "depthwise", "pointwise", "linear", "pool", "global_pool", "eltwise", "concat")
 MAC_KINDS = ("conv", "depthwise", "pointwise", "linear")

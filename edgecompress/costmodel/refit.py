@@ -4,7 +4,7 @@ Builds with ``--device`` record, in their ``report.json``, the latency the devic
 measured for every candidate they built. This reads those reports, rebuilds
 each candidate's graph as the planner does (the zoo parent's exported graph,
 transformed by the method), refits the roofline's fixed costs and per-kernel
-efficiencies (:func:`edgecompress.costmodel.fit_roofline`) and writes the
+efficiencies (:func:`edgecompress.costmodel.cost.fit_roofline`) and writes the
 target's TOML with the new values and a line in ``sources`` saying where they
 came from. The data-sheet peaks and bandwidth are kept.
 """
@@ -23,7 +23,7 @@ from edgecompress.report import read_report
 
 def device_samples(target, run_dirs: list[Path]) -> tuple[list, int]:
     """(graph, precision, sparse pattern, measured ms) for every measured candidate; and how many were skipped."""
-    from edgecompress.kernels import model_graph
+    from edgecompress.costmodel.kernels import model_graph
     from edgecompress.compress.methods import get_method
     from edgecompress.models import get_model, load_model
 
@@ -74,7 +74,7 @@ def refit_toml(target, latency, note: str) -> str:
 
 
 def refit(target, run_dirs: list[Path], out: Path, *, force: bool = False) -> dict:
-    from edgecompress.costmodel import fit_roofline, roofline_ms
+    from edgecompress.costmodel.cost import fit_roofline, roofline_ms
     from edgecompress.targets import load_target_file
 
     if target.kernel_model() is not None:
