@@ -20,7 +20,7 @@ from edgecompress.costmodel.kernels import model_graph
 from edgecompress.compress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
-from edgecompress.predictor import AccuracyModel
+from edgecompress.meta.predictor import AccuracyModel
 from edgecompress.premeasure import can_premeasure, premeasure
 from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report

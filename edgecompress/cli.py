@@ -148,7 +148,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import plan as make_plan
-    from edgecompress.predictor import AccuracyModel
+    from edgecompress.meta.predictor import AccuracyModel
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
@@ -437,7 +437,7 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     """Compress every (model, method, ratio, precision) and record the measured accuracy."""
     from rich.console import Console
 
-    from edgecompress.collect import PRECISIONS, collect
+    from edgecompress.meta.collect import PRECISIONS, collect
     from edgecompress.compress.methods import FinetuneSpec, list_methods
     from edgecompress.models import list_models
     from edgecompress.core.units import parse_fraction
@@ -466,9 +466,9 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
               help="auto: the one `meta eval` finds recommending best for held-out architectures.")
 def meta_train(data_path, out, regressor):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
-    from edgecompress.collect import read_rows
+    from edgecompress.meta.collect import read_rows
     from edgecompress.models import ZOO_DIR
-    from edgecompress.predictor import Predictor, best_regressor, evaluate
+    from edgecompress.meta.predictor import Predictor, best_regressor, evaluate
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():
@@ -488,9 +488,9 @@ def meta_train(data_path, out, regressor):
 @click.option("--json", "as_json", is_flag=True)
 def meta_eval(data_path, as_json):
     """Leave-one-architecture-out accuracy and recommendation quality, LightGBM against a ridge baseline."""
-    from edgecompress.collect import read_rows
+    from edgecompress.meta.collect import read_rows
     from edgecompress.models import ZOO_DIR
-    from edgecompress.predictor import evaluate
+    from edgecompress.meta.predictor import evaluate
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():

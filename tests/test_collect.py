@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from edgecompress.collect import read_rows
-from edgecompress.features import FEATURE_DOCS, Featurizer
+from edgecompress.meta.collect import read_rows
+from edgecompress.meta.features import FEATURE_DOCS, Featurizer
 from edgecompress.models import get_model, list_models, load_model
 
 
@@ -35,7 +35,7 @@ def test_features_on_every_zoo_model(name, digits):
 def test_simulated_int8_changes_outputs_a_little(digits):
     import torch
 
-    from edgecompress.features import simulate_precision
+    from edgecompress.meta.features import simulate_precision
 
     model = load_model(get_model("resnet10t"), 10)
     x = torch.from_numpy(digits.split("calib")[0][:64])
@@ -51,7 +51,7 @@ def test_simulated_int8_changes_outputs_a_little(digits):
 
 def test_refresh_features_keeps_measurements(tmp_path):
 
-    from edgecompress.collect import refresh_features
+    from edgecompress.meta.collect import refresh_features
     from edgecompress.models import ZOO_DIR
 
     rows = [r for r in read_rows(ZOO_DIR / "meta.parquet") if r["model"] == "lcnet_050"][:4]

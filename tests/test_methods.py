@@ -205,7 +205,7 @@ def _other(value):
 def test_features_read_traits_not_names(digits, monkeypatch):
     """A newly registered second-order, per-layer method gets those features from its record, whatever its name."""
     from edgecompress.compress import methods
-    from edgecompress.features import Featurizer
+    from edgecompress.meta.features import Featurizer
 
     twin = dataclasses.replace(get_method("woodfisher"), name="obs.other", local=True)
     monkeypatch.setitem(methods.METHODS, "obs.other", twin)
@@ -224,7 +224,7 @@ def test_register_method_refuses_a_duplicate_name():
 
 def test_collect_keys_rows_by_method_settings():
     """A meta-dataset row measured with other settings is another row, never the same key."""
-    from edgecompress.collect import row_key
+    from edgecompress.meta.collect import row_key
 
     row = {"dataset": "d", "model": "m", "method": "woodfisher", "method_settings": get_method("woodfisher").settings_hash(),
            "ratio": 0.5, "precision": "fp32", "recipe": "r"}

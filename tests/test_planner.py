@@ -85,7 +85,7 @@ def test_jetson_int8_and_sparsity_model(facts):
 def accuracy_model(facts):
     from edgecompress.build import resolve_models
     from edgecompress.data.datasets import load_digits
-    from edgecompress.predictor import AccuracyModel
+    from edgecompress.meta.predictor import AccuracyModel
 
     data = load_digits(32)
     model = AccuracyModel.shipped(resolve_models((), data), data, facts[1])
@@ -127,7 +127,7 @@ def test_plan_scores_an_unseen_model_from_its_features(tmp_path, facts):
 
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.data.datasets import load_digits
-    from edgecompress.predictor import AccuracyModel
+    from edgecompress.meta.predictor import AccuracyModel
 
     data = load_digits(32)
     weights = tmp_path / "mine.pth"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from edgecompress.cli import main
-from edgecompress.collect import read_rows
+from edgecompress.meta.collect import read_rows
 from edgecompress.models import ZOO_DIR
-from edgecompress.predictor import Predictor, leave_one_architecture_out
+from edgecompress.meta.predictor import Predictor, leave_one_architecture_out
 
 META = ZOO_DIR / "meta.parquet"
 
@@ -50,14 +50,14 @@ def test_save_load_round_trip(rows, tmp_path, kind):
 
 def test_upper_bound_is_calibrated_for_unseen_architectures(rows):
     """The conformal shift makes the held-out bound cover about what it claims (90%), not the ~65% of raw quantiles."""
-    from edgecompress.predictor import UPPER_QUANTILE
+    from edgecompress.meta.predictor import UPPER_QUANTILE
 
     result = leave_one_architecture_out(rows, "lightgbm")
     assert result["upper_bound_coverage"] >= UPPER_QUANTILE - 0.1
 
 
 def test_scenario_evaluation_against_oracle_and_static_erm(rows):
-    from edgecompress.predictor import loao_predictions, row_latencies, scenario_eval
+    from edgecompress.meta.predictor import loao_predictions, row_latencies, scenario_eval
 
     latencies = row_latencies(rows)
     preds = loao_predictions(rows, "ridge")
@@ -90,7 +90,7 @@ def test_train_errors(tmp_path, capsys):
 
 
 def test_monotone_in_ratio():
-    from edgecompress.predictor import monotone_in_ratio
+    from edgecompress.meta.predictor import monotone_in_ratio
 
     keys = [("m", "none", 0.0, "int8"), ("m", "p", 0.5, "int8"), ("m", "p", 0.3, "int8"), ("m", "p", 0.7, "int8"),
             ("m", "q", 0.5, "fp32"), ("n", "p", 0.5, "int8")]

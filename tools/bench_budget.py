@@ -157,7 +157,7 @@ def plan_as_build(target, spec: str, data, console):
     from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
     from edgecompress.planner import Budget, plan
-    from edgecompress.predictor import AccuracyModel
+    from edgecompress.meta.predictor import AccuracyModel
 
     entries = resolve_models((spec,), data)
     graphs, accuracies = model_facts(entries, data)

@@ -50,7 +50,7 @@ def run_job(job: CollectJob) -> list[dict]:
 
     from edgecompress import pipeline
     from edgecompress.data.datasets import load_dataset
-    from edgecompress.features import Featurizer
+    from edgecompress.meta.features import Featurizer
     from edgecompress.models import load_model, parse_model_spec
     from edgecompress.targets import get_target
 
@@ -103,7 +103,7 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     from rich.progress import Progress
 
     from edgecompress.data.datasets import load_dataset
-    from edgecompress.features import FEATURE_DOCS, Featurizer
+    from edgecompress.meta.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
     from edgecompress.compress.finetune import evaluate_torch
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress.core.errors import UsageError
-from edgecompress.features import FEATURE_DOCS
+from edgecompress.meta.features import FEATURE_DOCS
 from edgecompress.core.fsutil import atomic_path
 from edgecompress.compress.methods import METHODS
 
@@ -370,7 +370,7 @@ class AccuracyModel:
     @classmethod
     def shipped(cls, entries, data, accuracies, console=None) -> "AccuracyModel | None":
         """The predictor and meta-dataset that ship with the zoo; None where they are missing."""
-        from edgecompress.collect import read_rows
+        from edgecompress.meta.collect import read_rows
         from edgecompress.models import ZOO_DIR
 
         directory = shipped_predictor_dir()
@@ -380,7 +380,7 @@ class AccuracyModel:
                    meta_rows=read_rows(ZOO_DIR / "meta.parquet"), console=console)
 
     def _features(self, candidates) -> list[dict]:
-        from edgecompress.features import FEATURE_DOCS, Featurizer
+        from edgecompress.meta.features import FEATURE_DOCS, Featurizer
         from edgecompress.models import load_model
 
         rows: list[dict | None] = []

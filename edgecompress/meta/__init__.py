@@ -1,0 +1,1 @@
+"""The meta-dataset of past compressions and the meta-predictor: features, collection, training, evaluation."""
