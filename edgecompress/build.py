@@ -21,8 +21,8 @@ from edgecompress.compress.methods import FinetuneSpec
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.meta.predictor import AccuracyModel
-from edgecompress.premeasure import can_premeasure, premeasure
-from edgecompress.planner import Budget, Plan, check_reachable, plan, validate_budget
+from edgecompress.plan.premeasure import can_premeasure, premeasure
+from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
 from edgecompress.timing import accuracy_interval, straddles

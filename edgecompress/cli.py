@@ -17,7 +17,7 @@ from edgecompress.core.units import parse_fraction, parse_latency_ms, parse_size
 
 
 def _budget(latency, memory, max_drop, latency_stat="p90"):
-    from edgecompress.planner import Budget
+    from edgecompress.plan.planner import Budget
 
     return Budget(
         latency_ms=parse_latency_ms(latency) if latency is not None else None,
@@ -147,7 +147,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     from edgecompress.data.datasets import load_digits
     from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
-    from edgecompress.planner import plan as make_plan
+    from edgecompress.plan.planner import plan as make_plan
     from edgecompress.meta.predictor import AccuracyModel
     from edgecompress.targets import get_target
 

@@ -5,7 +5,7 @@ from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.costmodel.kernels import model_graph
 from edgecompress.compress.methods import severity
 from edgecompress.models import get_model, list_models, load_model
-from edgecompress.planner import Budget, check_reachable, plan
+from edgecompress.plan.planner import Budget, check_reachable, plan
 from edgecompress.targets import get_target
 
 

@@ -4,8 +4,8 @@ import pytest
 
 from edgecompress.costmodel.kernels import model_graph
 from edgecompress.models import get_model, load_model
-from edgecompress.planner import Budget, plan, speed_key
-from edgecompress.premeasure import can_premeasure, premeasure, to_time
+from edgecompress.plan.planner import Budget, plan, speed_key
+from edgecompress.plan.premeasure import can_premeasure, premeasure, to_time
 from edgecompress.targets import get_target
 
 MODEL = "lcnet_050"

@@ -8,7 +8,7 @@ import pytest
 
 from edgecompress import build, pipeline
 from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
-from edgecompress.planner import Budget
+from edgecompress.plan.planner import Budget
 from edgecompress.timing import accuracy_interval, merged, straddles, summarize, with_statistics
 
 

@@ -30,7 +30,7 @@ Metrics, per target and overall:
 - ``feasible_found``: of the cases where an exhaustive timing shows a fitting candidate exists, the share where
   the build delivered (errors count as not delivered). Exhaustive timing: the build's own plan for the model
   (same data, models, accuracy model, calibration and default sweep; planned here with a placeholder budget,
-  its candidates do not depend on the budget) is handed to edgecompress.premeasure.premeasure with
+  its candidates do not depend on the budget) is handed to edgecompress.plan.premeasure.premeasure with
   premeasure.to_time's limit lifted, so every distinct structure (planner.speed_key: pruned structure x
   precision; masks run dense on these targets) is made one-shot and timed in one fresh process in interleaved
   rounds: 16 structures on ort-cpu, 24 on openvino-cpu. This is done once per (target, model) and shared by its
@@ -156,7 +156,7 @@ def plan_as_build(target, spec: str, data, console):
     from edgecompress.build import model_facts, resolve_models
     from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
-    from edgecompress.planner import Budget, plan
+    from edgecompress.plan.planner import Budget, plan
     from edgecompress.meta.predictor import AccuracyModel
 
     entries = resolve_models((spec,), data)
@@ -174,7 +174,7 @@ def plan_as_build(target, spec: str, data, console):
 @contextlib.contextmanager
 def _every_structure():
     """premeasure() with to_time's limit (premeasure.MAX_ARTIFACTS, bound as a default argument) lifted."""
-    from edgecompress import premeasure as pm
+    from edgecompress.plan import premeasure as pm
 
     original = pm.to_time
     pm.to_time = lambda the_plan, target, limit=None: original(the_plan, target, limit=10**9)
@@ -187,7 +187,7 @@ def _every_structure():
 def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
     """Every distinct structure of the model's plan timed here (cached per (target, model) in ``work``)."""
     from edgecompress.models import load_model
-    from edgecompress.premeasure import premeasure
+    from edgecompress.plan.premeasure import premeasure
     from edgecompress.runtimes.base import export_onnx
 
     directory = work / "exhaustive" / target.name / LATENCY_STAT / _safe(label)
@@ -210,7 +210,7 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
     (reference_dir / "fp32").mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(load_model(entry, data.num_classes), data.input_shape, reference_dir / "model.onnx")
     reference = target.runtime().export(onnx_path, "fp32", reference_dir / "fp32")
-    from edgecompress.planner import speed_key
+    from edgecompress.plan.planner import speed_key
 
     summary = {
         "target": target.name, "model": label, "entry": name, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -234,7 +234,7 @@ def fitting(ex: dict, budget_ms: float) -> tuple[list[str], list[str]]:
     """Candidates whose structure's measured p90 is within the budget and whose accuracy the planner expects within
     the allowed drop (the uncompressed fp32 model always: its drop is nil by construction); and those of them
     whose planner lower bound is within it too (the guarantee rank() asks for)."""
-    from edgecompress.planner import Budget
+    from edgecompress.plan.planner import Budget
 
     budget = Budget(latency_ms=budget_ms, max_accuracy_drop=MAX_DROP, latency_stat=LATENCY_STAT)
     measured = {tuple(key): ms for key, ms in ex["structures"]}
@@ -278,7 +278,7 @@ def run_build_cli(argv: list[str]) -> tuple[str, str | None]:
 
 def retime(target, artifact: Path, reference: Path, budget_ms: float, dense_ms: float) -> dict:
     """The delivered artifact timed again in a fresh process, rounds interleaved with the dense fp32 reference."""
-    from edgecompress.planner import Budget
+    from edgecompress.plan.planner import Budget
     from edgecompress.timing import with_statistics
 
     results = target.runtime().benchmark_interleaved([artifact, reference], warmup=RETIME_WARMUP, runs=RETIME_RUNS,

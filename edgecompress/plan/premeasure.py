@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from edgecompress.core.fsutil import atomic_path, write_json
-from edgecompress.planner import Plan, speed_key
+from edgecompress.plan.planner import Plan, speed_key
 from edgecompress.targets import Target
 from edgecompress.timing import with_statistics
 

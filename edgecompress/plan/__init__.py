@@ -1,0 +1,1 @@
+"""plan: candidates ranked inside the budget, predicted and then pre-measured before training."""
