@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from edgecompress import __version__
-from edgecompress.bundle import make_bundle
+from edgecompress.deploy.bundle import make_bundle
 from edgecompress.costmodel.cost import describe as describe_cost_model
 from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.costmodel.devicecal import ensure_calibrated
@@ -25,7 +25,7 @@ from edgecompress.plan.premeasure import can_premeasure, premeasure
 from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
-from edgecompress.timing import accuracy_interval, straddles
+from edgecompress.deploy.timing import accuracy_interval, straddles
 from edgecompress.compress.finetune import predict_torch
 
 

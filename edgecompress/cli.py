@@ -52,7 +52,7 @@ def _device(device, identity, known_hosts, accept_new_host_key, remote_python, r
         if identity or known_hosts or accept_new_host_key or remote_trtexec:
             raise UsageError("--identity, --known-hosts, --accept-new-host-key and --remote-trtexec need --device USER@HOST")
         return None
-    from edgecompress.remote import SshOptions, parse_device
+    from edgecompress.deploy.remote import SshOptions, parse_device
 
     return parse_device(device), SshOptions(identity=identity, known_hosts=known_hosts,
                                             accept_new_host_key=accept_new_host_key, python=remote_python,
@@ -318,7 +318,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
           remote_python, remote_trtexec):
     """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
     from edgecompress.targets import get_target
-    from edgecompress.timing import with_statistics
+    from edgecompress.deploy.timing import with_statistics
 
     target = get_target(target_name)
     if not artifact.is_file():
@@ -333,7 +333,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"{artifact} is not a model {runtime.name} can load: {first}") from exc
     if remote is not None:
-        from edgecompress.remote import DeviceJob, remote_benchmark
+        from edgecompress.deploy.remote import DeviceJob, remote_benchmark
 
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +354,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
 @click.option("--json", "as_json", is_flag=True)
 def predict(bundle, images, top_k, as_json):
     """Classify IMAGES with BUNDLE (checks its sha256 manifest first)."""
-    from edgecompress.bundle import predict as run_predict
+    from edgecompress.deploy.bundle import predict as run_predict
 
     results = run_predict(bundle, list(images), top_k=top_k)
     if as_json:
@@ -368,7 +368,7 @@ def predict(bundle, images, top_k, as_json):
 @click.argument("bundle", type=click.Path(path_type=Path))
 def verify(bundle):
     """Check BUNDLE's sha256 manifest and that its artifact loads and runs."""
-    from edgecompress.bundle import verify_bundle
+    from edgecompress.deploy.bundle import verify_bundle
 
     result = verify_bundle(bundle)
     click.echo(f"{result['bundle']}: {result['files']} files match the manifest; the {result['precision']} "

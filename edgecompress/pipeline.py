@@ -23,12 +23,12 @@ from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneData, Pr
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
-from edgecompress.timing import merged, with_statistics
+from edgecompress.deploy.timing import merged, with_statistics
 from edgecompress.compress.finetune import finetune, predict_torch
 
 BENCH_WARMUP = 20
 BENCH_RUNS = 200
-BENCH_ROUNDS = 10  # the runs are timed in rounds: statistics with intervals (edgecompress.timing)
+BENCH_ROUNDS = 10  # the runs are timed in rounds: statistics with intervals (edgecompress.deploy.timing)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -228,7 +228,7 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = No
                                                      rounds=BENCH_ROUNDS))
         where = "this machine" + (f" ({measured['gpu']}, {runtime.name} {measured['runtime_version']})" if "gpu" in measured else "")
         return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
-    from edgecompress.remote import remote_benchmark
+    from edgecompress.deploy.remote import remote_benchmark
 
     spec, ssh = device
     eval_npz = None
@@ -244,7 +244,7 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = No
 
 
 def _device_job(verified, target: Target, eval_npz: Path | None = None, log_dir: Path | None = None):
-    from edgecompress.remote import DeviceJob
+    from edgecompress.deploy.remote import DeviceJob
 
     return DeviceJob(artifact=verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS,
                      precision=verified.candidate.quant.precision,
@@ -258,7 +258,7 @@ def retimed(benched: BenchmarkResult, target: Target, device=None) -> dict:
     if device is None:
         again = runtime.benchmark(benched.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS)
     else:
-        from edgecompress.remote import remote_benchmark
+        from edgecompress.deploy.remote import remote_benchmark
 
         again = remote_benchmark(*device, runtime, _device_job(benched, target))
     return merged(benched.measured, again)

@@ -159,7 +159,7 @@ def test_report_renders_in_chromium(run, tmp_path):
 
 def test_tensorrt_examples_compile_where_tensorrt_is():
     """The engine examples need TensorRT and CUDA (a Jetson, or a GPU machine with TensorRT installed)."""
-    from edgecompress.bundle import TEMPLATES
+    from edgecompress.deploy.bundle import TEMPLATES
 
     headers = [Path(p) for p in ("/usr/include/aarch64-linux-gnu", "/usr/include/x86_64-linux-gnu", "/usr/include")]
     include = next((h for h in headers if (h / "NvInfer.h").exists()), None)

@@ -9,7 +9,7 @@ import pytest
 
 from edgecompress.cli import main
 from edgecompress.models import get_model, load_model
-from edgecompress.remote import DeviceSpec, SshOptions, parse_device
+from edgecompress.deploy.remote import DeviceSpec, SshOptions, parse_device
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import get_target
 

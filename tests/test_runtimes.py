@@ -13,7 +13,7 @@ from edgecompress.core.errors import EdgecompressError
 from edgecompress.runtimes.base import Runtime, export_onnx
 from edgecompress.targets import RUNTIMES, get_target, list_targets, runtime_class
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "edgecompress" / "bundle_templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "edgecompress" / "deploy" / "bundle_templates"
 
 
 def _target_for(runtime_name):

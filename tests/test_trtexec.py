@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecompress.trtexec import TrtexecParseError, parse_trtexec
+from edgecompress.deploy.trtexec import TrtexecParseError, parse_trtexec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
 EXPECTED = json.loads((FIXTURES / "EXPECTED.json").read_text())

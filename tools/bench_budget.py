@@ -24,7 +24,7 @@ Metrics, per target and overall:
   confidence interval: the bundle's artifact is timed again in a fresh process (runtime.benchmark_interleaved,
   20 warm-up, 10 interleaved rounds of 200 runs, as the build's benchmark), in rounds interleaved with the
   model's dense fp32 artifact as a reference, and kept when the low end of the 95% bootstrap interval of p90
-  (edgecompress.timing.with_statistics) is at most the budget. ``budget_kept_point`` is the share whose p90
+  (edgecompress.deploy.timing.with_statistics) is at most the budget. ``budget_kept_point`` is the share whose p90
   itself is within budget. The reference's p90 over its p90 at the start (``reference_drift``) shows how much
   the machine's speed moved between the two.
 - ``feasible_found``: of the cases where an exhaustive timing shows a fitting candidate exists, the share where
@@ -279,7 +279,7 @@ def run_build_cli(argv: list[str]) -> tuple[str, str | None]:
 def retime(target, artifact: Path, reference: Path, budget_ms: float, dense_ms: float) -> dict:
     """The delivered artifact timed again in a fresh process, rounds interleaved with the dense fp32 reference."""
     from edgecompress.plan.planner import Budget
-    from edgecompress.timing import with_statistics
+    from edgecompress.deploy.timing import with_statistics
 
     results = target.runtime().benchmark_interleaved([artifact, reference], warmup=RETIME_WARMUP, runs=RETIME_RUNS,
                                                      rounds=RETIME_ROUNDS)

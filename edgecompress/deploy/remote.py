@@ -5,7 +5,7 @@
 into a fresh temporary directory on the device, runs it there, brings back its
 JSON and its raw log, and removes the directory, whatever happened. How a
 runtime measures on the device is its own (``Runtime.benchmark_on_device``):
-TensorRT runs ``trtexec`` there and parses its summary (edgecompress.trtexec).
+TensorRT runs ``trtexec`` there and parses its summary (edgecompress.deploy.trtexec).
 
 Security: the host key is checked against known_hosts (``~/.ssh/known_hosts``
 or ``--known-hosts FILE``); an unknown host is refused unless
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edgecompress.core.errors import EdgecompressError, UsageError
 
-RUNNER = Path(__file__).parent / "runtimes" / "runner.py"
+RUNNER = Path(__file__).parents[1] / "runtimes" / "runner.py"
 COPY_RETRIES = 3
 _DEVICE = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d+))?$")
 
