@@ -308,7 +308,7 @@ def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, 
     from edgecompress.data.datasets import load_digits
     from edgecompress.costmodel.kernels import model_graph
     from edgecompress.models import get_model, load_model
-    from edgecompress.planner import estimate_cost
+    from edgecompress.plan.planner import estimate_cost
     from edgecompress.targets import get_target
 
     data = load_digits(32)

@@ -24,7 +24,7 @@ from edgecompress.core.errors import BudgetError, UsageError
 from edgecompress.costmodel.kernels import ModelGraph
 from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
 from edgecompress.targets import Target
-from edgecompress.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS
+from edgecompress.deploy.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS
 
 ACCURACY_BASIS = "parent's uncompressed accuracy (no accuracy model)"
 

@@ -203,7 +203,7 @@ class RunnerRuntime:
         return run_local_benchmark(self.name, artifacts, warmup=warmup, runs=runs, rounds=rounds)
 
     def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
-        from edgecompress.remote import run_runner_on_device
+        from edgecompress.deploy.remote import run_runner_on_device
 
         return run_runner_on_device(conn, workdir, self.name, remote_artifact, job)
 

@@ -6,7 +6,7 @@ there with only numpy and the runtime installed:
     python runner.py --runtime openvino --artifact model.xml --runs 200 [--rounds 10]
 
 It times in rounds and prints one JSON line: the per-round times (``rounds_ms``,
-which edgecompress.timing turns into statistics with confidence intervals), the
+which edgecompress.deploy.timing turns into statistics with confidence intervals), the
 median of the round medians, p90/p99/mean/min latency in ms, peak memory in MB
 (the resident memory the model adds to the loaded runtime), the runtime's
 version, and, with --eval-npz, the top-1 accuracy. With several --artifact, the

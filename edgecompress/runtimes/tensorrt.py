@@ -2,7 +2,7 @@
 
 Engines are specific to the GPU and the TensorRT version, so the engine is
 built on the device (JetPack 6 ships TensorRT 10.3): ``--device`` runs trtexec
-there (edgecompress.remote). Without a device, the artifact is verified in ONNX
+there (edgecompress.deploy.remote). Without a device, the artifact is verified in ONNX
 Runtime (the QDQ graph runs there with the same int8 arithmetic); where the
 tensorrt Python package and a CUDA GPU are on this machine, the engine is built
 and timed here with the TensorRT Python API, otherwise the latency is the
@@ -47,9 +47,9 @@ class TensorRtRuntime(OnnxArtifactRuntime):
         return [self.benchmark(a, warmup=warmup, runs=runs, rounds=rounds) for a in artifacts]
 
     def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
-        """trtexec on the device builds the engine and times it; its summary is parsed (edgecompress.trtexec)."""
-        from edgecompress.remote import DeviceError, keep_log, last_line
-        from edgecompress.trtexec import TrtexecParseError, parse_trtexec
+        """trtexec on the device builds the engine and times it; its summary is parsed (edgecompress.deploy.trtexec)."""
+        from edgecompress.deploy.remote import DeviceError, keep_log, last_line
+        from edgecompress.deploy.trtexec import TrtexecParseError, parse_trtexec
 
         device = conn.device
         location = conn.options.trtexec
