@@ -43,7 +43,7 @@ MIN_PER_CLASS = 2
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SynthSpec:
     # Sized for a 2-core CPU: one training step of this 0.28M-parameter UNet at batch 32 takes about
-    # 0.25 s on one busy core; 128 images take 0.4 s per DDIM step (2026-11-23).
+    # 0.25 s on one busy core; 128 images take 0.4 s per DDIM step.
     train_steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3

@@ -58,9 +58,5 @@ class RunDirError(UsageError):
     """An output directory that would be overwritten, or a resume that does not match."""
 
 
-class RuntimeUnavailableError(EdgecompressError):
-    """The runtime a target needs is not installed here."""
-
-
 class NumericalError(EdgecompressError):
     """A compressed model produced NaN or Inf."""

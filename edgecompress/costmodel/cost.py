@@ -13,7 +13,7 @@ the target's TOML. A sparsity pattern the target lists in ``sparse_kernels``
 (2:4 on Ampere's sparse tensor cores) doubles the math rate of dense conv,
 1x1 and linear kernels at fp16/int8 and stores half the weights plus 2-bit
 indices; the dispatch cost is unchanged, which is why small models gain far
-less than 2x (FACTS.md: 1.24-1.47x for ResNet-50 on the DLA). Unstructured
+less than 2x (NVIDIA gives 1.24-1.47x for ResNet-50 on the AGX Orin's DLA). Unstructured
 sparsity changes nothing on dense kernels; channel pruning shrinks every
 kernel's channels.
 

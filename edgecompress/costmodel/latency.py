@@ -18,9 +18,9 @@ networks in the style of the zoo (:func:`random_network`) at every precision:
 the runtime's own profiler (ONNX Runtime's trace, OpenVINO's performance
 counters) times every executed node in context, :func:`attribute` assigns the
 nodes to our kernels by name, and the network is timed whole without the
-profiler. Timing kernels one by one in tiny networks was tried first and
-dropped: at these sizes a kernel's time is a few microseconds under a per-call
-cost ten times larger, and the subtraction was noise. It appends each
+profiler. Kernels are timed in context, not one by one in tiny networks: at
+these sizes a kernel takes a few microseconds under a per-call cost ten times
+larger, and subtracting the two leaves noise. It appends each
 measurement to a JSON-lines file as it goes, so an interrupted profile resumes
 where it stopped. :func:`fit` turns the measurements into a
 :class:`KernelLatencyModel`, saved as LightGBM text files plus one JSON (no

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from edgecompress.core.errors import EdgecompressError
+
 _PREFIX = re.compile(r"^(?:\[[^\]]*\]\s*)*")  # [date] [I] prefixes
 _SUMMARY = re.compile(r"^(Throughput|Latency|GPU Compute Time|Host Latency|Enqueue Time|H2D Latency|D2H Latency|GPU Compute)\s*:\s*(.*)$")
 _PAIR = re.compile(r"(min|max|mean|median|percentile\((?P<p>[\d.]+)%\))\s*=\s*(?P<v>[\d.eE+-]+)\s*ms")
@@ -30,7 +32,7 @@ _ENGINE_SIZE = re.compile(r"(?:Created engine with size|Engine size)\s*:\s*(?P<v
 _UNITS = {"MiB": 1.048576, "MB": 1.0, "KiB": 1.024e-3, "B": 1e-6}
 
 
-class TrtexecParseError(ValueError):
+class TrtexecParseError(EdgecompressError):
     pass
 
 

@@ -50,7 +50,7 @@ def run_job(job: CollectJob) -> list[dict]:
 
     from edgecompress import pipeline
     from edgecompress.data.datasets import load_dataset
-    from edgecompress.meta.features import Featurizer
+    from edgecompress.meta.features import FEATURES_VERSION, Featurizer
     from edgecompress.models import load_model, parse_model_spec
     from edgecompress.targets import get_target
 
@@ -84,7 +84,7 @@ def run_job(job: CollectJob) -> list[dict]:
                 "accuracy_drop": compressed.baseline_accuracy - accuracy,
                 "torch_accuracy": compressed.pruned_accuracy_torch,
                 "params_after": compressed.params, "zero_share": compressed.zero_share,
-                "eval_runtime": EVAL_TARGET,
+                "eval_runtime": EVAL_TARGET, "features_version": FEATURES_VERSION,
                 "wall_seconds": compress_seconds + (time.time() - t0),
                 **featurizer.candidate_features(job.method, job.ratio, precision),
             })
