@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from edgecompress.core.fsutil import DiskFullError, atomic_path, write_json
+from edgecompress.core.errors import DiskFullError
+from edgecompress.core.fsutil import atomic_path, write_json
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecompress.deploy.trtexec import TrtexecParseError, parse_trtexec
+from edgecompress.core.errors import TrtexecParseError
+from edgecompress.deploy.trtexec import parse_trtexec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
 EXPECTED = json.loads((FIXTURES / "EXPECTED.json").read_text())

@@ -60,3 +60,23 @@ class RunDirError(UsageError):
 
 class NumericalError(EdgecompressError):
     """A compressed model produced NaN or Inf."""
+
+
+class DiskFullError(EdgecompressError):
+    """The disk filled up while an artifact was written; the old state is intact."""
+
+    exit_code = 2
+
+
+class DeviceError(EdgecompressError):
+    """The device could not be reached, refused us, or failed to run the benchmark."""
+
+    exit_code = 2
+
+
+class BundleError(UsageError):
+    """A bundle that is incomplete, tampered with, or does not load."""
+
+
+class TrtexecParseError(EdgecompressError):
+    """A trtexec log without the latency summary (the engine build failed, or the format is unknown)."""

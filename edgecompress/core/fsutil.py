@@ -13,13 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgecompress.core.errors import EdgecompressError
-
-
-class DiskFullError(EdgecompressError):
-    """The disk filled up while an artifact was written; the old state is intact."""
-
-    exit_code = 2
+from edgecompress.core.errors import DiskFullError
 
 
 # Below this much free space at the moment a write fails, the failure is taken as disk full:

@@ -21,16 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress import __version__
-from edgecompress.core.errors import UsageError
+from edgecompress.core.errors import BundleError, UsageError
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json
 from edgecompress.targets import RUNTIMES, runtime_class
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"
 MANIFEST = "manifest.json"
-
-
-class BundleError(UsageError):
-    """A bundle that is incomplete, tampered with, or does not load."""
 
 
 def make_bundle(out: Path, *, artifact: Path, runtime_name: str, runtime_version: str, target_name: str,

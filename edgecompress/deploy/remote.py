@@ -25,17 +25,11 @@ import socket
 import time
 from pathlib import Path
 
-from edgecompress.core.errors import EdgecompressError, UsageError
+from edgecompress.core.errors import DeviceError, UsageError
 
 RUNNER = Path(__file__).parents[1] / "runtimes" / "runner.py"
 COPY_RETRIES = 3
 _DEVICE = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d+))?$")
-
-
-class DeviceError(EdgecompressError):
-    """The device could not be reached, refused us, or failed to run the benchmark."""
-
-    exit_code = 2
 
 
 @dataclasses.dataclass(frozen=True)

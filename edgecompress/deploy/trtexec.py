@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from edgecompress.core.errors import EdgecompressError
+from edgecompress.core.errors import TrtexecParseError
 
 _PREFIX = re.compile(r"^(?:\[[^\]]*\]\s*)*")  # [date] [I] prefixes
 _SUMMARY = re.compile(r"^(Throughput|Latency|GPU Compute Time|Host Latency|Enqueue Time|H2D Latency|D2H Latency|GPU Compute)\s*:\s*(.*)$")
@@ -30,10 +30,6 @@ _VERSION_TEXT = re.compile(r"TensorRT version\s*:\s*(?P<v>\d+(?:\.\d+)+)")
 _VERSION_CODE = re.compile(r"\[TensorRT v(?P<v>\d{4,6})\]")
 _ENGINE_SIZE = re.compile(r"(?:Created engine with size|Engine size)\s*:\s*(?P<v>[\d.]+)\s*(?P<u>MiB|MB|KiB|B)\b")
 _UNITS = {"MiB": 1.048576, "MB": 1.0, "KiB": 1.024e-3, "B": 1e-6}
-
-
-class TrtexecParseError(EdgecompressError):
-    pass
 
 
 def _version(text: str) -> str | None:

@@ -48,8 +48,9 @@ class TensorRtRuntime(OnnxArtifactRuntime):
 
     def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
         """trtexec on the device builds the engine and times it; its summary is parsed (edgecompress.deploy.trtexec)."""
-        from edgecompress.deploy.remote import DeviceError, keep_log, last_line
-        from edgecompress.deploy.trtexec import TrtexecParseError, parse_trtexec
+        from edgecompress.core.errors import DeviceError, TrtexecParseError
+        from edgecompress.deploy.remote import keep_log, last_line
+        from edgecompress.deploy.trtexec import parse_trtexec
 
         device = conn.device
         location = conn.options.trtexec
