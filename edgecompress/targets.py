@@ -28,13 +28,21 @@ RUNTIMES = {
 KERNEL_KINDS = ("conv", "depthwise", "pointwise", "linear")
 
 
+@lru_cache(maxsize=1)
+def known_runtimes() -> dict[str, str]:
+    """Runtime name -> "module:Class": the built-in ones and those other packages register through the
+    ``edgecompress.runtimes`` entry-point group (a class following runtimes.base.Runtime)."""
+    return {**RUNTIMES, **{ep.name: ep.value for ep in metadata.entry_points(group="edgecompress.runtimes")}}
+
+
 def runtime_class(name: str):
     """The class that drives runtime ``name``, imported on first use."""
     import importlib
 
-    if name not in RUNTIMES:
-        raise UnknownNameError("runtime", name, RUNTIMES)
-    module_name, class_name = RUNTIMES[name].split(":")
+    runtimes = known_runtimes()
+    if name not in runtimes:
+        raise UnknownNameError("runtime", name, runtimes)
+    module_name, class_name = runtimes[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
@@ -138,8 +146,8 @@ def load_target_file(path: Path) -> Target:
         raise TargetFileError(f"target file {path}: not valid TOML ({exc})") from exc
     name = _need(data, "name", str, path)
     runtime = _need(data, "runtime", str, path)
-    if runtime not in RUNTIMES:
-        raise TargetFileError(f"target file {path}: key 'runtime' is {runtime!r}; known: {', '.join(RUNTIMES)}")
+    if runtime not in known_runtimes():
+        raise TargetFileError(f"target file {path}: key 'runtime' is {runtime!r}; known: {', '.join(known_runtimes())}")
     precisions = tuple(_need(data, "precisions", list, path))
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:

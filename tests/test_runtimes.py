@@ -11,7 +11,7 @@ from torch import nn
 
 from edgecompress.core.errors import EdgecompressError
 from edgecompress.runtimes.base import Runtime, export_onnx
-from edgecompress.targets import RUNTIMES, get_target, list_targets, runtime_class
+from edgecompress.targets import RUNTIMES, get_target, known_runtimes, list_targets, runtime_class
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "edgecompress" / "deploy" / "bundle_templates"
 
@@ -20,7 +20,7 @@ def _target_for(runtime_name):
     return next(get_target(t) for t in list_targets() if get_target(t).runtime_name == runtime_name)
 
 
-@pytest.mark.parametrize("name", sorted(RUNTIMES))
+@pytest.mark.parametrize("name", sorted(known_runtimes()))
 def test_runtime_contract(name, tmp_path):
     runtime = _target_for(name).runtime()
     assert isinstance(runtime, Runtime) and runtime.name == name

@@ -23,7 +23,7 @@ import numpy as np
 from edgecompress import __version__
 from edgecompress.core.errors import BundleError, UsageError
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json
-from edgecompress.targets import RUNTIMES, runtime_class
+from edgecompress.targets import known_runtimes, runtime_class
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ def read_manifest(bundle: Path) -> dict:
         manifest["files"], manifest["runtime"], manifest["artifact"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"bundle {bundle}: {MANIFEST} is malformed ({exc})") from exc
-    if manifest["runtime"] not in RUNTIMES:
+    if manifest["runtime"] not in known_runtimes():
         raise BundleError(f"bundle {bundle}: unknown runtime {manifest['runtime']!r} in {MANIFEST}")
     return manifest
 

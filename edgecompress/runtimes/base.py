@@ -158,7 +158,8 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
 class Runtime(Protocol):
     """Everything the tool knows about one runtime; code outside ``runtimes/`` asks this object, never its name.
 
-    A runtime class is registered in ``targets.RUNTIMES`` and instantiated with its target (``Target.runtime()``);
+    A runtime class is registered in ``targets.RUNTIMES`` (or another package's ``edgecompress.runtimes`` entry point)
+    and instantiated with its target (``Target.runtime()``);
     tests/test_runtimes.py runs the same contract over every registered one.
     """
 
