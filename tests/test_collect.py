@@ -107,3 +107,21 @@ def test_collect_bad_input(capsys, tmp_path):
     assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--precisions", "int4"]) == 2
     assert "unknown int4" in capsys.readouterr().err
     assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--methods", "optimal_brain_damage"]) == 2
+
+
+def test_task_meta_features_tell_tasks_apart(digits, tmp_path):
+    """Grey digits against a colour folder; the parent's confidence and margin on the task's own images."""
+    from conftest import write_images
+
+    from edgecompress.data.datasets import load_image_folder
+
+    write_images(tmp_path / "folder", ["a", "b", "c"], per_class=12, size=16)
+    colour = load_image_folder(tmp_path / "folder", 32)
+    assert digits.features()["grayscale"] == 1 and colour.features()["grayscale"] == 0
+    trained = Featurizer(load_model(get_model("resnet10t"), 10), digits, 0.99).candidate_features("none", 0.0, "fp32")
+    assert trained["f_images_per_class"] == pytest.approx(len(digits.split("train")[1]) / 10)
+    assert 0.1 < trained["f_parent_confidence"] <= 1 and trained["f_parent_margin"] > 0
+    import timm
+
+    untrained = Featurizer(timm.create_model("resnet10t", num_classes=10).eval(), digits, 0.1)
+    assert untrained.candidate_features("none", 0.0, "fp32")["f_parent_confidence"] < trained["f_parent_confidence"]

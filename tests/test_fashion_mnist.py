@@ -90,7 +90,7 @@ def test_small_named_source(fashion_small):
         assert np.bincount(y, minlength=10).tolist() == [20] * 10
         assert x.min() >= -1.0 and x.max() <= 1.0
         assert np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 0], x[:, 2])  # grey as RGB
-    assert data.features() == {"num_classes": 10, "image_size": 32, "train_samples": 200}
+    assert data.features() == {"num_classes": 10, "image_size": 32, "train_samples": 200, "grayscale": 1}
     assert data.fingerprint() != load_fashion_mnist(32, limit_per_class=21).fingerprint()
 
 

@@ -90,10 +90,13 @@ class Dataset:
 
     def features(self) -> dict:
         """Dataset meta-features (used by reports and the meta-predictor)."""
+        calib = self.splits["calib"][0]
         return {
             "num_classes": self.num_classes,
             "image_size": self.preprocess.image_size,
             "train_samples": int(len(self.splits["train"][1])),
+            # Grey images stored as RGB (the digits, Fashion-MNIST): three equal channels.
+            "grayscale": int(bool(len(calib)) and np.array_equal(calib[:, 0], calib[:, 1]) and np.array_equal(calib[:, 1], calib[:, 2])),
         }
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from edgecompress.costmodel.layers import profile_layers
 
-FEATURES_VERSION = 3
+FEATURES_VERSION = 4
 ONESHOT_SAMPLES = 128
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
@@ -67,7 +67,12 @@ FEATURE_DOCS = {
     "f_num_classes": "number of classes in the dataset",
     "f_image_size": "input resolution (square)",
     "f_train_samples": "training samples available for fine-tuning",
+    "f_grayscale": "1 if the task's images are grey (three equal channels)",
+    "f_images_per_class": "training samples per class",
     "f_parent_accuracy": "top-1 accuracy of the uncompressed model on the test split",
+    "f_parent_confidence": "mean top-1 softmax probability of the uncompressed model on the calibration images",
+    "f_parent_margin": "mean gap between the uncompressed model's two largest logits on the calibration images "
+                       "(a small margin flips under small perturbations)",
 }
 
 
@@ -99,6 +104,11 @@ class Featurizer:
         self.labels = torch.from_numpy(calib_labels[:ONESHOT_SAMPLES])
         with torch.no_grad():
             self.parent_logits = model(self.images)
+        top2 = self.parent_logits.topk(min(2, self.parent_logits.shape[1]), dim=1).values
+        self.parent_features = {
+            "f_parent_confidence": float(torch.softmax(self.parent_logits, 1).max(1).values.mean()),
+            "f_parent_margin": float((top2[:, 0] - top2[:, -1]).mean()),
+        }
         weights = [m.weight.detach().float().abs().numpy() for m in _weighted_layers(model)]
         self._layer_sorted = [np.sort(w.ravel()) for w in weights]
         self._layer_cumsum = [np.cumsum(s, dtype=np.float64) for s in self._layer_sorted]
@@ -208,7 +218,9 @@ class Featurizer:
             "f_precision_bits": _BITS[precision],
             **self.oneshot_features(method_name, ratio, precision),
             **self.data_features,
+            "f_images_per_class": self.data_features["f_train_samples"] / max(self.data_features["f_num_classes"], 1),
             "f_parent_accuracy": self.parent_accuracy,
+            **self.parent_features,
         }
 
 
