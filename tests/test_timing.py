@@ -103,3 +103,22 @@ def test_cli_passes_the_latency_stat(monkeypatch):
     assert seen["budget"].latency_stat == "p99"
     assert cli.main(["build", "--target", "ort-cpu", "--latency", "1ms", "--latency-stat", "mean"]) == 2
     assert dataclasses.asdict(seen["budget"])["latency_stat"] == "p99"
+
+
+def test_a_timing_that_contradicts_the_premeasurement_is_taken_again(monkeypatch):
+    """Pre-measured inside the budget, built and timed well outside it (a slow process): one more fresh timing."""
+    first = _benched(_rounds(2.0, 0.01, seed=4))
+    calls = []
+
+    def fake_retimed(benched, target, device=None):
+        calls.append(1)
+        return merged(benched.measured, {"rounds_ms": _rounds(1.0, 0.01, rounds=10, seed=5), "runs": 200})
+
+    monkeypatch.setattr(build, "retimed", fake_retimed)
+    console = _Console()
+    settled = build._settled(first, Budget(latency_ms=1.5, latency_stat="median"), target=None, device=None,
+                             console=console, premeasured_ms=1.1)
+    assert calls and "contradicts" in console.lines[0] and settled["timings"] >= 2
+    # Agreeing figures: no re-timing.
+    assert build._settled(first, Budget(latency_ms=1.5, latency_stat="median"), target=None, device=None,
+                          console=console, premeasured_ms=1.9).get("timings", 1) == 1

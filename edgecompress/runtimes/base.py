@@ -244,13 +244,28 @@ class OnnxArtifactRuntime(RunnerRuntime):
         return lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
+BENCHMARK_PRIORITY = -10  # nice value of the benchmark process, where the user may raise priority (root)
+
+
+def _ahead_of_the_builder() -> None:
+    """In the benchmark's process: run ahead of the building process, whose leftover runtime and torch threads
+    otherwise share the cores with it (builds timed their candidates up to 1.8x slower than the same artifacts
+    timed alone). Without the right to raise priority, it runs at the builder's."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, BENCHMARK_PRIORITY)
+    except OSError:
+        pass
+
+
 def run_local_benchmark(runtime_name: str, artifacts: list[Path], *, warmup: int, runs: int, rounds: int = 10) -> list[dict]:
     """Time artifacts in a fresh process (the stand-alone runner), so peak memory is the model's own; several
     artifacts are timed in interleaved rounds, so a slow spell of the machine lands on all of them alike."""
     cmd = [sys.executable, "-m", "edgecompress.runtimes.runner", "--runtime", runtime_name,
            *[arg for a in artifacts for arg in ("--artifact", str(a))],
            "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ahead_of_the_builder)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise EdgecompressError(f"benchmark of {', '.join(a.name for a in artifacts)} in {runtime_name} failed: {tail[0]}")

@@ -83,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=200, help="timed runs per artifact, over all rounds")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--round-warmup", type=int, default=5,
+                        help="untimed runs at the start of each round when several artifacts alternate")
     parser.add_argument("--eval-npz", help="npz with 'images' (N,C,H,W float32) and 'labels' (first artifact)")
     args = parser.parse_args(argv)
 
@@ -101,9 +103,14 @@ def main(argv=None):
     rounds = max(1, min(args.rounds, args.runs))
     per_round = max(1, -(-args.runs // rounds))
     # Rounds interleave the artifacts, so a slow spell of the machine lands on all of them, not on one.
+    # After another model ran, the first inferences pay for cold caches and sleeping worker threads: each round
+    # starts with a few untimed runs, so an artifact timed among others is timed as it runs alone.
+    round_warmup = args.round_warmup if len(models) > 1 else 0
     for _ in range(rounds):
         for m in models:
             infer, x, times = m["infer"], m["x"], []
+            for _ in range(round_warmup):
+                infer(x)
             for _ in range(per_round):
                 start = time.perf_counter_ns()
                 infer(x)
