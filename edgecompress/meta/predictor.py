@@ -412,9 +412,5 @@ class AccuracyModel:
         mean, upper = self.predictor.predict(rows)
         keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
         mean, upper = monotone_in_ratio(keys, mean, upper)
-        # The uncompressed model in fp32 is its parent: no drop to predict, and a bound below its own measured
-        # accuracy would keep it out of the plan's first group at any allowed drop.
-        untouched = np.asarray([c.prune.method == "none" and c.quant.precision == "fp32" for c in candidates])
-        mean, upper = np.where(untouched, 0.0, mean), np.where(untouched, 0.0, upper)
         parent = np.asarray([self.accuracies[c.model] for c in candidates])
         return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
