@@ -17,7 +17,7 @@ from edgecompress.costmodel.devicecal import ensure_calibrated
 from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.core.fsutil import write_json
 from edgecompress.costmodel.kernels import model_graph
-from edgecompress.compress.methods import FinetuneSpec
+from edgecompress.compress.methods import FinetuneSpec, get_method
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.meta.predictor import AccuracyModel
@@ -340,7 +340,7 @@ def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, e
                 "compressed": verified.per_class_accuracy,
             },
             "deploy": target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape,
-                                                    sparse=_sparse(est.candidate, target)),
+                                                    sparse=get_method(est.candidate.prune.method).uses_sparse_kernels(target)),
         }
     return BuildReport(
         tool_version=__version__, command=options.command, target=target.name, runtime=target.runtime_name,
@@ -362,15 +362,7 @@ def make_bundle_for(report: BuildReport, chosen: Built, data, options, run_dir: 
     )
 
 
-def _sparse(candidate, target) -> bool:
-    from edgecompress.compress.methods import get_method
-
-    return get_method(candidate.prune.method).sparse_pattern in target.sparse_kernels
-
-
 def _method_description(candidate) -> str:
-    from edgecompress.compress.methods import get_method
-
     method = get_method(candidate.prune.method)
     return method.description if method.kind == "none" else f"{method.description}, ratio {candidate.prune.ratio:.2f}"
 

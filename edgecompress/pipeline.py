@@ -19,7 +19,7 @@ import numpy as np
 from edgecompress.data.datasets import Dataset
 from edgecompress.core.errors import NumericalError
 from edgecompress.core.fsutil import atomic_path, write_json
-from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneData, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
@@ -133,9 +133,7 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
     steps = 0
     if method.kind != "none":
         x_train, y_train = data.split("train")
-        n = method.data_samples
-        samples = PruneData(torch.from_numpy(x_train[:n]), torch.from_numpy(y_train[:n]))
-        model = method.prepare(model, candidate.prune.ratio, example, samples)
+        model = method.prepare(model, candidate.prune.ratio, example, method.prune_data(data))
         steps = finetune_spec.steps
         model = finetune(
             model, x_train, y_train, steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
@@ -248,7 +246,7 @@ def _device_job(verified, target: Target, eval_npz: Path | None = None, log_dir:
 
     return DeviceJob(artifact=verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS,
                      precision=verified.candidate.quant.precision,
-                     sparse=get_method(verified.candidate.prune.method).sparse_pattern in target.sparse_kernels,
+                     sparse=get_method(verified.candidate.prune.method).uses_sparse_kernels(target),
                      eval_npz=eval_npz, log_dir=log_dir)
 
 

@@ -209,6 +209,18 @@ class PruneMethod:
         """Labelled train samples the method uses while pruning (second-order methods need gradients)."""
         return getattr(self.settings, "samples", 0)
 
+    def prune_data(self, data) -> "PruneData":
+        """The first ``data_samples`` images of ``data``'s train split, as the method's ``prepare`` takes them."""
+        import torch
+
+        x, y = data.split("train")
+        n = self.data_samples
+        return PruneData(torch.from_numpy(x[:n]), torch.from_numpy(y[:n]))
+
+    def uses_sparse_kernels(self, target) -> bool:
+        """The target has kernels that skip this method's zeros (2:4 on Jetson); elsewhere its masks run dense."""
+        return self.sparse_pattern is not None and self.sparse_pattern in target.sparse_kernels
+
     def settings_hash(self) -> str:
         """Names the settings in stage hashes and meta-dataset rows: a changed setting is a new key."""
         return spec_hash(self.name, self.settings)

@@ -147,7 +147,7 @@ def speed_key(candidate: Candidate, target: Target) -> tuple:
     """Candidates with equal keys run the same kernels on ``target``: their latency is one figure (masks that the
     target's kernels cannot skip run dense)."""
     m = get_method(candidate.prune.method)
-    sparse = m.sparse_pattern if m.sparse_pattern in target.sparse_kernels else None
+    sparse = m.sparse_pattern if m.uses_sparse_kernels(target) else None
     return (candidate.model, m.kind if m.structural else "dense", candidate.prune.ratio if m.structural else 0.0,
             candidate.quant.precision, sparse)
 

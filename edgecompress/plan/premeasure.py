@@ -2,9 +2,9 @@
 
 A candidate's speed does not depend on its accuracy: its pruned or factorized graph, made one-shot, exported and
 turned into the target's artifact (int8 calibrated on a few images), runs the kernels the fine-tuned candidate will
-run. So before anything is trained, the plan's most promising structures are built this way and timed together in
-one fresh process, in interleaved rounds; the plan is re-ranked on those figures, and only what already fits is
-fine-tuned. Predictions narrow the space first (only candidates predicted within ``SLACK`` times the budget are
+run. So before anything is trained, the plan's most promising structures are built this way and timed in fresh
+processes, a few to a process in interleaved rounds; the plan is re-ranked on those figures, and only what already
+fits is fine-tuned. Predictions narrow the space first (only candidates predicted within ``SLACK`` times the budget are
 timed) and stand alone where the device cannot be reached from here.
 """
 
@@ -57,7 +57,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
     precision (int8 from the fp32 artifact)."""
     import torch
 
-    from edgecompress.compress.methods import PruneData, get_method
+    from edgecompress.compress.methods import get_method
     from edgecompress.models import load_model
     from edgecompress.runtimes.base import export_onnx
 
@@ -66,10 +66,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
     model = load_model(entry, data.num_classes)
     if method.structural:
         example = torch.zeros(data.input_shape)
-        x, y = data.split("train")
-        n = method.data_samples
-        model = method.finalize(method.prepare(model, cand.prune.ratio, example,
-                                               PruneData(torch.from_numpy(x[:n]), torch.from_numpy(y[:n]))), example)
+        model = method.finalize(method.prepare(model, cand.prune.ratio, example, method.prune_data(data)), example)
     out.mkdir(parents=True)
     onnx_path = export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
     runtime = target.runtime()

@@ -248,9 +248,10 @@ BENCHMARK_PRIORITY = -10  # nice value of the benchmark process, where the user 
 
 
 def _ahead_of_the_builder() -> None:
-    """In the benchmark's process: run ahead of the building process, whose leftover runtime and torch threads
-    otherwise share the cores with it (builds timed their candidates up to 1.8x slower than the same artifacts
-    timed alone). Without the right to raise priority, it runs at the builder's."""
+    """In the benchmark's process: run ahead of the building process, so that its leftover runtime and torch threads
+    cannot take the cores from the timed runs. (Builds timed candidates up to 1.8x slower than the same artifacts
+    timed alone; this alone has not been shown to close that gap.) Without the right to raise priority, it runs at
+    the builder's."""
     import os
 
     try:
