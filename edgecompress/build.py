@@ -10,23 +10,23 @@ import time
 from pathlib import Path
 
 from edgecompress import __version__
-from edgecompress.deploy.bundle import make_bundle
-from edgecompress.costmodel.cost import describe as describe_cost_model
-from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
-from edgecompress.costmodel.devicecal import ensure_calibrated
+from edgecompress.compress.finetune import predict_torch
+from edgecompress.compress.methods import FinetuneSpec, get_method
 from edgecompress.core.errors import BudgetError, NumericalError, RunDirError, UsageError
 from edgecompress.core.fsutil import write_json
+from edgecompress.costmodel.cost import describe as describe_cost_model
+from edgecompress.costmodel.devicecal import ensure_calibrated
 from edgecompress.costmodel.kernels import model_graph
-from edgecompress.compress.methods import FinetuneSpec, get_method
+from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
+from edgecompress.deploy.bundle import make_bundle
+from edgecompress.deploy.timing import accuracy_interval, straddles
+from edgecompress.meta.predictor import AccuracyModel
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
-from edgecompress.meta.predictor import AccuracyModel
-from edgecompress.plan.premeasure import can_premeasure, premeasure
 from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, validate_budget
+from edgecompress.plan.premeasure import can_premeasure, premeasure
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
-from edgecompress.deploy.timing import accuracy_interval, straddles
-from edgecompress.compress.finetune import predict_torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

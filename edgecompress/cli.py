@@ -144,11 +144,11 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     from rich.console import Console
 
     from edgecompress.build import model_facts, resolve_models
-    from edgecompress.data.datasets import load_digits
-    from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
-    from edgecompress.plan.planner import plan as make_plan
+    from edgecompress.costmodel.devicecal import ensure_calibrated
+    from edgecompress.data.datasets import load_digits
     from edgecompress.meta.predictor import AccuracyModel
+    from edgecompress.plan.planner import plan as make_plan
     from edgecompress.targets import get_target
 
     target = get_target(target_name)
@@ -229,8 +229,8 @@ def targets_profile(target_name, networks, work, out, seed):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgecompress.costmodel.devicecal import machine_fingerprint
     from edgecompress.core.fsutil import cache_dir
+    from edgecompress.costmodel.devicecal import machine_fingerprint
     from edgecompress.costmodel.latency import fit, profile_target
     from edgecompress.targets import get_target
 
@@ -317,8 +317,8 @@ def targets_refit(target_name, run_dirs, out, force):
 def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identity, known_hosts, accept_new_host_key,
           remote_python, remote_trtexec):
     """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
-    from edgecompress.targets import get_target
     from edgecompress.deploy.timing import with_statistics
+    from edgecompress.targets import get_target
 
     target = get_target(target_name)
     if not artifact.is_file():
@@ -398,8 +398,8 @@ def calib_synth(data_dir, per_class, count, out, pipeline_path, model_spec, trai
     from rich.console import Console
 
     from edgecompress.calib.synth import SynthSpec, few_shot, synthesize, to_unit, write_image_folder
-    from edgecompress.data.datasets import load_dataset
     from edgecompress.core.fsutil import atomic_path, write_json
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.models import load_model, parse_model_spec
 
     if out.exists():
@@ -437,10 +437,10 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     """Compress every (model, method, ratio, precision) and record the measured accuracy."""
     from rich.console import Console
 
-    from edgecompress.meta.collect import PRECISIONS, collect
     from edgecompress.compress.methods import FinetuneSpec, list_methods
-    from edgecompress.models import list_models
     from edgecompress.core.units import parse_fraction
+    from edgecompress.meta.collect import PRECISIONS, collect
+    from edgecompress.models import list_models
 
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in precision_list if p not in PRECISIONS]
@@ -467,8 +467,8 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
 def meta_train(data_path, out, regressor):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
     from edgecompress.meta.collect import read_rows
-    from edgecompress.models import ZOO_DIR
     from edgecompress.meta.predictor import Predictor, best_regressor, evaluate
+    from edgecompress.models import ZOO_DIR
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():
@@ -489,8 +489,8 @@ def meta_train(data_path, out, regressor):
 def meta_eval(data_path, as_json):
     """Leave-one-architecture-out accuracy and recommendation quality, LightGBM against a ridge baseline."""
     from edgecompress.meta.collect import read_rows
-    from edgecompress.models import ZOO_DIR
     from edgecompress.meta.predictor import evaluate
+    from edgecompress.models import ZOO_DIR
 
     path = data_path or ZOO_DIR / "meta.parquet"
     if not path.is_file():

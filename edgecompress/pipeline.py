@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.data.datasets import Dataset
+from edgecompress.compress.finetune import finetune, predict_torch
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.core.errors import NumericalError
 from edgecompress.core.fsutil import atomic_path, write_json
-from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
+from edgecompress.data.datasets import Dataset
+from edgecompress.deploy.timing import merged, with_statistics
 from edgecompress.models import ModelEntry, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import Target
-from edgecompress.deploy.timing import merged, with_statistics
-from edgecompress.compress.finetune import finetune, predict_torch
 
 BENCH_WARMUP = 20
 BENCH_RUNS = 200

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_images
 
 from edgecompress.cli import main
-
-from conftest import write_images
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
-
-from edgecompress.data.datasets import SPLITS, load_image_folder
-from edgecompress.core.errors import DataError
-
 from conftest import write_images
+
+from edgecompress.core.errors import DataError
+from edgecompress.data.datasets import SPLITS, load_image_folder
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint(digits):

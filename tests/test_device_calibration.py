@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgecompress.costmodel import devicecal
 from edgecompress.cli import main
+from edgecompress.core.errors import UsageError
+from edgecompress.costmodel import devicecal
 from edgecompress.costmodel.cost import describe, predict_cost
 from edgecompress.costmodel.devicecal import (
     ReferenceNetwork,
@@ -19,7 +20,6 @@ from edgecompress.costmodel.devicecal import (
     ensure_calibrated,
     machine_fingerprint,
 )
-from edgecompress.core.errors import UsageError
 from edgecompress.costmodel.kernels import graph_kernels
 from edgecompress.targets import get_target
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_images
 
+from edgecompress.core.errors import DataError
 from edgecompress.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,
@@ -26,9 +28,6 @@ from edgecompress.data.datasets import (
     load_digits,
     load_fashion_mnist,
 )
-from edgecompress.core.errors import DataError
-
-from conftest import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from edgecompress.cli import main
-from edgecompress.costmodel.cost import predict_cost
 from edgecompress.core.errors import EdgecompressError
+from edgecompress.costmodel.cost import predict_cost
 from edgecompress.costmodel.kernels import Kernel, ModelGraph, model_graph
 from edgecompress.costmodel.latency import KernelLatencyModel, fit, kernel_features, profile_target, random_network
 from edgecompress.costmodel.layers import profile_layers
@@ -198,8 +198,8 @@ def _device_run(tmp_path, target, slowdown):
     """A finished build's run directory whose device measured the roofline's prediction times ``slowdown``."""
     import dataclasses
 
-    from edgecompress.costmodel.cost import roofline_ms
     from edgecompress.compress.methods import get_method
+    from edgecompress.costmodel.cost import roofline_ms
     from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 
     slow = dataclasses.replace(target, latency=dataclasses.replace(

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from edgecompress.compress.finetune import finetune
 from edgecompress.compress.methods import METHODS, PruneData, PruneSpec, get_method
+from edgecompress.compress.woodfisher import inverse_fisher_blocks, prunable_layers, woodfisher_prune
 from edgecompress.models import get_model, load_model
 from edgecompress.runtimes.base import export_onnx
-from edgecompress.compress.finetune import finetune
-from edgecompress.compress.woodfisher import inverse_fisher_blocks, prunable_layers, woodfisher_prune
 
 
 def _weight_zero_share(model):
@@ -49,8 +49,8 @@ def test_method_contract(name, small_digits, tmp_path):
     elif method.kind == "none":
         assert sum(p.numel() for p in model.parameters()) == params_before
     elif method.kind == "lowrank":
-        from edgecompress.costmodel.layers import profile_layers
         from edgecompress.costmodel.kernels import model_graph
+        from edgecompress.costmodel.layers import profile_layers
 
         parent = load_model(get_model("lcnet_050"), 10)
         full = sum(l.macs for l in profile_layers(parent, small_digits.input_shape))

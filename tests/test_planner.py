@@ -1,9 +1,9 @@
 import pytest
 
-from edgecompress.costmodel.cost import predict_cost
-from edgecompress.core.errors import BudgetError, UsageError
-from edgecompress.costmodel.kernels import model_graph
 from edgecompress.compress.methods import severity
+from edgecompress.core.errors import BudgetError, UsageError
+from edgecompress.costmodel.cost import predict_cost
+from edgecompress.costmodel.kernels import model_graph
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.plan.planner import Budget, check_reachable, plan
 from edgecompress.targets import get_target

@@ -7,8 +7,8 @@ import pytest
 
 from edgecompress.cli import main
 from edgecompress.meta.collect import read_rows
-from edgecompress.models import ZOO_DIR
 from edgecompress.meta.predictor import Predictor, leave_one_architecture_out
+from edgecompress.models import ZOO_DIR
 
 META = ZOO_DIR / "meta.parquet"
 

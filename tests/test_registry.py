@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from edgecompress.core.errors import TargetFileError, UnknownNameError
 from edgecompress.compress.methods import METHODS, get_method, list_methods
+from edgecompress.core.errors import TargetFileError, UnknownNameError
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.targets import PRECISIONS, get_target, list_targets, load_target_file
 
@@ -66,8 +66,8 @@ def test_zoo_has_six_families_and_fits_size():
 
 @pytest.mark.parametrize("name", list_models())
 def test_zoo_model_matches_manifest(name, digits):
-    from edgecompress.costmodel.layers import count_params
     from edgecompress.compress.finetune import evaluate_torch
+    from edgecompress.costmodel.layers import count_params
 
     entry = get_model(name)
     model = load_model(entry, digits.num_classes)

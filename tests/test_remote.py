@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edgecompress.cli import main
-from edgecompress.models import get_model, load_model
 from edgecompress.deploy.remote import DeviceSpec, SshOptions, parse_device
+from edgecompress.models import get_model, load_model
 from edgecompress.runtimes.base import export_onnx
 from edgecompress.targets import get_target
 

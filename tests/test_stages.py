@@ -3,8 +3,8 @@
 import pytest
 
 from edgecompress import pipeline
-from edgecompress.core.errors import NumericalError
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec
+from edgecompress.core.errors import NumericalError
 from edgecompress.models import get_model
 from edgecompress.targets import get_target
 

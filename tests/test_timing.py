@@ -8,8 +8,8 @@ import pytest
 
 from edgecompress import build, pipeline
 from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
-from edgecompress.plan.planner import Budget
 from edgecompress.deploy.timing import accuracy_interval, merged, straddles, summarize, with_statistics
+from edgecompress.plan.planner import Budget
 
 
 def _rounds(centre, spread, rounds=10, per_round=20, seed=0):

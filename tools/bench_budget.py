@@ -103,7 +103,6 @@ def _safe(label: str) -> str:
 def user_model(arch: str, work: Path, data) -> tuple[str, dict]:
     """``timm:ARCH=path`` for ``arch`` trained on the digits (cached in ``work``), and what its training gave."""
     import torch
-
     import train_zoo
 
     directory = work / "user_models"
@@ -154,10 +153,10 @@ class _TimedAccuracyModel:
 def plan_as_build(target, spec: str, data, console):
     """The plan `build --model SPEC` makes (default sweep and precisions), with a placeholder budget, and timings."""
     from edgecompress.build import model_facts, resolve_models
-    from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.compress.methods import sweep_for
-    from edgecompress.plan.planner import Budget, plan
+    from edgecompress.costmodel.devicecal import ensure_calibrated
     from edgecompress.meta.predictor import AccuracyModel
+    from edgecompress.plan.planner import Budget, plan
 
     entries = resolve_models((spec,), data)
     graphs, accuracies = model_facts(entries, data)
@@ -278,8 +277,8 @@ def run_build_cli(argv: list[str]) -> tuple[str, str | None]:
 
 def retime(target, artifact: Path, reference: Path, budget_ms: float, dense_ms: float) -> dict:
     """The delivered artifact timed again in a fresh process, rounds interleaved with the dense fp32 reference."""
-    from edgecompress.plan.planner import Budget
     from edgecompress.deploy.timing import with_statistics
+    from edgecompress.plan.planner import Budget
 
     results = target.runtime().benchmark_interleaved([artifact, reference], warmup=RETIME_WARMUP, runs=RETIME_RUNS,
                                                      rounds=RETIME_ROUNDS)

@@ -37,8 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.calib.synth import SynthSpec, few_shot, match_intensities, synthesize  # noqa: E402
-from edgecompress.data.datasets import load_digits  # noqa: E402
+
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.pipeline import run_session  # noqa: E402
 from edgecompress.runtimes.base import export_onnx  # noqa: E402
@@ -109,8 +110,8 @@ def second_use(data, synthetic: np.ndarray, synthetic_labels: np.ndarray) -> dic
     import torch
     from scipy.stats import spearmanr
 
-    from edgecompress.compress.methods import PruneData, get_method
     from edgecompress.compress.finetune import predict_torch
+    from edgecompress.compress.methods import PruneData, get_method
 
     x_test, y_test = data.split("test")
     x_val, y_val = data.split("val")

@@ -38,10 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgecompress.costmodel.cost import predict_cost, roofline_ms  # noqa: E402
-from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
-from edgecompress.costmodel.kernels import model_graph  # noqa: E402
 from edgecompress.compress.methods import get_method  # noqa: E402
+from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
+from edgecompress.costmodel.cost import predict_cost, roofline_ms  # noqa: E402
+from edgecompress.costmodel.kernels import model_graph  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.runtimes.base import export_onnx, nncf_quiet  # noqa: E402
 from edgecompress.targets import get_target  # noqa: E402

@@ -33,12 +33,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgecompress.data.datasets import load_digits  # noqa: E402
+from edgecompress.compress.finetune import finetune, predict_torch  # noqa: E402
+from edgecompress.compress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.costmodel.layers import profile_layers  # noqa: E402
-from edgecompress.compress.methods import METHODS, FinetuneSpec, PruneData, get_method  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
-from edgecompress.compress.finetune import finetune, predict_torch  # noqa: E402
 
 # Channel ratios 0.3/0.5/0.7 remove about 51/75/91% of the MACs; low-rank levels are MAC reductions, matched to them.
 LEVELS = {"unstructured": (0.5, 0.7, 0.9), "channel": (0.3, 0.5, 0.7), "lowrank": (0.5, 0.75, 0.9), "semi-structured": (0.5,)}

@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress import pipeline  # noqa: E402
-from edgecompress.costmodel.cost import fit_roofline, predict_cost  # noqa: E402
-from edgecompress.data.datasets import load_digits  # noqa: E402
-from edgecompress.costmodel.kernels import model_graph  # noqa: E402
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec  # noqa: E402
+from edgecompress.costmodel.cost import fit_roofline, predict_cost  # noqa: E402
+from edgecompress.costmodel.kernels import model_graph  # noqa: E402
+from edgecompress.data.datasets import load_digits  # noqa: E402
 from edgecompress.models import get_model, list_models, load_model  # noqa: E402
 from edgecompress.targets import get_target  # noqa: E402
 

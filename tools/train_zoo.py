@@ -48,11 +48,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgecompress.data.datasets import load_digits, load_fashion_mnist  # noqa: E402
+from edgecompress.compress.finetune import augment, evaluate_torch  # noqa: E402
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json  # noqa: E402
 from edgecompress.costmodel.layers import count_params, profile_layers, total_macs  # noqa: E402
+from edgecompress.data.datasets import load_digits, load_fashion_mnist  # noqa: E402
 from edgecompress.models import zoo_dir  # noqa: E402
-from edgecompress.compress.finetune import augment, evaluate_torch  # noqa: E402
 
 ZOO = {
     # architecture: recipe overrides (the default recipe is in DEFAULT)
@@ -259,7 +259,14 @@ def shipped_bytes(exclude: tuple[str, str]) -> int:
 
 
 def main(argv=None) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=list(TASKS), default="digits")

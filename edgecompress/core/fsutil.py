@@ -15,7 +15,6 @@ from typing import Any
 
 from edgecompress.core.errors import DiskFullError
 
-
 # Below this much free space at the moment a write fails, the failure is taken as disk full:
 # torch.save reports ENOSPC as an opaque RuntimeError ("unexpected pos ...").
 _FULL_BELOW_BYTES = 1 << 20

@@ -23,8 +23,8 @@ from edgecompress.report import read_report
 
 def device_samples(target, run_dirs: list[Path]) -> tuple[list, int]:
     """(graph, precision, sparse pattern, measured ms) for every measured candidate; and how many were skipped."""
-    from edgecompress.costmodel.kernels import model_graph
     from edgecompress.compress.methods import get_method
+    from edgecompress.costmodel.kernels import model_graph
     from edgecompress.models import get_model, load_model
 
     graphs: dict = {}

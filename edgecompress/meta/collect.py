@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.core.errors import UsageError
 from edgecompress.core.fsutil import atomic_path
-from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
@@ -102,10 +102,10 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     import torch
     from rich.progress import Progress
 
+    from edgecompress.compress.finetune import evaluate_torch
     from edgecompress.data.datasets import load_dataset
     from edgecompress.meta.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
-    from edgecompress.compress.finetune import evaluate_torch
 
     rows = read_rows(path)
     if not rows:
@@ -185,7 +185,14 @@ def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_name
 def collect(*, out: Path, models, methods, ratios, precisions, finetune: FinetuneSpec, data_dir, image_size: int,
             address: str | None, console) -> dict:
     import ray
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from edgecompress.data.datasets import load_dataset
     from edgecompress.models import parse_model_spec

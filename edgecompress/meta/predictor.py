@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.core.errors import UsageError
-from edgecompress.meta.features import FEATURE_DOCS
-from edgecompress.core.fsutil import atomic_path
 from edgecompress.compress.methods import METHODS
+from edgecompress.core.errors import UsageError
+from edgecompress.core.fsutil import atomic_path
+from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
@@ -305,8 +305,8 @@ REGRESSORS = ("lightgbm", "ridge")
 
 def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, np.ndarray]:
     """Predicted latency of every meta-dataset row on each target (zoo models' exported graphs)."""
-    from edgecompress.data.datasets import load_digits
     from edgecompress.costmodel.kernels import model_graph
+    from edgecompress.data.datasets import load_digits
     from edgecompress.models import get_model, load_model
     from edgecompress.plan.planner import estimate_cost
     from edgecompress.targets import get_target

@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from edgecompress.costmodel.cost import CostPrediction, predict_cost
-from edgecompress.core.errors import BudgetError, UsageError
-from edgecompress.costmodel.kernels import ModelGraph
 from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec, default_sweep, get_method, severity
-from edgecompress.targets import Target
+from edgecompress.core.errors import BudgetError, UsageError
+from edgecompress.costmodel.cost import CostPrediction, predict_cost
+from edgecompress.costmodel.kernels import ModelGraph
 from edgecompress.deploy.timing import DEFAULT_LATENCY_STAT, LATENCY_STATS
+from edgecompress.targets import Target
 
 ACCURACY_BASIS = "parent's uncompressed accuracy (no accuracy model)"
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from edgecompress.core.fsutil import atomic_path, write_json
+from edgecompress.deploy.timing import with_statistics
 from edgecompress.plan.planner import Plan, speed_key
 from edgecompress.targets import Target
-from edgecompress.deploy.timing import with_statistics
 
 MAX_ARTIFACTS = 16  # distinct (structure, precision) pairs timed per build; an int8 one takes a few seconds to make
 SLACK = 2.0  # predictions on another machine are off by up to about 2x either way
