@@ -182,31 +182,11 @@ def reference_graph(reference: ReferenceNetwork, workdir: Path):
 
 def measure_artifacts(runtime, onnx_path: Path, precisions, input_shape, workdir: Path) -> dict[str, float]:
     """Median latency (ms) here of the target's artifact at each precision, timed as ``targets profile`` times networks."""
-    import contextlib
-    import io
-
-    import numpy as np
-
-    from edgecompress.costmodel.latency import time_session
-    from edgecompress.runtimes.base import nncf_quiet
-
-    artifacts: dict[str, Path] = {}
-
-    def artifact(precision: str) -> Path:
-        if precision not in artifacts:
-            out = workdir / precision
-            out.mkdir(parents=True, exist_ok=True)
-            if precision == "int8":  # quantized from the fp32 artifact, with random images (only speed counts here)
-                calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32)
-                with nncf_quiet(), contextlib.redirect_stderr(io.StringIO()):
-                    artifacts[precision] = runtime.quantize(artifact("fp32"), calib, out)
-            else:
-                artifacts[precision] = runtime.export(onnx_path, precision, out)
-        return artifacts[precision]
+    from edgecompress.costmodel.latency import artifact_for_timing, time_session
 
     # Shorter than the profile's timing (0.3 s): the median of 20+ runs of a sub-millisecond network is steady.
-    return {p: time_session(runtime.session(artifact(p)), input_shape, min_runs=20, max_seconds=0.15)
-            for p in precisions}
+    sessions = {p: runtime.session(artifact_for_timing(runtime, onnx_path, p, input_shape, workdir)) for p in precisions}
+    return {p: time_session(infer, input_shape, min_runs=20, max_seconds=0.15) for p, infer in sessions.items()}
 
 
 def calibrate(target, *, force: bool = False, console=None, references: tuple[ReferenceNetwork, ...] | None = None

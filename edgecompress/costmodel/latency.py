@@ -232,22 +232,12 @@ def random_network(seed: int):
 
 # --- measuring --------------------------------------------------------------------------------------------
 
-def _artifact(runtime, onnx_path: Path, precision: str, input_shape, workdir: Path) -> Path:
-    import contextlib
-    import io
+def artifact_for_timing(runtime, onnx_path: Path, precision: str, input_shape, workdir: Path) -> Path:
+    """The runtime's artifact at ``precision``; int8 calibrated on random images, since only its speed counts."""
+    from edgecompress.runtimes.base import make_artifact
 
-    from edgecompress.runtimes.base import nncf_quiet
-
-    out = workdir / precision
-    out.mkdir(parents=True, exist_ok=True)
-    artifact = runtime.export(onnx_path, "fp16" if precision == "fp16" else "fp32", out)
-    if precision == "int8":
-        calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32)
-        qdir = workdir / "int8q"
-        qdir.mkdir(exist_ok=True)
-        with nncf_quiet(), contextlib.redirect_stderr(io.StringIO()):  # NNCF's progress bars, hundreds of them here
-            artifact = runtime.quantize(artifact, calib, qdir)
-    return artifact
+    calib = np.random.default_rng(0).standard_normal((8, *input_shape[1:])).astype(np.float32)
+    return make_artifact(runtime, onnx_path, precision, workdir, calib)
 
 
 def time_session(infer: Callable, input_shape, *, min_runs: int = 30, max_seconds: float = 0.3) -> float:
@@ -341,7 +331,7 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
             members: dict[str, int] = {}
             graph = graph_kernels(onnx_path, members=members)
             work = Path(tmp) / f"{net_seed}-{precision}"
-            artifact = _artifact(runtime, onnx_path, precision, shape, work)
+            artifact = artifact_for_timing(runtime, onnx_path, precision, shape, work)
             tensors = _tensor_owners(onnx_path, members)
             extra = _quantized_names(artifact, members) if precision == "int8" else {}
             per_kernel, unattributed = attribute(runtime.node_times(artifact, shape), members, {**tensors, **extra})

@@ -59,7 +59,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
 
     from edgecompress.compress.methods import get_method
     from edgecompress.models import load_model
-    from edgecompress.runtimes.base import export_onnx
+    from edgecompress.runtimes.base import export_onnx, make_artifact
 
     cand = estimates[0].candidate
     method = get_method(cand.prune.method)
@@ -69,17 +69,8 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
         model = method.finalize(method.prepare(model, cand.prune.ratio, example, method.prune_data(data)), example)
     out.mkdir(parents=True)
     onnx_path = export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
-    runtime = target.runtime()
-    made: dict[str, Path] = {}
-
-    def at(precision: str) -> Path:
-        if precision not in made:
-            (out / precision).mkdir(exist_ok=True)
-            made[precision] = (runtime.quantize(at("fp32"), data.split("calib")[0][:CALIB_IMAGES], out / precision)
-                               if precision == "int8" else runtime.export(onnx_path, precision, out / precision))
-        return made[precision]
-
-    return [at(e.candidate.quant.precision) for e in estimates]
+    runtime, calib = target.runtime(), data.split("calib")[0][:CALIB_IMAGES]
+    return [make_artifact(runtime, onnx_path, e.candidate.quant.precision, out, calib) for e in estimates]
 
 
 def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Path, console=None) -> dict:

@@ -137,6 +137,22 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
         )
 
 
+def make_artifact(runtime, onnx_path: Path, precision: str, workdir: Path, calib_images: np.ndarray) -> Path:
+    """``runtime``'s artifact of an exported ONNX at ``precision``, for timing it (profiling, calibrating to this
+    machine, timing before training): int8 is quantized from the fp32 artifact on ``calib_images``, with NNCF's
+    progress bars kept off the console. Written under ``workdir/<precision>``."""
+    import io
+
+    out = workdir / precision
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = runtime.export(onnx_path, "fp32" if precision == "int8" else precision, out)
+    if precision == "int8":
+        (out / "quantized").mkdir(exist_ok=True)
+        with nncf_quiet(), contextlib.redirect_stderr(io.StringIO()):
+            artifact = runtime.quantize(artifact, calib_images, out / "quantized")
+    return artifact
+
+
 def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: AccuracyControl | None = None) -> Path:
     """Explicit-quantization (QDQ) ONNX: int8 per-channel weights, per-tensor activations."""
     import onnx
