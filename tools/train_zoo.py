@@ -186,7 +186,7 @@ def train_one(name: str, task: str, overrides: dict, data, work: Path, progress)
     torch.manual_seed(recipe["seed"])
     rng = np.random.default_rng(recipe["seed"])
     model = timm.create_model(name, pretrained=False, num_classes=data.num_classes)
-    x_train, y_train = (torch.from_numpy(a) for a in data.split("train"))
+    x_train, y_train = (torch.from_numpy(np.asarray(a)) for a in data.split("train"))  # the zoo's 32x32 splits fit
     x_val, y_val = data.split("val")
     batch = recipe["batch_size"]
     per_class = recipe.get("per_class_per_epoch")

@@ -1,8 +1,11 @@
 """Datasets: the named sources (the embedded digits, Fashion-MNIST) and ImageFolder trees.
 
 Every dataset comes out the same way: a :class:`Dataset` with fixed, stratified
-``train`` / ``calib`` / ``val`` / ``test`` splits of normalised NCHW float32
-arrays, plus what an application needs to reproduce the preprocessing.
+``train`` / ``calib`` / ``val`` / ``test`` splits, plus the :class:`Preprocess` an application needs to
+reproduce the model input. The pixels stay uint8 (NHWC, as decoded and resized, one store shared by the
+splits); each split's images are a :class:`NormalisedImages`, which reads as a normalised float32 NCHW
+array but normalises only the rows an index asks for. 10,000 images at 224x224 hold 1.5 GB as uint8;
+as float32 they took 6 GB per copy.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import math
 import os
 import shutil
+import sys
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from edgecompress.core.errors import DataError
+from edgecompress.core.errors import DataError, UnknownNameError
 
 SPLITS = ("train", "calib", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -36,11 +41,31 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+# The zoos are trained at 32x32 on the named sources, normalised to [-1, 1].
+NAMED_IMAGE_SIZE = 32
+NAMED_MEAN = NAMED_STD = (0.5, 0.5, 0.5)
+# An ImageFolder's defaults when neither the caller nor a model says otherwise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FOLDER_MIN_SIZE, FOLDER_MAX_SIZE, FOLDER_SIZE_STEP = 32, 224, 8
+SIZE_SAMPLE_FILES = 256  # image headers read to choose a folder's default size
+RESIZE_MODES = ("squash", "center")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters, as timm names them
+DECODE_BATCH = 64
+DECODE_WORKERS = 8  # at most; never more than the cores
+NORMALISE_CHUNK = 1024  # images normalised at once where a whole split is read (fingerprint, np.asarray)
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """How raw RGB images become model input; written into every bundle."""
+    """How raw RGB images become model input; written into every bundle as preprocess.json.
+
+    Geometry (timm's eval transform): the image is resized to ``resize_size = floor(image_size / crop_pct)``
+    with the PIL filter ``interpolation``, then its centre ``image_size`` x ``image_size`` is kept.
+    ``resize="squash"`` resizes both sides to ``resize_size`` (the aspect is not kept; with ``crop_pct=1`` the
+    whole image is squashed to the square); ``resize="center"`` resizes the shorter side, keeping the aspect.
+    Then ``(pixel * scale - mean) / std`` per RGB channel, laid out ``layout``.
+    """
 
     image_size: int
     mean: tuple[float, float, float]
@@ -49,10 +74,186 @@ class Preprocess:
     color_order: str = "RGB"
     dtype: str = "float32"
     scale: float = 1.0 / 255.0
-    resize: str = "bilinear"
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", _three_floats("mean", self.mean))
+        object.__setattr__(self, "std", _three_floats("std", self.std))
+        if any(s <= 0 for s in self.std):
+            raise DataError(f"std must be positive, not {self.std}")
+        if not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1:
+            raise DataError(f"image size must be a positive whole number of pixels, not {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        if self.resize not in RESIZE_MODES:
+            raise DataError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise DataError(f"crop_pct must be in (0, 1], not {self.crop_pct}")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    @property
+    def resize_size(self) -> int:
+        """The side (squash) or shorter side (center) the image is resized to before the centre crop."""
+        return max(self.image_size, math.floor(self.image_size / self.crop_pct))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Preprocess:
+        """The inverse of :meth:`to_dict`; keys it does not know (a bundle's input_name) are left out.
+
+        A preprocess.json written before ``interpolation`` existed names the filter in ``resize`` and squashes.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k in fields}
+        if "interpolation" not in values and values.get("resize") in INTERPOLATIONS:
+            values["interpolation"], values["resize"] = values["resize"], "squash"
+        return cls(**values)
+
+
+def _three_floats(name: str, values) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise DataError(f"{name} must be three numbers (R, G, B), not {values!r}") from None
+    if len(out) != 3:
+        raise DataError(f"{name} must be three numbers (R, G, B), not {len(out)}")
+    return out
+
+
+def preprocess_for_model(architecture: str) -> Preprocess:
+    """The eval preprocessing timm's pretrained config gives ``architecture`` (``resnet18``, ``vit_small_patch16_224.augreg_in21k``):
+    its mean, std, interpolation, crop_pct, crop mode and input size. No weights are downloaded.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(architecture):
+        raise UnknownNameError("timm architecture", architecture, timm.list_models())
+    cfg = get_pretrained_cfg(architecture)
+    if cfg is None:  # an architecture registered without a config: ask a model (random weights, no download)
+        cfg = timm.create_model(architecture, pretrained=False).pretrained_cfg
+    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
+    input_size = get("input_size") or (3, 224, 224)
+    interpolation = get("interpolation") or "bilinear"
+    return Preprocess(
+        image_size=int(input_size[-1]),
+        mean=get("mean") or IMAGENET_MEAN,
+        std=get("std") or IMAGENET_STD,
+        resize="squash" if get("crop_mode") == "squash" else "center",
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+        crop_pct=min(float(get("crop_pct") or 1.0), 1.0),
+    )
+
+
+def _normalise(images_uint8_nhwc: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """uint8 (..., H, W, C) -> normalised float32 (..., 3, H, W); one channel (grey) broadcasts to RGB.
+
+    Written in place into the one result array (a batch at 224x224 makes no float temporaries).
+    """
+    *lead, height, width, _ = images_uint8_nhwc.shape
+    out = np.empty((*lead, 3, height, width), np.float32)
+    np.moveaxis(out, -3, -1)[...] = images_uint8_nhwc
+    out *= np.float32(pre.scale)
+    out -= np.asarray(pre.mean, np.float32)[:, None, None]
+    out /= np.asarray(pre.std, np.float32)[:, None, None]
+    return out
+
+
+class NormalisedImages:
+    """A split's images: rows of a uint8 NHWC store (1 channel for grey sources, else 3), read as normalised
+    float32 NCHW.
+
+    Indexing normalises only what it returns, as the eager array would give it: ``x[i:j]``, ``x[index_array]``,
+    ``x[mask]``, ``x[i]``, ``x[:, 0]``, ``x[:, :, ::4, ::4]``. ``len``, ``shape``, ``dtype`` and ``ndim`` are the
+    float array's. ``np.asarray(x)`` builds the whole float32 split (fine for small ones); ``torch.from_numpy``
+    needs a real array, so take batches: ``torch.from_numpy(x[idx])``.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray, preprocess: Preprocess):
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
+            raise ValueError(f"pixels must be uint8 (N, H, W, 1 or 3), not {pixels.dtype} {pixels.shape}")
+        self.pixels = pixels  # the store, shared with the other splits
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.preprocess = preprocess
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), 3, *self.pixels.shape[1:3])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"NormalisedImages(shape={self.shape}, stored uint8 {self.pixels.shape})"
+
+    def with_preprocess(self, preprocess: Preprocess) -> NormalisedImages:
+        """The same pixels normalised by another mean, std or scale (the geometry is the store's)."""
+        return NormalisedImages(self.pixels, self.rows, preprocess)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 4 or any(k is Ellipsis or k is None for k in key):
+            return np.asarray(self)[key]
+        batch, channel, height, width = key + (slice(None),) * (4 - len(key))
+        rows = self.rows[batch]
+        if isinstance(height, slice) and isinstance(width, slice):
+            # Normalising is per pixel, so cropping or striding the uint8 first gives the same floats.
+            out = _normalise(self.pixels[rows, height, width], self.preprocess)
+            return out if isinstance(channel, slice) and channel == slice(None) else out[..., channel, :, :]
+        out = _normalise(self.pixels[rows], self.preprocess)
+        return out[(Ellipsis, channel, height, width)]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("NormalisedImages are uint8 pixels; a float array is always a copy")
+        out = np.empty(self.shape, np.float32)
+        for start in range(0, len(self), NORMALISE_CHUNK):
+            out[start:start + NORMALISE_CHUNK] = self[start:start + NORMALISE_CHUNK]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def min(self) -> np.float32:
+        return self._extreme(np.min)
+
+    def max(self) -> np.float32:
+        return self._extreme(np.max)
+
+    def _extreme(self, reduce) -> np.float32:
+        """The whole split's min or max: normalising is increasing in each channel's pixel, so it is the extreme
+        pixel of each channel, normalised."""
+        if not len(self):
+            raise ValueError("zero-size array to reduction operation, which has no identity")
+        per_chunk = [reduce(self.pixels[self.rows[start:start + NORMALISE_CHUNK]], axis=(0, 1, 2))
+                     for start in range(0, len(self), NORMALISE_CHUNK)]
+        per_channel = reduce(np.stack(per_chunk), axis=0).reshape(1, 1, 1, -1)
+        return reduce(_normalise(per_channel, self.preprocess))
+
+    def is_grey(self) -> bool:
+        """Every image has three equal channels (or the store holds one)."""
+        if self.pixels.shape[-1] == 1:
+            return True
+        for start in range(0, len(self), NORMALISE_CHUNK):
+            px = self.pixels[self.rows[start:start + NORMALISE_CHUNK]]
+            if not (np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])):
+                return False
+        return True
+
+
+def _chunks(images, size: int = NORMALISE_CHUNK):
+    """Consecutive float32 batches of a split's images (a NormalisedImages or an array)."""
+    for start in range(0, len(images), size):
+        yield images[start:start + size]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,7 +261,9 @@ class Dataset:
     name: str
     class_names: tuple[str, ...]
     preprocess: Preprocess
-    splits: dict  # split name -> (images float32 NCHW, labels int64)
+    # split name -> (images, labels int64): images a NormalisedImages (float32 NCHW on indexing), or a float32
+    # NCHW array (a caller's own cut, e.g. tests' short splits)
+    splits: dict
     skipped_files: int = 0
     # The zoo task whose models were trained on this data (edgecompress.models.zoo_tasks()); None for a user's folder.
     # A limited or shortened copy keeps the task: the zoo's models apply, its manifest accuracies do not.
@@ -75,7 +278,17 @@ class Dataset:
         size = self.preprocess.image_size
         return (1, 3, size, size)
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the images of every split hold (a pixel store the splits share counted once)."""
+        stores = {}
+        for images, _ in self.splits.values():
+            array = images.pixels if isinstance(images, NormalisedImages) else images
+            stores[id(array)] = array.nbytes
+        return sum(stores.values())
+
+    def split(self, name: str) -> tuple[NormalisedImages | np.ndarray, np.ndarray]:
+        """(images, labels) of one split: images read as normalised float32 NCHW (see :class:`NormalisedImages`)."""
         return self.splits[name]
 
     def fingerprint(self) -> str:
@@ -84,7 +297,9 @@ class Dataset:
         for split in SPLITS:
             images, labels = self.splits[split]
             digest.update(split.encode())
-            digest.update(np.ascontiguousarray(images[:, :, ::4, ::4]).tobytes())
+            # Batch by batch: the bytes of consecutive C-order rows are the whole array's.
+            for start in range(0, len(images), NORMALISE_CHUNK):
+                digest.update(np.ascontiguousarray(images[start:start + NORMALISE_CHUNK, :, ::4, ::4]).tobytes())
             digest.update(labels.tobytes())
         return digest.hexdigest()[:16]
 
@@ -94,16 +309,24 @@ class Dataset:
         return {
             "num_classes": self.num_classes,
             "image_size": self.preprocess.image_size,
-            "train_samples": int(len(self.splits["train"][1])),
+            "train_samples": len(self.splits["train"][1]),
             # Grey images stored as RGB (the digits, Fashion-MNIST): three equal channels.
-            "grayscale": int(bool(len(calib)) and np.array_equal(calib[:, 0], calib[:, 1]) and np.array_equal(calib[:, 1], calib[:, 2])),
+            "grayscale": int(bool(len(calib)) and _is_grey(calib)),
         }
 
 
-def _normalise(images_uint8_nhwc: np.ndarray, pre: Preprocess) -> np.ndarray:
-    x = images_uint8_nhwc.astype(np.float32) * pre.scale
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+def _is_grey(images) -> bool:
+    if isinstance(images, NormalisedImages):
+        return images.is_grey()
+    return bool(np.array_equal(images[:, 0], images[:, 1]) and np.array_equal(images[:, 1], images[:, 2]))
+
+
+def _with_preprocess(data: Dataset, pre: Preprocess) -> Dataset:
+    """``data`` normalised by ``pre`` (same geometry: another mean, std or scale)."""
+    if pre == data.preprocess:
+        return data
+    splits = {name: (images.with_preprocess(pre), labels) for name, (images, labels) in data.splits.items()}
+    return dataclasses.replace(data, preprocess=pre, splits=splits)
 
 
 def _stratified_split(labels: np.ndarray, shares: dict[str, float], seed: int) -> dict[str, np.ndarray]:
@@ -116,7 +339,7 @@ def _stratified_split(labels: np.ndarray, shares: dict[str, float], seed: int) -
         start = 0
         names = list(shares)
         for i, name in enumerate(names):
-            stop = len(idx) if i == len(names) - 1 else start + int(round(shares[name] * len(idx)))
+            stop = len(idx) if i == len(names) - 1 else start + round(shares[name] * len(idx))
             out[name].extend(idx[start:stop].tolist())
             start = stop
     return {name: np.sort(np.asarray(ix, dtype=np.int64)) for name, ix in out.items()}
@@ -126,7 +349,7 @@ DIGITS_SHARES = {"train": 0.54, "calib": 0.17, "val": 0.09, "test": 0.20}
 
 
 @lru_cache(maxsize=4)
-def load_digits(image_size: int = 32) -> Dataset:
+def load_digits(image_size: int = NAMED_IMAGE_SIZE) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits, resized to RGB ``image_size``.
 
     The split is fixed (seed 0) and stratified: 54% train, 17% calibration
@@ -139,13 +362,11 @@ def load_digits(image_size: int = 32) -> Dataset:
     bunch = sk_digits()
     gray = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # N,1,8,8 in [0,1]
     big = F.interpolate(gray, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    rgb_uint8 = (big.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
-    images = rgb_uint8.permute(0, 2, 3, 1).numpy()
+    pixels = (big.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # N,S,S,1: grey
     labels = bunch.target.astype(np.int64)
-    pre = Preprocess(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    x = _normalise(images, pre)
+    pre = Preprocess(image_size=image_size, mean=NAMED_MEAN, std=NAMED_STD)
     parts = _stratified_split(labels, DIGITS_SHARES, seed=0)
-    splits = {name: (x[ix], labels[ix]) for name, ix in parts.items()}
+    splits = {name: (NormalisedImages(pixels, ix, pre), labels[ix]) for name, ix in parts.items()}
     return Dataset(
         name=DIGITS_NAME,
         class_names=tuple(str(i) for i in range(10)),
@@ -217,24 +438,22 @@ def _limit(parts: dict[str, np.ndarray], labels: np.ndarray, per_class: int | No
     return out
 
 
-def _grey_to_input(grey: np.ndarray, pre: Preprocess, chunk: int = 8192) -> np.ndarray:
-    """uint8 (N, H, W) -> normalised float32 (N, 3, S, S): bilinear resize, rounded to uint8 like an RGB image
-    an application would pass, the grey copied to three channels. Chunked, so the only full-size array is the result."""
+def _grey_to_pixels(grey: np.ndarray, size: int, chunk: int = 8192) -> np.ndarray:
+    """uint8 (N, H, W) -> uint8 (N, S, S, 1): bilinear resize, rounded to uint8 like a grey image an application
+    would pass (normalising broadcasts the one channel to RGB)."""
     import torch
     import torch.nn.functional as F
 
-    size = pre.image_size
-    out = np.empty((len(grey), 3, size, size), np.float32)
+    out = np.empty((len(grey), size, size, 1), np.uint8)
     for start in range(0, len(grey), chunk):
         block = torch.from_numpy(grey[start:start + chunk]).float()[:, None] / 255.0
         if block.shape[-2:] != (size, size):
             block = F.interpolate(block, size=(size, size), mode="bilinear", align_corners=False)
-        block_uint8 = (block.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0, :, :, None].numpy()  # N,S,S,1
-        out[start:start + chunk] = _normalise(block_uint8, pre)  # the single channel broadcasts to RGB
+        out[start:start + chunk] = (block.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0, :, :, None].numpy()
     return out
 
 
-def load_fashion_mnist(image_size: int = 32, *, limit_per_class: int | None = None) -> Dataset:
+def load_fashion_mnist(image_size: int = NAMED_IMAGE_SIZE, *, limit_per_class: int | None = None) -> Dataset:
     """Zalando's Fashion-MNIST (28x28 grey clothing, 10 classes) from Debian's ``dataset-fashion-mnist``,
     resized to RGB ``image_size`` and normalised like the digits (mean = std = 0.5).
 
@@ -246,7 +465,7 @@ def load_fashion_mnist(image_size: int = 32, *, limit_per_class: int | None = No
     ``limit_per_class=N`` (tests, quick runs) keeps the first N images of each class in every split,
     a subset of the full splits: N=20 gives 200 images per split, and from N=100 on calib stays whole.
     The name becomes ``fashion-mnist-N`` so fingerprints and cache keys differ from the full set's.
-    At full size the float32 arrays take about 860 MB.
+    At full size and 32x32 the pixels take about 72 MB (one grey channel, uint8).
     """
     if limit_per_class is not None and limit_per_class < 1:
         raise DataError(f"limit_per_class must be at least 1, not {limit_per_class}")
@@ -261,7 +480,7 @@ def _load_fashion_mnist(root: Path, image_size: int, limit_per_class: int | None
             f"Fashion-MNIST is not installed: {', '.join(str(m) for m in missing)} missing; "
             f"run `apt-get install dataset-fashion-mnist` or point ${FASHION_MNIST_ENV} at a directory with the IDX files"
         )
-    pre = Preprocess(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pre = Preprocess(image_size=image_size, mean=NAMED_MEAN, std=NAMED_STD)
     splits = {}
     for part, shares in (("train", FASHION_TRAIN_SHARES), ("t10k", FASHION_TEST_SHARES)):
         grey, labels = _read_idx_pair(root, *FASHION_MNIST_FILES[part])
@@ -269,7 +488,10 @@ def _load_fashion_mnist(root: Path, image_size: int, limit_per_class: int | None
         for name, ix in parts.items():
             if len(ix) == 0:
                 raise DataError(f"{root / FASHION_MNIST_FILES[part][0]} has too few images to make a {name} split")
-            splits[name] = (_grey_to_input(grey[ix], pre), labels[ix])
+        kept = np.unique(np.concatenate(list(parts.values())))  # only the images a split holds are resized
+        pixels = _grey_to_pixels(grey[kept], image_size)
+        for name, ix in parts.items():
+            splits[name] = (NormalisedImages(pixels, np.searchsorted(kept, ix), pre), labels[ix])
     return Dataset(
         name=FASHION_MNIST_NAME if limit_per_class is None else f"{FASHION_MNIST_NAME}-{limit_per_class}",
         class_names=FASHION_MNIST_CLASSES,
@@ -279,101 +501,242 @@ def _load_fashion_mnist(root: Path, image_size: int, limit_per_class: int | None
     )
 
 
-def _read_image(path: Path, size: int) -> np.ndarray | None:
-    from PIL import Image, UnidentifiedImageError
+# ---------------------------------------------------------------- ImageFolder trees
+def _fit(img, pre: Preprocess):
+    """A PIL image resized and centre-cropped to ``pre.image_size`` square by ``pre``'s geometry; the same pixels as
+    torchvision's ``Resize(resize_size or (resize_size, resize_size), interpolation)`` then ``CenterCrop(image_size)``."""
+    from PIL import Image
 
+    size, target = pre.image_size, pre.resize_size
+    width, height = img.size
+    if pre.resize == "squash":
+        new_width = new_height = target
+    else:  # the shorter side to target, the longer in proportion (rounded down, as torchvision does)
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = target, int(target * long / short)
+        new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_width, new_height) != (width, height):
+        img = img.resize((new_width, new_height), getattr(Image.Resampling, pre.interpolation.upper()))
+    if (new_width, new_height) != (size, size):
+        left, top = round((new_width - size) / 2.0), round((new_height - size) / 2.0)
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def _read_image(path: Path, pre: Preprocess | int) -> np.ndarray | None:
+    """One image file as uint8 (S, S, 3) RGB by ``pre``'s geometry (an int: squashed to that square, bilinear), read
+    as torchvision's ``default_loader`` reads it; None if it cannot be read."""
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    if not isinstance(pre, Preprocess):
+        pre = Preprocess(image_size=pre, mean=NAMED_MEAN, std=NAMED_STD)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return np.array(_fit(default_loader(str(path)), pre), dtype=np.uint8)  # writable: torch collates it
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
         return None
 
 
+class _DecodeFiles:
+    """Files as a map-style dataset for a torch DataLoader: item i is (uint8 HWC pixels, readable)."""
+
+    def __init__(self, paths: list[Path], pre: Preprocess):
+        self.paths, self.pre = paths, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        pixels = _read_image(self.paths[i], self.pre)
+        if pixels is None:
+            size = self.pre.image_size
+            return np.zeros((size, size, 3), np.uint8), False
+        return pixels, True
+
+
+def _decode_files(paths: list[Path], pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (R, S, S, 3) of the R readable files, in order, and which files were readable.
+
+    A torch DataLoader decodes and resizes in worker processes (up to one per core); batches are written into
+    one preallocated uint8 array, so no list of images or float copy is ever held.
+    """
+    from torch.utils.data import DataLoader
+
+    size = pre.image_size
+    pixels = np.empty((len(paths), size, size, 3), np.uint8)
+    readable = np.zeros(len(paths), bool)
+    workers = 0 if len(paths) <= 2 * DECODE_BATCH else min(DECODE_WORKERS, os.cpu_count() or 1)
+    loader = DataLoader(_DecodeFiles(paths, pre), batch_size=DECODE_BATCH, shuffle=False, num_workers=workers)
+    filled = done = 0
+    with _progress(len(paths), f"decoding {len(paths)} images at {size}x{size}") as advance:
+        for batch, ok in loader:
+            ok = ok.numpy()
+            good = int(ok.sum())
+            # A batch without a bad file is written as it comes (a masked copy would be one more batch held).
+            pixels[filled:filled + good] = batch.numpy() if good == len(ok) else batch.numpy()[ok]
+            readable[done:done + len(ok)] = ok
+            filled, done = filled + good, done + len(ok)
+            advance(len(ok))
+    return (pixels if filled == len(paths) else pixels[:filled].copy()), readable
+
+
+class _progress:
+    """A transient rich bar on an interactive stderr for large folders; otherwise nothing."""
+
+    MIN_FILES = 1000
+
+    def __init__(self, total: int, description: str):
+        self.total, self.description, self.bar = total, description, None
+
+    def __enter__(self):
+        if self.total < self.MIN_FILES or not sys.stderr.isatty():
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _scan_class_dirs(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes (sorted sub-folders, hidden ones left out) and (file, label) pairs, as torchvision's ImageFolder
+    finds them (files with an image suffix anywhere under the class folder, walked in sorted order)."""
+    from torchvision.datasets.folder import make_dataset
+
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = []
-    for label, cls in enumerate(classes):
-        for f in sorted((root / cls).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((f, label))
-    return classes, files
+    if not classes:
+        return classes, []
+    samples = make_dataset(root, {c: i for i, c in enumerate(classes)}, extensions=tuple(sorted(IMAGE_SUFFIXES)),
+                           allow_empty=True)
+    return classes, [(Path(path), label) for path, label in samples]
 
 
-def _load_files(files: list[tuple[Path, int]], size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    images, labels, bad = [], [], 0
-    for path, label in files:
-        arr = _read_image(path, size)
-        if arr is None:
-            bad += 1
+def _typical_size(paths: list[Path]) -> int:
+    """A folder's default image size: the median shorter side of up to SIZE_SAMPLE_FILES images spread over the
+    folder (headers only), rounded to a multiple of 8 and held within 32..224."""
+    from PIL import Image
+
+    step = max(1, len(paths) // SIZE_SAMPLE_FILES)
+    sides = []
+    for path in paths[::step][:SIZE_SAMPLE_FILES]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
-        images.append(arr)
-        labels.append(label)
-    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), np.asarray(labels, np.int64), bad
+    if not sides:
+        return FOLDER_MIN_SIZE
+    size = math.floor(float(np.median(sides)) / FOLDER_SIZE_STEP + 0.5) * FOLDER_SIZE_STEP  # halves round up
+    return int(min(max(size, FOLDER_MIN_SIZE), FOLDER_MAX_SIZE))
 
 
-def load_image_folder(root: Path, image_size: int = 32) -> Dataset:
-    """An ImageFolder tree: ``root/<class>/*.png``, or ``root/{train,val[,test]}/<class>/``.
+FLAT_SHARES = {"train": 0.6, "calib": 0.1, "val": 0.1, "test": 0.2}
+TRAIN_SHARES = {"train": 0.8, "calib": 0.2}
+HELD_SHARES = {"val": 0.3, "test": 0.7}
+PART_NAMES = ("train", "val", "test")
 
-    Without a train/val layout, a stratified split is made (seed 0). Unreadable
-    images are skipped and counted; above 10% the directory is refused.
+
+def _parts(root: Path) -> dict[str, Path]:
+    """The folders a tree's images come from, by the rule in :func:`load_image_folder`."""
+    present = {name: root / name for name in PART_NAMES if (root / name).is_dir()}
+    others = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in present]
+    if "train" in present and len(present) > 1:
+        return present
+    if set(present) == {"train"} and not others:
+        return {"all": root / "train"}
+    if present and "train" not in present and not others:
+        raise DataError(f"data directory {root} has {' and '.join(n + '/' for n in present)} but no train/ "
+                        "(expected train/ beside val/ or test/)")
+    return {"all": root}
+
+
+def _resolve_preprocess(base: Preprocess | None, image_size, mean, std, interpolation, crop_pct, default_size,
+                        default_mean=IMAGENET_MEAN, default_std=IMAGENET_STD) -> Preprocess:
+    """``base`` (else the defaults) with every argument that is not None put over it; ``default_size()`` when no
+    size is given at all."""
+    fields = base.to_dict() if base is not None else {"image_size": None, "mean": default_mean, "std": default_std}
+    given = {"image_size": image_size, "mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct}
+    fields.update({key: value for key, value in given.items() if value is not None})
+    if fields["image_size"] is None:
+        fields["image_size"] = default_size()
+    return Preprocess(**fields)
+
+
+def load_image_folder(root: Path, image_size: int | None = None, *, mean=None, std=None, interpolation: str | None = None,
+                      crop_pct: float | None = None, preprocess: Preprocess | None = None) -> Dataset:
+    """An ImageFolder tree, decoded to uint8 once (torchvision's ``default_loader``, a DataLoader's workers).
+
+    Which folder gives which split (stratified by class, seed 0):
+
+    - ``root/<class>/*`` (or ``root/train/<class>/*`` alone): 60% train, 10% calib, 10% val, 20% test.
+    - ``root/train`` + ``root/val`` + ``root/test``: train -> train + calib (80/20); val -> val; test -> test.
+    - ``root/train`` + ``root/val``: train -> train + calib (80/20); val -> val + test (30/70).
+    - ``root/train`` + ``root/test``: train -> train + calib (80/20); test -> val + test (30/70).
+
+    ``val/`` and ``test/`` must hold train's classes. Unreadable images are skipped and counted; above 10% the
+    directory is refused.
+
+    Preprocessing: ``preprocess`` (e.g. :func:`preprocess_for_model`) is the base and every other argument given
+    overrides its field. Without either: ImageNet's mean and std, squashed bilinear, at the size the images suggest
+    (their median shorter side, rounded to a multiple of 8, within 32..224).
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"data directory {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a directory")
-    pre = Preprocess(image_size=image_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    presplit = (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir())
-    if presplit:
-        classes, train_files = _scan_class_dirs(root / "train")
-        held = root / "val" if (root / "val").is_dir() else root / "test"
-        held_classes, held_files = _scan_class_dirs(held)
-        if held_classes != classes:
-            raise DataError(
-                f"classes in {held} ({', '.join(held_classes)}) differ from {root / 'train'} ({', '.join(classes)})"
-            )
-        all_files = train_files + held_files
-    else:
-        classes, all_files = _scan_class_dirs(root)
+    parts = _parts(root)
+    first = next(iter(parts.values()))
+    classes, files = _scan_class_dirs(first)
+    part_of = [next(iter(parts))] * len(files)
     if not classes:
-        raise DataError(f"data directory {root} has no class folders (expected {root}/<class>/<image>)")
+        raise DataError(f"data directory {first} has no class folders (expected {first}/<class>/<image>)")
     if len(classes) < 2:
-        raise DataError(f"data directory {root} has one class ({classes[0]}); classification needs at least two")
-    if not all_files:
+        raise DataError(f"data directory {first} has one class ({classes[0]}); classification needs at least two")
+    for name, folder in list(parts.items())[1:]:
+        held_classes, held_files = _scan_class_dirs(folder)
+        if held_classes != classes:
+            raise DataError(f"classes in {folder} ({', '.join(held_classes) or 'none'}) differ from "
+                            f"{first} ({', '.join(classes)})")
+        files += held_files
+        part_of += [name] * len(held_files)
+    if not files:
         raise DataError(f"data directory {root} has class folders but no images")
-    if presplit:
-        x_train, y_train, bad_train = _load_files(train_files, image_size)
-        x_held, y_held, bad_held = _load_files(held_files, image_size)
-        bad = bad_train + bad_held
-    else:
-        x_all, y_all, bad = _load_files(all_files, image_size)
-    if bad > MAX_CORRUPT_SHARE * len(all_files):
-        raise DataError(
-            f"{bad} of {len(all_files)} images in {root} cannot be read (limit {MAX_CORRUPT_SHARE:.0%})"
-        )
-    if presplit:
-        # train -> train + calib; held-out -> val + test
-        tr = _stratified_split(y_train, {"train": 0.8, "calib": 0.2}, seed=0)
-        he = _stratified_split(y_held, {"val": 0.3, "test": 0.7}, seed=0)
-        splits = {
-            "train": (x_train[tr["train"]], y_train[tr["train"]]),
-            "calib": (x_train[tr["calib"]], y_train[tr["calib"]]),
-            "val": (x_held[he["val"]], y_held[he["val"]]),
-            "test": (x_held[he["test"]], y_held[he["test"]]),
-        }
-    else:
-        parts = _stratified_split(y_all, {"train": 0.6, "calib": 0.1, "val": 0.1, "test": 0.2}, seed=0)
-        splits = {name: (x_all[ix], y_all[ix]) for name, ix in parts.items()}
-    for name, (_, labels) in splits.items():
-        if len(labels) == 0:
-            raise DataError(f"data directory {root} has too few images to make a {name} split")
-    splits = {name: (_normalise(images, pre), labels) for name, (images, labels) in splits.items()}
+    paths = [path for path, _ in files]
+    pre = _resolve_preprocess(preprocess, image_size, mean, std, interpolation, crop_pct, lambda: _typical_size(paths))
+    pixels, readable = _decode_files(paths, pre)
+    bad = int((~readable).sum())
+    if bad > MAX_CORRUPT_SHARE * len(files):
+        raise DataError(f"{bad} of {len(files)} images in {root} cannot be read (limit {MAX_CORRUPT_SHARE:.0%})")
+    labels = np.asarray([label for _, label in files], np.int64)[readable]
+    part_of = np.asarray(part_of)[readable]
+    rows: dict[str, np.ndarray] = {}
+    for name in parts:
+        in_part = np.flatnonzero(part_of == name)
+        if name == "all":
+            shares = FLAT_SHARES
+        elif name == "train":
+            shares = TRAIN_SHARES
+        elif {"val", "test"} <= set(parts):
+            shares = {name: 1.0}
+        else:
+            shares = HELD_SHARES
+        for split, ix in _stratified_split(labels[in_part], shares, seed=0).items():
+            rows[split] = in_part[ix]
+    for split in SPLITS:
+        if len(rows[split]) == 0:
+            raise DataError(f"data directory {root} has too few images to make a {split} split")
     return Dataset(
         name=f"folder:{root.resolve()}",
         class_names=tuple(classes),
         preprocess=pre,
-        splits=splits,
+        splits={split: (NormalisedImages(pixels, rows[split], pre), labels[rows[split]]) for split in SPLITS},
         skipped_files=bad,
     )
 
@@ -385,10 +748,24 @@ NAMED_DATASETS = {
 }
 
 
-def load_dataset(data_dir: str | Path | None, image_size: int = 32) -> Dataset:
-    """``None`` (the digits), a name from :data:`NAMED_DATASETS`, or an ImageFolder directory."""
-    if data_dir is None:
-        return load_digits(image_size)
-    if str(data_dir) in NAMED_DATASETS and not Path(data_dir).is_dir():
-        return NAMED_DATASETS[str(data_dir)](image_size)
-    return load_image_folder(Path(data_dir), image_size)
+def load_dataset(data_dir: str | Path | None, image_size: int | None = None, *, mean=None, std=None,
+                 interpolation: str | None = None, crop_pct: float | None = None,
+                 preprocess: Preprocess | None = None) -> Dataset:
+    """``None`` (the digits), a name from :data:`NAMED_DATASETS`, or an ImageFolder directory (:func:`load_image_folder`).
+
+    ``preprocess`` (e.g. :func:`preprocess_for_model`) is the base and every other argument given overrides its field.
+    Unset, the named sources are 32x32 with mean = std = 0.5 (their zoos are trained so) and a folder follows its
+    images. The named sources are small grey squares resized bilinearly, so for them only the size, mean and std
+    can change.
+    """
+    if data_dir is None or (str(data_dir) in NAMED_DATASETS and not Path(data_dir).is_dir()):
+        name = DIGITS_NAME if data_dir is None else str(data_dir)
+        pre = _resolve_preprocess(preprocess, image_size, mean, std, interpolation, crop_pct, lambda: NAMED_IMAGE_SIZE,
+                                  default_mean=NAMED_MEAN, default_std=NAMED_STD)
+        if pre.interpolation != "bilinear" or pre.crop_pct != 1.0:
+            raise DataError(f"{name} is resized bilinearly from small grey squares; interpolation "
+                            f"{pre.interpolation!r} and crop_pct {pre.crop_pct} apply to image folders only")
+        data = NAMED_DATASETS[name](pre.image_size)
+        return _with_preprocess(data, dataclasses.replace(data.preprocess, mean=pre.mean, std=pre.std, scale=pre.scale))
+    return load_image_folder(Path(data_dir), image_size, mean=mean, std=std, interpolation=interpolation,
+                             crop_pct=crop_pct, preprocess=preprocess)
