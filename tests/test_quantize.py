@@ -1,5 +1,7 @@
 """NNCF int8 as the runtimes make it: the artifact answers right one image at a time, and layers int8 cannot carry stay float."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,12 @@ from torch import nn
 
 from edgecompress.models import get_model, load_model
 from edgecompress.pipeline import run_session
-from edgecompress.runtimes.base import export_onnx, gain_outliers, onnx_conv_weights, quantize_onnx
+from edgecompress.runtimes.base import (
+    export_onnx,
+    gain_outliers,
+    onnx_conv_weights,
+    quantize_onnx,
+)
 from edgecompress.targets import get_target
 
 
@@ -100,3 +107,117 @@ def test_accuracy_aware_int8_restores_what_plain_int8_loses(digits, tmp_path, mo
     reference = _top1_one_at_a_time(runtime.session(fp32), x, y)
     assert _top1_one_at_a_time(runtime.session(plain), x, y) < reference - 0.3
     assert _top1_one_at_a_time(runtime.session(aware), x, y) > reference - 0.06
+
+
+# ------------------------------------------------------------------ per-runtime quant presets
+RUNTIME_TARGETS = ("ort-cpu", "openvino-cpu", "jetson-orin-nx")
+
+
+class _HardSwishNet(nn.Module):
+    """Conv + HardSwish, the block of lcnet and the MobileNetV3s: where NNCF's QDQ and ONNX Runtime disagree."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = nn.functional.hardswish(self.conv2(nn.functional.hardswish(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def _quantized(target: str, tmp_path, model=None):
+    runtime = get_target(target).runtime()
+    path = export_onnx((model or _HardSwishNet()).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "int8").mkdir()
+    calib = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    return runtime, runtime.quantize(runtime.export(path, "fp32", tmp_path / "fp32"), calib, tmp_path / "int8")
+
+
+@pytest.mark.parametrize("target", RUNTIME_TARGETS)
+def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_path, monkeypatch):
+    """The runtime's own preset is what the quantizer is called with, and the artifact says which it was."""
+    import nncf
+    import onnxruntime.quantization as ortq
+
+    from edgecompress.runtimes.base import read_quant_record
+
+    calls = []
+    real_nncf, real_ort = nncf.quantize, ortq.quantize_static
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **k: calls.append(("nncf", k)) or real_nncf(*a, **k))
+    monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: calls.append(("onnxruntime", k)) or real_ort(*a, **k))
+    runtime, artifact = _quantized(target, tmp_path)
+    preset = runtime.quant_preset()
+    assert [c[0] for c in calls] == [preset.quantizer]
+    kwargs = calls[0][1]
+    if preset.quantizer == "nncf":
+        assert kwargs["target_device"] == nncf.TargetDevice[preset.target_device]
+        assert kwargs["preset"] == nncf.QuantizationPreset(preset.preset)
+        assert kwargs["fast_bias_correction"] == preset.fast_bias_correction
+    else:
+        assert kwargs["per_channel"] == preset.per_channel
+        assert kwargs["activation_type"] == {"u8": ortq.QuantType.QUInt8, "s8": ortq.QuantType.QInt8}[preset.activation_type]
+        assert kwargs["extra_options"]["ActivationSymmetric"] == preset.symmetric_activations
+    record = read_quant_record(artifact)
+    assert record["key"] == preset.key() and record["quantizer"] == preset.quantizer
+    assert {k: record[k] for k in preset.record()} == preset.record()
+
+
+def test_presets_differ_in_key_where_they_differ_in_artifact():
+    from edgecompress.runtimes.base import NNCF_DEFAULT
+
+    presets = {t: get_target(t).runtime().quant_preset() for t in RUNTIME_TARGETS}
+    keys = {p.key() for p in (*presets.values(), NNCF_DEFAULT)}
+    assert len(keys) == len(RUNTIME_TARGETS) + 1
+    assert dataclasses.replace(NNCF_DEFAULT, preset="mixed").key() != NNCF_DEFAULT.key()
+    assert NNCF_DEFAULT.key() == type(NNCF_DEFAULT)(quantizer="nncf").key()  # stable: a value, not an identity
+
+
+def test_onnxruntime_preset_runs_as_integer_convolutions(tmp_path):
+    """ONNX Runtime fuses the ORT preset's QDQ convolutions of a HardSwish network into QLinearConv; NNCF's QDQ
+    (quantizer after the activation) leaves them float convolutions with (de)quantization around them."""
+    import onnxruntime as ort
+
+    from edgecompress.runtimes.base import NNCF_DEFAULT
+
+    def fused_ops(path):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        import onnx
+
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+    _, artifact = _quantized("ort-cpu", tmp_path)
+    assert fused_ops(artifact).count("QLinearConv") == 2
+    calib = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    nncf_qdq = quantize_onnx(tmp_path / "m.onnx", calib, tmp_path / "nncf.onnx", preset=NNCF_DEFAULT)
+    assert "QLinearConv" not in fused_ops(nncf_qdq)
+
+
+def test_tensorrt_preset_writes_symmetric_int8_qdq(tmp_path):
+    """TensorRT's parser takes INT8 Q/DQ with zero points of 0 only (NNCF's u8 activations after ReLU it refuses),
+    and no int32 bias through DequantizeLinear."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, artifact = _quantized("jetson-orin-nx", tmp_path)
+    graph = onnx.load(str(artifact)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node
+                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+@pytest.mark.parametrize("target", ("ort-cpu", "jetson-orin-nx"))
+def test_gain_outliers_stay_float_with_onnxruntime_presets(target, tmp_path):
+    import onnx
+
+    from edgecompress.runtimes.base import float_convs
+
+    _, artifact = _quantized(target, tmp_path, _DeadChannel())
+    floats = float_convs(onnx.load(str(artifact)))
+    assert len(floats) == 1 and "dw" in floats[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -106,35 +107,103 @@ def gain_outliers(conv_weights, limit: float = MAX_CHANNEL_GAIN_SPREAD) -> list[
     return out
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantPreset:
+    """How one runtime wants its int8 made: the quantizer that places the quantizers, and the scheme it asks for.
+
+    Each runtime returns its own (``Runtime.quant_preset()``); the artifact records it (``read_quant_record``), and
+    ``key()`` belongs in every cache key of a quantized artifact, since a different preset is a different artifact.
+    Activation ranges are the calibration set's min and max in every preset (NNCF's default averages each image's
+    extremes, which clips: 1 pp lower top-1 on average over the zoo, `tools/bench_int8.py`).
+    """
+
+    quantizer: str  # a key of QUANTIZERS: who writes the quantized graph
+    # NNCF (quantizer "nncf"): nncf.TargetDevice and nncf.QuantizationPreset names; "performance" is symmetric
+    # activations and weights, "mixed" asymmetric activations.
+    target_device: str = "ANY"
+    preset: str = "performance"
+    # Graphs with attention (a Softmax inside) are quantized as nncf.ModelType.TRANSFORMER, which brings NNCF's
+    # SmoothQuant and keeps its transformer-unfriendly quantizers out.
+    transformer_when_attention: bool = True
+    fast_bias_correction: bool = True
+    # ONNX Runtime's quantize_static (quantizer "onnxruntime"): format, 8-bit types, weight granularity, symmetry.
+    quant_format: str = "qdq"  # "qdq" | "qoperator"
+    activation_type: str = "u8"  # "u8" | "s8"
+    weight_type: str = "s8"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    quantize_bias: bool = True  # int32 bias through DequantizeLinear (ONNX Runtime's QLinearConv); TensorRT keeps it float
+    version: int = 1
+
+    def record(self) -> dict:
+        """Everything that decides the artifact, as the report and the artifact's metadata keep it."""
+        return {"type": "QuantPreset", **dataclasses.asdict(self)}
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# NNCF's post-training quantization as the tool made every runtime's int8 before presets (and as callers that
+# pass no preset still get it): symmetric, per-channel weights, per-tensor activations, no device specifics.
+NNCF_DEFAULT = QuantPreset(quantizer="nncf")
+
+QUANT_METADATA_KEY = "edgecompress.quant_preset"  # ONNX metadata_props key; OpenVINO rt_info path edgecompress/...
+
+
+def _nncf_parameters(preset: QuantPreset, attention: bool) -> dict:
+    """``nncf.quantize`` keyword arguments for ``preset`` (accepted by quantize_with_accuracy_control too)."""
+    import nncf
+
+    if preset.quantizer != "nncf":
+        raise EdgecompressError(f"quant preset for {preset.quantizer!r} given to NNCF")
+    kwargs = {"target_device": nncf.TargetDevice[preset.target_device],
+              "preset": nncf.QuantizationPreset(preset.preset)}
+    if attention and preset.transformer_when_attention:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    return kwargs
+
+
 def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyControl | None, *, to_input, top1,
-                          conv_weights):
+                          conv_weights, preset: QuantPreset | None = None, attention: bool = False):
     """``nncf.quantize``, or ``nncf.quantize_with_accuracy_control`` when ``control`` is given.
 
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
-    validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. Activation ranges are the calibration set's min and max
-    (NNCF's default averages each image's extremes, which clips: 1 pp lower top-1 on average over the zoo,
-    `tools/bench_int8.py`). Convolutions in ``gain_outliers`` stay in float.
+    validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. ``preset``
+    (an NNCF one; default ``NNCF_DEFAULT``) gives the device, symmetry and bias correction; ``attention`` says the
+    graph has attention (``has_attention``). Activation ranges are the calibration set's min and max. Convolutions
+    in ``gain_outliers`` stay in float.
     """
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters, AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedAccuracyRestorerParameters,
+        AdvancedQuantizationParameters,
+    )
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    preset = preset or NNCF_DEFAULT
+    scheme = _nncf_parameters(preset, attention)
     calib = calibration_dataset(calib_images, to_input)
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
     ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     with nncf_quiet():
         if control is None:
             return nncf.quantize(model, calib, subset_size=len(calib_images), ignored_scope=ignored,
-                                 advanced_parameters=ranges)
+                                 fast_bias_correction=preset.fast_bias_correction, advanced_parameters=ranges, **scheme)
         items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
         validation = nncf.Dataset(items, lambda item: to_input(item[0]))
         return nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib, validation_dataset=validation, validation_fn=top1,
             max_drop=control.max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib_images),
-            ignored_scope=ignored, advanced_quantization_parameters=ranges,
+            ignored_scope=ignored, advanced_quantization_parameters=ranges, fast_bias_correction=preset.fast_bias_correction,
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
                 max_num_iterations=control.max_iterations),
+            **scheme,
         )
+
+
+def has_attention(op_types) -> bool:
+    """A classifier graph with a Softmax inside has attention (its logits leave before any softmax)."""
+    return any(t in ("Softmax", "SoftMax") for t in op_types)
 
 
 def make_artifact(runtime, onnx_path: Path, precision: str, workdir: Path, calib_images: np.ndarray) -> Path:
@@ -153,26 +222,144 @@ def make_artifact(runtime, onnx_path: Path, precision: str, workdir: Path, calib
     return artifact
 
 
-def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: AccuracyControl | None = None) -> Path:
-    """Explicit-quantization (QDQ) ONNX: int8 per-channel weights, per-tensor activations."""
+def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: AccuracyControl | None = None, *,
+                  preset: QuantPreset | None = None) -> Path:
+    """Explicit-quantization (QDQ) ONNX of ``src`` by ``preset``'s quantizer (default ``NNCF_DEFAULT``); the
+    preset is recorded in the file's metadata (``read_quant_record``)."""
     import onnx
 
-    def top1(model, items):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        hits = [float(session.run(None, {INPUT_NAME: x})[0].argmax() == y) for x, y in items]
-        return float(np.mean(hits)), hits
-
-    quantized = quantize_with_control(onnx.load(str(src)), calib_images, control,
-                                      to_input=lambda x: {INPUT_NAME: x}, top1=top1, conv_weights=onnx_conv_weights)
+    preset = preset or NNCF_DEFAULT
+    quantizer = QUANTIZERS.get(preset.quantizer)
+    if quantizer is None:
+        raise EdgecompressError(f"unknown quantizer {preset.quantizer!r} (known: {', '.join(sorted(QUANTIZERS))})")
+    quantized, how = quantizer(src, calib_images, control, preset)
+    _set_onnx_record(quantized, preset, how)
     onnx.save(quantized, str(dst))
     return dst
 
 
+def _onnx_top1(model, items):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    hits = [float(session.run(None, {INPUT_NAME: x})[0].argmax() == y) for x, y in items]
+    return float(np.mean(hits)), hits
+
+
+def _nncf_onnx(src: Path, calib_images: np.ndarray, control: AccuracyControl | None, preset: QuantPreset):
+    import onnx
+
+    model = onnx.load(str(src))
+    quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: {INPUT_NAME: x}, top1=_onnx_top1,
+                                      conv_weights=onnx_conv_weights, preset=preset,
+                                      attention=has_attention(n.op_type for n in model.graph.node))
+    return quantized, "nncf" if control is None else "nncf accuracy control"
+
+
+def _ort_static(src: Path, calib_images: np.ndarray, preset: QuantPreset, exclude: list[str]):
+    """ONNX Runtime's own ``quantize_static``: it places Q/DQ where its CPU provider fuses them (QLinearConv
+    after the convolution, the activation that follows quantized on its own), unlike NNCF's OpenVINO-style
+    placement after the activation, which ONNX Runtime leaves as float convolutions plus (de)quantization."""
+    import logging
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter(calib_images[i:i + 1] for i in range(len(calib_images)))
+
+        def get_next(self):
+            x = next(self._items, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process: that rewrite renames nodes the profiler maps, and gains nothing here
+    try:
+        with tempfile.TemporaryDirectory() as tmp, nncf_quiet():
+            out = Path(tmp) / "q.onnx"
+            quantize_static(str(src), str(out), Reader(), quant_format=formats[preset.quant_format],
+                            per_channel=preset.per_channel, activation_type=types[preset.activation_type],
+                            weight_type=types[preset.weight_type], calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=exclude,
+                            extra_options={"ActivationSymmetric": preset.symmetric_activations, "WeightSymmetric": True,
+                                           "QuantizeBias": preset.quantize_bias})
+            return onnx.load(str(out))
+    finally:
+        root.setLevel(level)
+
+
+def float_convs(model) -> list[str]:
+    """Names of the convolutions a QDQ ONNX graph leaves in float (weights not dequantized from int8)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+            and not (n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear")]
+
+
+def _onnxruntime_onnx(src: Path, calib_images: np.ndarray, control: AccuracyControl | None, preset: QuantPreset):
+    """ONNX Runtime's quantize_static; with ``control``, kept if the validation drop is within it, else the
+    convolutions NNCF's accuracy restorer returns to float are left out of ONNX Runtime's quantization too."""
+    import onnx
+
+    exclude = gain_outliers(onnx_conv_weights(onnx.load(str(src))))
+    quantized = _ort_static(src, calib_images, preset, exclude)
+    if control is None:
+        return quantized, "onnxruntime"
+    items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
+    reference, _ = _onnx_top1(onnx.load(str(src)), items)
+    accuracy, _ = _onnx_top1(quantized, items)
+    if accuracy >= reference - control.max_drop:
+        return quantized, "onnxruntime"
+    restored, _ = _nncf_onnx(src, calib_images, control, NNCF_DEFAULT)
+    exclude = sorted(set(exclude) | set(float_convs(restored)))
+    return _ort_static(src, calib_images, preset, exclude), "onnxruntime, float layers from nncf accuracy control"
+
+
+# Who writes a QDQ ONNX: (src, calibration images, control, preset) -> (ModelProto, how it was made, in words).
+QUANTIZERS: dict[str, Callable] = {"nncf": _nncf_onnx, "onnxruntime": _onnxruntime_onnx}
+
+
+def _set_onnx_record(model, preset: QuantPreset, how: str) -> None:
+    record = json.dumps({**preset.record(), "key": preset.key(), "made_by": how}, sort_keys=True)
+    for prop in list(model.metadata_props):
+        if prop.key == QUANT_METADATA_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=QUANT_METADATA_KEY, value=record)
+
+
+def read_quant_record(artifact: Path) -> dict | None:
+    """The quant preset an int8 artifact was made with (``QuantPreset.record()`` plus ``key`` and ``made_by``), from
+    the artifact itself: ONNX metadata_props, or an OpenVINO IR's rt_info; None for a float artifact."""
+    artifact = Path(artifact)
+    if artifact.suffix == ".xml":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(artifact))
+        if not model.has_rt_info(["edgecompress", "quant_preset"]):
+            return None
+        return json.loads(model.get_rt_info(["edgecompress", "quant_preset"]).astype(str))
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
+    return json.loads(props[QUANT_METADATA_KEY]) if QUANT_METADATA_KEY in props else None
+
+
 @runtime_checkable
 class Runtime(Protocol):
-    """Everything the tool knows about one runtime; code outside ``runtimes/`` asks this object, never its name.
+    """Everything the tool knows about one runtime (its int8 scheme too: ``quant_preset``); code outside ``runtimes/`` asks this object, never its name.
 
     A runtime class is registered in ``targets.RUNTIMES`` (or another package's ``edgecompress.runtimes`` entry point)
     and instantiated with its target (``Target.runtime()``);
@@ -187,6 +374,7 @@ class Runtime(Protocol):
 
     def version(self) -> str: ...
     def export(self, onnx_fp32: Path, precision: str, out_dir: Path) -> Path: ...
+    def quant_preset(self) -> QuantPreset: ...
     def quantize(self, artifact: Path, calib_images: np.ndarray, out_dir: Path, control: AccuracyControl | None = None) -> Path: ...
     def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]: ...
     def artifact_files(self, artifact: Path) -> list[Path]: ...
@@ -246,8 +434,11 @@ class OnnxArtifactRuntime(RunnerRuntime):
         shutil.copyfile(onnx_fp32, dst)
         return dst
 
+    def quant_preset(self) -> QuantPreset:
+        return NNCF_DEFAULT
+
     def quantize(self, artifact: Path, calib_images, out_dir: Path, control: AccuracyControl | None = None) -> Path:
-        return quantize_onnx(artifact, calib_images, out_dir / self.artifact_name, control)
+        return quantize_onnx(artifact, calib_images, out_dir / self.artifact_name, control, preset=self.quant_preset())
 
     conv_weights = staticmethod(onnx_conv_weights)
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.runtimes.base import OnnxArtifactRuntime
+from edgecompress.runtimes.base import OnnxArtifactRuntime, QuantPreset
+
+# ONNX Runtime's own static quantizer, QDQ, u8 activations and s8 per-channel weights (the pair its x86 kernels
+# run as QLinearConv; s8 activations ran 2.8x slower than u8 on resnet10t). NNCF's QDQ places the quantizer after
+# the activation, so ONNX Runtime fuses nothing in HardSwish networks: lcnet_050 int8 0.71-0.87 ms against
+# 0.16 ms with this preset (fp32 0.10 ms). Measured 2026-11-25, docs/bench_peers.md.
+ORT_CPU_PRESET = QuantPreset(quantizer="onnxruntime", quant_format="qdq", activation_type="u8", weight_type="s8",
+                             per_channel=True)
 
 
 class OnnxRuntime(OnnxArtifactRuntime):
@@ -19,6 +26,9 @@ class OnnxRuntime(OnnxArtifactRuntime):
         import onnxruntime
 
         return onnxruntime.__version__
+
+    def quant_preset(self) -> QuantPreset:
+        return ORT_CPU_PRESET
 
     def node_times(self, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]:
         """Mean time per executed node (microseconds per inference), from ONNX Runtime's own profiler trace."""

@@ -14,7 +14,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from edgecompress.runtimes.base import INPUT_NAME, OnnxArtifactRuntime
+from edgecompress.runtimes.base import INPUT_NAME, OnnxArtifactRuntime, QuantPreset
+
+# TensorRT's explicit quantization takes INT8 Q/DQ with zero points of 0 only (symmetric; no UINT8 tensors) and
+# fuses the bias itself: s8 symmetric per-tensor activations, s8 symmetric per-channel weights, float bias, QDQ.
+# NNCF's QDQ writes u8 activations after ReLUs, which TensorRT's ONNX parser refuses.
+TENSORRT_PRESET = QuantPreset(quantizer="onnxruntime", quant_format="qdq", activation_type="s8", weight_type="s8",
+                              per_channel=True, symmetric_activations=True, quantize_bias=False)
 
 
 class TensorRtRuntime(OnnxArtifactRuntime):
@@ -33,6 +39,9 @@ class TensorRtRuntime(OnnxArtifactRuntime):
             return tensorrt.__version__
         except ImportError:
             return "not installed here (engine built on the device)"
+
+    def quant_preset(self) -> QuantPreset:
+        return TENSORRT_PRESET
 
     def unavailable_here(self) -> str | None:
         return local_tensorrt_missing()
