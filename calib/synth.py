@@ -262,12 +262,19 @@ def match_intensities(synthetic: np.ndarray, labels: np.ndarray, real: np.ndarra
 
 def few_shot(data, per_class: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``per_class`` real images per class, from every split but the test one (kept for evaluation)."""
-    xs, ys = zip(*(data.split(s) for s in ("calib", "train", "val")))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if per_class is None:
-        return x, y
-    keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(data.num_classes)])
-    return x[keep], y[keep]
+    parts = [data.split(s) for s in ("calib", "train", "val")]
+    y = np.concatenate([labels for _, labels in parts])
+    keep = np.arange(len(y)) if per_class is None else \
+        np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(data.num_classes)])
+    # Gathered split by split: only the kept images are normalised (the splits read as float32 on indexing).
+    x = np.empty((len(keep), *parts[0][0].shape[1:]), np.float32)
+    offset = 0
+    for images, labels in parts:
+        mine = (keep >= offset) & (keep < offset + len(labels))
+        if mine.any():
+            x[mine] = images[keep[mine] - offset]
+        offset += len(labels)
+    return x, y[keep]
 
 
 def synthesize(data, images: np.ndarray, labels: np.ndarray, *, count: int, spec: SynthSpec = SynthSpec(),

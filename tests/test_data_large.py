@@ -240,3 +240,30 @@ def test_named_sources_refuse_another_geometry():
     with pytest.raises(DataError, match="digits is resized bilinearly") as err:
         load_dataset("digits", crop_pct=0.875)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("template", ["infer_onnxruntime.py", "infer_openvino.py", "infer_tensorrt.py"])
+def test_bundle_examples_preprocess_like_the_tool(tmp_path, template):
+    """The stand-alone examples in a bundle read preprocess.json's geometry as the tool does (and older files too)."""
+    from PIL import Image
+
+    from edgecompress.deploy import bundle
+
+    source = (bundle.Path(bundle.__file__).parent / "bundle_templates" / template).read_text()
+    start = source.index("def preprocess(")
+    preprocess_src = source[start:source.index("\n\n\ndef ", start)]
+    namespace = {"math": __import__("math"), "np": np, "Image": Image}
+    exec(preprocess_src, namespace)  # noqa: S102 (our own template) the function alone: the runtime the example imports need not be installed
+    _write_sized(tmp_path, ["a"], per_class=1, size=(57, 41))
+    _write_sized(tmp_path, ["b"], per_class=1, size=(30, 45))
+    for kwargs in ({}, {"resize": "center", "interpolation": "bicubic", "crop_pct": 0.875},
+                   {"resize": "squash", "interpolation": "bicubic", "crop_pct": 0.9}):
+        pre = Preprocess(image_size=24, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), **kwargs)
+        for path in sorted(tmp_path.rglob("*.png")):
+            assert np.allclose(namespace["preprocess"](path, pre.to_dict()), _normalise(_read_image(path, pre)[None], pre),
+                               atol=1e-6)
+    legacy = {**Preprocess(image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3).to_dict(), "resize": "bilinear"}
+    del legacy["interpolation"], legacy["crop_pct"]
+    path = next(tmp_path.rglob("*.png"))
+    assert np.allclose(namespace["preprocess"](path, legacy),
+                       _normalise(_read_image(path, 24)[None], Preprocess.from_dict(legacy)), atol=1e-6)

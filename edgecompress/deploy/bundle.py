@@ -10,7 +10,6 @@ files alone.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -125,9 +124,8 @@ def preprocess_image(path: Path, spec: dict) -> np.ndarray:
     """One image as the model's batch-1 input, by the bundle's preprocess.json."""
     from edgecompress.data.datasets import Preprocess, _normalise, _read_image
 
-    fields = {f.name for f in dataclasses.fields(Preprocess)}
-    pre = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k in fields})
-    arr = _read_image(Path(path), pre.image_size)
+    pre = Preprocess.from_dict(spec)
+    arr = _read_image(Path(path), pre)
     if arr is None:
         raise UsageError(f"cannot read image {path}")
     return _normalise(arr[None], pre)

@@ -8,6 +8,7 @@ Needs only this directory: model.plan, preprocess.json, labels.txt.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,8 +21,21 @@ HERE = Path(__file__).resolve().parent
 
 
 def preprocess(path, spec):
+    """By preprocess.json: resize to floor(image_size / crop_pct) (both sides for "squash", the shorter one for
+    "center", keeping the aspect), keep the centre image_size square, normalise."""
     size = spec["image_size"]
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    target = max(size, math.floor(size / spec.get("crop_pct", 1.0)))
+    filter_name = spec.get("interpolation", spec.get("resize", "bilinear"))  # older files name the filter in resize
+    img = Image.open(path).convert("RGB")
+    width, height = img.size
+    if spec.get("resize") == "center":
+        new = (target, int(target * height / width)) if width <= height else (int(target * width / height), target)
+    else:
+        new = (target, target)
+    if new != img.size:
+        img = img.resize(new, getattr(Image.Resampling, filter_name.upper()))
+    left, top = round((new[0] - size) / 2.0), round((new[1] - size) / 2.0)
+    img = img.crop((left, top, left + size, top + size))
     x = np.asarray(img, dtype=np.float32) * spec["scale"]
     x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # NCHW, batch 1
