@@ -35,7 +35,7 @@ class ModelEntry:
     name: str
     architecture: str
     weights: Path
-    source: str  # "zoo" or "user"
+    source: str  # "zoo", "user" (timm weights) or "onnx" (an ONNX graph: no torch model behind it)
     input_size: int | None = None
     num_classes: int | None = None
     params: int | None = None
@@ -125,7 +125,9 @@ def get_model(name: str, task: str = DEFAULT_TASK) -> ModelEntry:
 
 
 def parse_model_spec(spec: str, task: str = DEFAULT_TASK) -> ModelEntry:
-    """``NAME`` (``task``'s zoo) or ``timm:ARCH=path/to/weights.pth`` (user weights)."""
+    """``NAME`` (``task``'s zoo), ``timm:ARCH=path/to/weights.pth`` (user weights) or ``path/to/model.onnx``."""
+    if spec.lower().endswith(".onnx"):
+        return _onnx_entry(Path(spec).expanduser(), task)
     if not spec.startswith("timm:"):
         return get_model(spec, task)
     body = spec[len("timm:"):]
@@ -153,11 +155,33 @@ def parse_model_spec(spec: str, task: str = DEFAULT_TASK) -> ModelEntry:
     )
 
 
+def _onnx_entry(path: Path, task: str) -> ModelEntry:
+    """A user's ONNX graph, read and checked (edgecompress.onnx_model): its classes and image size where it fixes them."""
+    from edgecompress.onnx_model import inspect_onnx
+
+    info = inspect_onnx(path)
+    return ModelEntry(name=path.name, architecture="onnx", weights=path, source="onnx", input_size=info.image_size,
+                      num_classes=info.num_classes, params=info.params, sha256=sha256_file(path), task=task)
+
+
+def predict(entry: ModelEntry, images, num_classes: int):
+    """The uncompressed model's logits on ``images``: in torch, or in ONNX Runtime for an ONNX graph."""
+    if entry.source == "onnx":
+        from edgecompress.onnx_model import predict_onnx
+
+        return predict_onnx(entry.weights, images)
+    from edgecompress.compress.finetune import predict_torch
+
+    return predict_torch(load_model(entry, num_classes), images)
+
+
 def load_model(entry: ModelEntry, num_classes: int):
     """Build ``entry.architecture`` with ``num_classes`` outputs and load its weights (fp32, eval mode)."""
     import timm
     import torch
 
+    if entry.source == "onnx":
+        raise UsageError(f"{entry.name} is an ONNX graph: this step needs a torch model (zoo name or timm:ARCH=weights.pth)")
     if not entry.weights.is_file():
         raise WeightsError(f"weights file {entry.weights} for {entry.name} does not exist")
     if entry.source == "zoo" and entry.sha256 and sha256_file(entry.weights) != entry.sha256:
