@@ -67,6 +67,9 @@ class ModelGraph:
 
     kernels: tuple[Kernel, ...]
     peak_activation_elements: int  # largest sum of live activation elements over the execution order
+    # A torch model stands behind the graph; pruning methods need it. A user's ONNX graph (onnx_graph) has none, so
+    # the planner gives it dense candidates only.
+    prunable: bool = True
 
     @property
     def params(self) -> int:
@@ -251,14 +254,15 @@ def graph_kernels(onnx_model, members: dict | None = None) -> ModelGraph:
                     kernels[k]["act"] = ACTIVATIONS[op]
                 owner[out] = members[node.name] = k
                 continue
-        if op == "Sigmoid" and dyn:
-            # SiLU / Swish: y = x * sigmoid(x), x feeding exactly the Sigmoid and the Mul.
+        if op in ("Sigmoid", "HardSigmoid") and dyn:
+            # SiLU / Swish: y = x * sigmoid(x), x feeding exactly the Sigmoid and the Mul; HardSwish the same with
+            # HardSigmoid (as exporters write it below opset 14, and the runtimes fuse it back).
             x = dyn[0]
             users = consumers.get(x, [])
             muls = [u for u in users if u.op_type == "Mul" and out in u.input and x in u.input]
             k = owner.get(x)
             if k is not None and kernels[k]["kind"] in MAC_KINDS and len(users) == 2 and muls:
-                kernels[k]["act"] = kernels[k].get("act") or "silu"
+                kernels[k]["act"] = kernels[k].get("act") or ("silu" if op == "Sigmoid" else "hardswish")
                 absorbed.add(id(muls[0]))
                 owner[out] = owner[muls[0].output[0]] = members[node.name] = members[muls[0].name] = k
                 continue
@@ -335,3 +339,13 @@ def model_graph(model, input_shape: tuple[int, ...]) -> ModelGraph:
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, (1, *input_shape[1:]), Path(tmp) / "model.onnx")
         return graph_kernels(path)
+
+
+def onnx_graph(path: Path, input_shape: tuple[int, ...]) -> ModelGraph:
+    """The kernels of a user's ONNX graph (edgecompress.onnx_model), read as the pipeline exports it: batch 1 at the
+    data's image size."""
+    from edgecompress.onnx_model import canonical_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        static = canonical_onnx(Path(path), Path(tmp) / "model.onnx", (1, *input_shape[1:]), static_batch=True)
+        return dataclasses.replace(graph_kernels(static), prunable=False)

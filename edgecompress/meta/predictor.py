@@ -20,6 +20,7 @@ from edgecompress.core.fsutil import atomic_path
 from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
+INT8_DROP_WITHOUT_ROWS = (0.01, 0.05)  # expected and upper-bound int8 drop where no meta-dataset row says otherwise
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
 LGBM_PARAMS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15, "min_child_samples": 5,
                "subsample": 0.9, "subsample_freq": 1, "colsample_bytree": 0.9, "random_state": 0, "verbose": -1}
@@ -364,6 +365,10 @@ class AccuracyModel:
         self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
                        for r in (meta_rows or []) if r["dataset"] == fingerprint
                        and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
+        self._dense_drops: dict[str, list[float]] = {}  # precision -> measured drops of uncompressed models, any data
+        for r in meta_rows or []:
+            if r["method"] == "none":
+                self._dense_drops.setdefault(r["precision"], []).append(float(r["accuracy_drop"]))
         self.basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
                       f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
 
@@ -407,9 +412,29 @@ class AccuracyModel:
                     progress.advance(bar)
         return [{f: r[f] for f in FEATURE_DOCS if f in r} for r in rows]
 
+    def dense_drop(self, precision: str) -> tuple[float, float]:
+        """(expected, upper bound) drop of an uncompressed model at ``precision`` without its features: the median and
+        the ``UPPER_QUANTILE`` quantile of the drops the meta-dataset measured for its dense models at that precision
+        (fp32: none). For ONNX graphs, whose features need a torch model (weight statistics of unfolded layers, the
+        one-shot proxies); int8 of a model the meta-dataset never saw gets this population's figures, a conservative
+        bound (it holds the zoo's int8 collapses)."""
+        drops = self._dense_drops.get(precision)
+        if precision == "fp32":
+            return 0.0, 0.0
+        if not drops:
+            return (0.0, 0.005) if precision == "fp16" else INT8_DROP_WITHOUT_ROWS
+        return max(float(np.median(drops)), 0.0), max(float(np.quantile(drops, UPPER_QUANTILE)), 0.0)
+
     def __call__(self, candidates) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._features(candidates)
-        mean, upper = self.predictor.predict(rows)
+        # ONNX graphs have no torch model to featurize; their (dense) candidates get dense_drop's figures.
+        graph_only = [getattr(self.entries.get(c.model), "source", None) == "onnx" for c in candidates]
+        mean, upper = np.zeros(len(candidates)), np.zeros(len(candidates))
+        featurized = [i for i, only in enumerate(graph_only) if not only]
+        if featurized:
+            mean[featurized], upper[featurized] = self.predictor.predict(self._features([candidates[i] for i in featurized]))
+        for i, only in enumerate(graph_only):
+            if only:
+                mean[i], upper[i] = self.dense_drop(candidates[i].quant.precision)
         keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
         mean, upper = monotone_in_ratio(keys, mean, upper)
         parent = np.asarray([self.accuracies[c.model] for c in candidates])

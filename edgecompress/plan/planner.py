@@ -178,6 +178,8 @@ def plan(
     """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies."""
     validate_budget(budget, target)
     candidates = enumerate_candidates(sorted(graphs), target, sweep, precisions)
+    # A graph without a torch model behind it (a user's ONNX) is not pruned: its dense candidates only.
+    candidates = [c for c in candidates if graphs[c.model].prunable or get_method(c.prune.method).kind == "none"]
     if accuracy_model is not None:
         expected, lower = accuracy_model(candidates)
         basis = accuracy_model.basis

@@ -54,23 +54,33 @@ def to_time(the_plan: Plan, target: Target, limit: int = MAX_ARTIFACTS) -> list:
 
 def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> list[Path]:
     """One artifact per estimate, all of one model and structure: pruned and exported once, then made at each
-    precision (int8 from the fp32 artifact)."""
+    precision (int8 from the fp32 artifact). A user's ONNX graph (dense only) is rewritten as the export stage does."""
+    from edgecompress.runtimes.base import make_artifact
+
+    out.mkdir(parents=True)
+    if entry.source == "onnx":
+        from edgecompress.onnx_model import canonical_onnx
+
+        onnx_path = canonical_onnx(entry.weights, out / "model_fp32.onnx", data.input_shape)
+    else:
+        onnx_path = _exported_torch(estimates[0].candidate, entry, data, out)
+    runtime, calib = target.runtime(), data.split("calib")[0][:CALIB_IMAGES]
+    return [make_artifact(runtime, onnx_path, e.candidate.quant.precision, out, calib) for e in estimates]
+
+
+def _exported_torch(cand, entry, data, out: Path) -> Path:
     import torch
 
     from edgecompress.compress.methods import get_method
     from edgecompress.models import load_model
-    from edgecompress.runtimes.base import export_onnx, make_artifact
+    from edgecompress.runtimes.base import export_onnx
 
-    cand = estimates[0].candidate
     method = get_method(cand.prune.method)
     model = load_model(entry, data.num_classes)
     if method.structural:
         example = torch.zeros(data.input_shape)
         model = method.finalize(method.prepare(model, cand.prune.ratio, example, method.prune_data(data)), example)
-    out.mkdir(parents=True)
-    onnx_path = export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
-    runtime, calib = target.runtime(), data.split("calib")[0][:CALIB_IMAGES]
-    return [make_artifact(runtime, onnx_path, e.candidate.quant.precision, out, calib) for e in estimates]
+    return export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
 
 
 def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Path, console=None) -> dict:
