@@ -21,7 +21,7 @@ from edgecompress.data.datasets import DIGITS_NAME, Dataset, load_dataset
 from edgecompress.deploy.bundle import make_bundle
 from edgecompress.deploy.timing import accuracy_interval, straddles
 from edgecompress.meta.predictor import AccuracyModel
-from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, zoo_tasks
+from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, predict, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
 from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, validate_budget
 from edgecompress.plan.premeasure import can_premeasure, premeasure
@@ -83,11 +83,16 @@ def calibration_set(options: BuildOptions, data: Dataset, entries, accuracies, r
     from edgecompress.calib.synth import few_shot, synthesize
 
     images, labels = few_shot(data, None)
-    best = max(accuracies, key=lambda name: accuracies[name] or 0.0)
+    # The quality check of the synthetic images runs a torch model (its features); ONNX graphs have none.
+    with_torch = [name for name in accuracies if entries[name].source != "onnx"]
+    best = max(with_torch, key=lambda name: accuracies[name] or 0.0) if with_torch else None
     console.print(f"synthesizing {SYNTH_COUNT} calibration images from {len(labels)} real ones "
-                  f"({'asked' if options.calib == 'synth' else f'fewer than {AUTO_SYNTH_BELOW} real calibration images'})")
+                  f"({'asked' if options.calib == 'synth' else f'fewer than {AUTO_SYNTH_BELOW} real calibration images'})"
+                  + ("" if best else "; their quality check needs a torch model and is skipped (pass --calib real "
+                     "to calibrate on the real images)"))
     synthetic, _, manifest = synthesize(data, images, labels, count=SYNTH_COUNT, spec=options.synth_spec(),
-                                        model=load_model(entries[best], data.num_classes), console=console)
+                                        model=load_model(entries[best], data.num_classes) if best else None,
+                                        console=console)
     write_json(run_dir / "calibration" / "manifest.json", manifest)
     return synthetic, {"source": "synthetic", "samples": SYNTH_COUNT, "from_real_images": int(len(labels)),
                        "manifest": "calibration/manifest.json", "quality": manifest.get("quality"),
@@ -108,10 +113,29 @@ def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntr
     return {e.name: e for e in entries}
 
 
-def model_facts(entries: dict[str, ModelEntry], data: Dataset):
-    """Exported kernel graphs and uncompressed accuracies (the zoo's manifest on the digits, else measured)."""
+def model_facts(entries: dict[str, ModelEntry], data: Dataset, console=None):
+    """Exported kernel graphs and uncompressed accuracies (the zoo's manifest on the digits, else measured).
+
+    An ONNX graph is checked against the data, read as it will be exported, and measured in ONNX Runtime; its
+    graph is marked unprunable (the planner gives it dense candidates only), which ``console`` is told once.
+    """
+    from edgecompress.costmodel.kernels import onnx_graph
+    from edgecompress.onnx_model import check_fits, predict_onnx
+
     graphs, accuracies = {}, {}
     for name, entry in entries.items():
+        if entry.source == "onnx":
+            check_fits(entry.weights, data)
+            graphs[name] = onnx_graph(entry.weights, data.input_shape)
+            x, y = data.split("test")
+            accuracies[name] = float((predict_onnx(entry.weights, x).argmax(1) == y).mean())
+            if console is None:
+                from rich.console import Console
+
+                console = Console(stderr=True)
+            console.print(f"{name} is an ONNX graph: pruning needs the torch model, so only dense fp32/fp16/int8 "
+                          "candidates are planned for it", markup=False, soft_wrap=True)
+            continue
         model = load_model(entry, data.num_classes)
         graphs[name] = model_graph(model, data.input_shape)
         # The manifest's accuracy is on the task's full test split; a subset or another dataset is measured.
@@ -180,7 +204,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
         console.print(f"[yellow]skipped {data.skipped_files} unreadable images in {options.data_dir}[/]")
     entries = resolve_models(options.model_specs, data)
     out = check_run_dir(options)
-    graphs, accuracies = model_facts(entries, data)
+    graphs, accuracies = model_facts(entries, data, console)
     accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     if options.device is None:  # with --device the candidates are timed on that machine, not calibrated to this one
         ensure_calibrated(target, console)
@@ -317,7 +341,7 @@ def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, e
     if chosen:
         est = chosen.estimate
         compressed, calibrated, verified, benched = chosen.stages
-        original = load_model(entries[est.candidate.model], data.num_classes)
+        original_logits = predict(entries[est.candidate.model], x, data.num_classes)
         fields = {
             "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
             "choice_id": est.candidate.id,
@@ -336,7 +360,7 @@ def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, e
                         "eval_samples": (benched.measured or {}).get("eval_samples")} if options.device else None),
             "per_class_accuracy": {
                 "classes": list(data.class_names),
-                "original": per_class_accuracy(predict_torch(original, x).argmax(1), y, data.num_classes),
+                "original": per_class_accuracy(original_logits.argmax(1), y, data.num_classes),
                 "compressed": verified.per_class_accuracy,
             },
             "deploy": target.runtime().deploy_notes(calibrated.artifact, est.candidate.quant.precision, data.input_shape,

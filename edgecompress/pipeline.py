@@ -18,7 +18,7 @@ import numpy as np
 
 from edgecompress.compress.finetune import finetune, predict_torch
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
-from edgecompress.core.errors import NumericalError
+from edgecompress.core.errors import NumericalError, UsageError
 from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.data.datasets import Dataset
 from edgecompress.deploy.timing import merged, with_statistics
@@ -35,7 +35,7 @@ BENCH_ROUNDS = 10  # the runs are timed in rounds: statistics with intervals (ed
 @dataclasses.dataclass(frozen=True)
 class CompressedModel:
     candidate: Candidate
-    checkpoint: Path  # pickled torch module (our own file; pruning changes the architecture)
+    checkpoint: Path  # pickled torch module (our own file; pruning changes the architecture), or a user's ONNX graph
     baseline_accuracy: float
     pruned_accuracy_torch: float
     params: int
@@ -122,7 +122,13 @@ def _zero_share(model) -> float:
 
 
 def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_spec: FinetuneSpec, out: Path, *, progress=None) -> CompressedModel:
-    """Prune (if asked), fine-tune briefly on the train split, save the torch model."""
+    """Prune (if asked), fine-tune briefly on the train split, save the torch model.
+
+    An ONNX graph (``entry.source == "onnx"``) is dense by construction (the planner gives it no pruning): it is copied
+    as it is and measured in ONNX Runtime; no torch is involved.
+    """
+    if entry.source == "onnx":
+        return _compress_onnx(candidate, entry, data, out)
     import torch
 
     model = load_model(entry, data.num_classes)
@@ -151,11 +157,36 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
     )
 
 
-def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path) -> ExportedModel:
-    import torch
+def _compress_onnx(candidate: Candidate, entry: ModelEntry, data: Dataset, out: Path) -> CompressedModel:
+    import shutil
 
-    model = torch.load(compressed.checkpoint, weights_only=False)
-    onnx_path = export_onnx(model, data.input_shape, out / "model_fp32.onnx")
+    from edgecompress.onnx_model import predict_onnx, weight_stats
+
+    if get_method(candidate.prune.method).kind != "none":
+        raise UsageError(f"{entry.name} is an ONNX graph: {candidate.prune.method} pruning needs the torch model")
+    checkpoint = out / ONNX_CHECKPOINT
+    shutil.copyfile(entry.weights, checkpoint)
+    x_test, y_test = data.split("test")
+    accuracy = float((predict_onnx(checkpoint, x_test).argmax(1) == y_test).mean())
+    params, zero_share = weight_stats(checkpoint)
+    return CompressedModel(candidate=candidate, checkpoint=checkpoint, baseline_accuracy=accuracy,
+                           pruned_accuracy_torch=accuracy, params=params, zero_share=zero_share, finetune_steps=0)
+
+
+ONNX_CHECKPOINT = "model.onnx"  # the compress stage's copy of a user's ONNX graph
+
+
+def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path) -> ExportedModel:
+    """fp32 ONNX in ``export_onnx``'s form (a user's ONNX graph is rewritten into it), then the runtime's artifact."""
+    if compressed.checkpoint.suffix == ".onnx":
+        from edgecompress.onnx_model import canonical_onnx
+
+        onnx_path = canonical_onnx(compressed.checkpoint, out / "model_fp32.onnx", data.input_shape)
+    else:
+        import torch
+
+        model = torch.load(compressed.checkpoint, weights_only=False)
+        onnx_path = export_onnx(model, data.input_shape, out / "model_fp32.onnx")
     runtime_dir = out / "runtime"
     runtime_dir.mkdir()
     precision = compressed.candidate.quant.precision
@@ -196,11 +227,12 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
     return [float((pred[labels == c] == c).mean()) if (labels == c).any() else None for c in range(num_classes)]
 
 
-def verify(calibrated: CalibratedModel, target: Target, data: Dataset) -> VerifiedModel:
-    """Top-1 accuracy of the artifact itself, run in a runtime, on the test split."""
+def verify(calibrated: CalibratedModel, target: Target, data: Dataset, batch_size: int = 64) -> VerifiedModel:
+    """Top-1 accuracy of the artifact itself, run in a runtime, on the test split (``batch_size`` images a call: 1
+    for a graph whose batch axis is fixed to it)."""
     runtime = target.runtime()
     images, labels = data.split("test")
-    logits = run_session(runtime.session(calibrated.artifact), images)
+    logits = run_session(runtime.session(calibrated.artifact), images, batch_size)
     if not np.isfinite(logits).all():
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         raise NumericalError(f"{calibrated.candidate.id}: {bad} of {len(labels)} test outputs hold NaN or Inf")
@@ -272,6 +304,15 @@ def at_precision(compressed: CompressedModel, precision: str, target: Target, da
     return calibrate(exported, target, data, workdir / precision / "calibrate")
 
 
+def _verify_batch(exported: ExportedModel) -> int:
+    """Images per session call in verify: a user's graph that could not be given a free batch axis takes one."""
+    if exported.onnx.is_file():
+        from edgecompress.onnx_model import fixed_batch
+
+        return fixed_batch(exported.onnx) or 64
+    return 64
+
+
 # ---------------------------------------------------------------- orchestration
 class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
@@ -327,7 +368,7 @@ class Pipeline:
                                                        self.calibration() if self.calibration and candidate.quant.precision == "int8" else None))
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
-                               lambda out: verify(calibrated, self.target, self.data))
+                               lambda out: verify(calibrated, self.target, self.data, _verify_batch(exported)))
         k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, BENCH_ROUNDS, str(self.device[0]) if self.device else "local")
         benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
                               lambda out: benchmark(verified, self.target, self.data, out, self.device))
