@@ -42,12 +42,16 @@ class BuildOptions:
     force: bool = False
     max_tries: int = 4
     archive: bool = False
-    image_size: int = 32
+    image_size: int | None = None  # None: the named sources' 32, the model's pretrained_cfg, or a folder's own size
+    mean: tuple[float, float, float] | None = None  # None: the model's, else the zoo's for zoo models and transfer
+    std: tuple[float, float, float] | None = None
     finetune: FinetuneSpec = FinetuneSpec()
     command: str = ""
     device: tuple | None = None  # (remote.DeviceSpec, remote.SshOptions): benchmark there over SSH
     calib: str = "auto"  # int8 calibration data: "real", "synth", or "auto" (synth below AUTO_SYNTH_BELOW real images)
     synth_steps: int = 1000  # training steps of the calibration synthesizer
+    time_budget_s: float | None = None  # wall time for the whole build (--time-budget); None: no limit
+    transfer_top: int = 2  # backbones transferred to data no zoo was trained on
 
     def synth_spec(self):
         from edgecompress.calib.synth import SynthSpec
@@ -99,18 +103,102 @@ def calibration_set(options: BuildOptions, data: Dataset, entries, accuracies, r
                        "synthesizer": manifest["synthesizer"]}
 
 
-def resolve_models(specs: tuple[str, ...], data: Dataset) -> dict[str, ModelEntry]:
-    """The models to build from: those named, else the zoo trained on the data's task (the digits, Fashion-MNIST)."""
+def preprocess_args(options: BuildOptions) -> dict:
+    """How a folder's images are normalised: as the models to build from expect.
+
+    The zoos' models (and every backbone transfer starts from) were trained with mean = std = 0.5; a user's
+    ``timm:ARCH=...`` weights with ARCH's pretrained_cfg (mean, std, input size, interpolation, crop); an ONNX
+    graph with the folder defaults (ImageNet's). ``--mean``/``--std``/``--image-size`` override any of them.
+    The named sources (the digits, Fashion-MNIST) are always 0.5 unless overridden.
+    """
+    from edgecompress.data.datasets import NAMED_DATASETS, NAMED_MEAN, NAMED_STD, preprocess_for_model
+
+    args = {"mean": options.mean, "std": options.std}
+    folder = options.data_dir is not None and not (str(options.data_dir) in NAMED_DATASETS
+                                                   and not Path(options.data_dir).is_dir())
+    if not folder:
+        return args
+    timm_archs = {s[len("timm:"):].split("=", 1)[0] for s in options.model_specs if s.startswith("timm:")}
+    onnx = any(s.endswith(".onnx") for s in options.model_specs)
+    if len(timm_archs) == 1 and len(options.model_specs) == 1:
+        args["preprocess"] = preprocess_for_model(timm_archs.pop())
+    elif not timm_archs and not onnx:  # the zoos' models, or transfer from them
+        args = {"mean": options.mean or NAMED_MEAN, "std": options.std or NAMED_STD}
+    return args
+
+
+def resolve_models(specs: tuple[str, ...], data: Dataset, *, transfer: bool = False) -> dict[str, ModelEntry]:
+    """The models to build from: those named, else the zoo trained on the data's task (the digits, Fashion-MNIST).
+
+    With ``transfer`` (``build``), data no zoo was trained on gives no models: the zoos' backbones are
+    transferred to it (:func:`transferred_parents`)."""
     task = data.task or DIGITS_NAME
     if not specs:
         if data.task not in zoo_tasks():
+            if transfer:
+                return {}
             raise UsageError(f"the embedded zoos are trained on {', '.join(zoo_tasks())}; with --data DIR, pass your "
-                             "models as --model timm:ARCH=weights.pth")
+                             "models as --model timm:ARCH=weights.pth (build transfers the zoo to your data)")
         specs = tuple(list_models(task=task))
         if not specs:
             raise UsageError(f"the {task} zoo is empty; run tools/train_zoo.py --task {task}")
     entries = [parse_model_spec(s, task=task) for s in specs]
     return {e.name: e for e in entries}
+
+
+def transferred_parents(options: BuildOptions, data: Dataset, entries: dict[str, ModelEntry], run_dir: Path,
+                        deadline: float | None, console) -> tuple[dict[str, ModelEntry], dict | None]:
+    """The parents to compress: ``entries`` as they are, or transferred to ``data`` where they must be.
+
+    No model given and data no zoo knows: the zoos' backbones are probed and the ``options.transfer_top``
+    best for the budget are transferred (edgecompress.compress.transfer). A user's checkpoint with another
+    number of classes is transferred as it is. Returns the parents and what the report says about the transfer
+    (None when nothing was transferred). With a deadline, the transfers share 40% of the time left.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgecompress.compress import transfer as tr
+
+    info: dict = {}
+    if not entries:
+        pool = tr.backbones()
+        t0 = time.time()
+        probes, graphs = tr.probe_all(pool, data, console)
+        chosen = tr.choose(probes, graphs, options.target, options.budget, options.transfer_top, options.sweep,
+                           options.precisions or None)
+        console.print(f"probed {len(pool)} backbones of the zoos ({', '.join(zoo_tasks())}) on your data in "
+                      f"{time.time() - t0:.0f} s; transferring the {len(chosen)} the plan ranks first: "
+                      + ", ".join(f"{n} (probe {probes[n]:.1%})" for n in chosen))
+        info = {"probes": {n: round(a, 4) for n, a in sorted(probes.items(), key=lambda kv: -kv[1])}}
+        todo = {n: pool[n] for n in chosen}
+    else:
+        todo = {n: e for n, e in entries.items() if e.source == "user"
+                and tr.checkpoint_classes(e) not in (None, data.num_classes)}
+        for name, entry in todo.items():
+            console.print(f"{name} was trained for {tr.checkpoint_classes(entry)} classes; your data has "
+                          f"{data.num_classes}: transferring it (new head, full fine-tune)")
+    if not todo:
+        return entries, None
+    recipe = tr.recipe_for(data)
+    per_model = None if deadline is None else 0.4 * max(deadline - time.time(), 0.0) / len(todo)
+    parents = {n: e for n, e in entries.items() if n not in todo}
+    info["backbones"] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        for name, entry in todo.items():
+            own = recipe
+            if per_model is not None:
+                own = tr.recipe_for(data, max_steps=per_model / tr.step_seconds(entry, data, recipe))
+            bar = progress.add_task(f"transfer {name}", total=own.steps)
+            started = time.time()
+            parent = tr.transfer(entry, data, own, run_dir / "transfer" / name.replace("@", "-"),
+                                 on_step=lambda step, bar=bar: progress.update(bar, completed=step + 1))
+            progress.remove_task(bar)
+            parents[parent.name] = parent
+            info["backbones"].append({"backbone": name, "model": parent.name, "steps": own.steps,
+                                      "seconds": round(time.time() - started, 1)})
+    info["recipe"] = dataclasses.asdict(recipe)
+    return parents, info
 
 
 def model_facts(entries: dict[str, ModelEntry], data: Dataset, console=None):
@@ -199,13 +287,26 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     started = time.time()
     target = options.target
     validate_budget(options.budget, target)
-    data = load_dataset(options.data_dir, options.image_size)
+    data = load_dataset(options.data_dir, options.image_size, **preprocess_args(options))
     if data.skipped_files:
         console.print(f"[yellow]skipped {data.skipped_files} unreadable images in {options.data_dir}[/]")
-    entries = resolve_models(options.model_specs, data)
+    deadline = None if options.time_budget_s is None else started + options.time_budget_s
+    entries = resolve_models(options.model_specs, data, transfer=True)
     out = check_run_dir(options)
+    run_dir = None
+    transfer_info = None
+    if not entries or any(e.source == "user" for e in entries.values()):
+        run_dir = prepare_run_dir(options, out)  # transfers are kept in the run, for --resume
+        entries, transfer_info = transferred_parents(options, data, entries, run_dir, deadline, console)
     graphs, accuracies = model_facts(entries, data, console)
-    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
+    if transfer_info is not None and deadline is not None:
+        # The meta-predictor featurizes each new parent (minutes a model here); under a time budget the
+        # meta-dataset's drops stand in for it.
+        from edgecompress.meta.predictor import DropPrior
+
+        accuracy_model = DropPrior.shipped(accuracies)
+    else:
+        accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
     if options.device is None:  # with --device the candidates are timed on that machine, not calibrated to this one
         ensure_calibrated(target, console)
     t_plan = time.perf_counter()
@@ -213,7 +314,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
                     precisions=options.precisions or None)
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
-    run_dir = prepare_run_dir(options, out)
+    run_dir = run_dir or prepare_run_dir(options, out)
     write_json(run_dir / "build.json", {"command": options.command, "version": __version__, "target": target.name,
                                         "budget": options.budget.to_dict()})
     budget = options.budget
@@ -222,6 +323,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     console.print(f"planned {len(the_plan.ranked)} candidates for {target.name} in {plan_ms:.1f} ms: {inside} predicted "
                   f"inside the latency/memory budget, {promised} of them with the accuracy bound inside the allowed drop")
     why_not = can_premeasure(target, options.device)
+    if why_not is None and deadline is not None and deadline - time.time() < 0.5 * options.time_budget_s:
+        why_not = f"less than half of the {options.time_budget_s:.0f} s time budget is left"  # a minute or two saved
     if why_not is None:
         the_plan = the_plan.with_premeasured(premeasure(the_plan, target, entries, data, run_dir / "premeasure", console),
                                              target)
@@ -234,13 +337,16 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     calibration = functools.cache(lambda: calibration_set(options, data, entries, accuracies, run_dir, console))
     pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
                         int8_max_drop=options.budget.max_accuracy_drop, calibration=calibration,
-                        calibration_key=calibration_key(options, data))
+                        calibration_key=calibration_key(options, data), teacher=transfer_info is not None)
     outcomes: dict[str, Built | str] = {}  # candidate id -> what was built, or why it could not be
     ratios: list[float] = []
     chosen = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         for attempt in range(options.max_tries):
+            if deadline is not None and time.time() > deadline and outcomes:  # one candidate is always built
+                console.print(f"[yellow]time budget of {options.time_budget_s:.0f} s spent after {attempt} tries[/]")
+                break
             correction = statistics.median(ratios) if ratios else 1.0
             est = _next_candidate(the_plan, set(outcomes), correction)
             if est is None:
@@ -282,6 +388,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
                 break
 
     report = make_report(options, the_plan, outcomes, chosen, data, entries, run_dir, plan_ms, started, pipeline.reused)
+    report = dataclasses.replace(report, transfer=transfer_info)
     if chosen is not None:
         make_bundle_for(report, chosen, data, options, run_dir)
     write_report(run_dir, report)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from edgecompress.core.errors import EdgecompressError, UsageError
-from edgecompress.core.units import parse_fraction, parse_latency_ms, parse_size_bytes
+from edgecompress.core.units import parse_duration_s, parse_fraction, parse_latency_ms, parse_size_bytes
 
 
 def _budget(latency, memory, max_drop, latency_stat="p90"):
@@ -59,6 +59,18 @@ def _device(device, identity, known_hosts, accept_new_host_key, remote_python, r
                                             trtexec=remote_trtexec)
 
 
+def _triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UsageError(f"{flag} {text!r}: write three numbers, R,G,B (for example 0.485,0.456,0.406)")
+    return values
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="edgecompress")
@@ -84,17 +96,24 @@ def cli(debug):
 @click.option("--resume", type=click.Path(path_type=Path), metavar="DIR", help="Continue the run in DIR, reusing finished stages.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--max-tries", default=4, show_default=True, type=click.IntRange(1, 100), help="Candidates to build before giving up.")
-@click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024), help="Input resolution for --data.")
+@click.option("--image-size", type=click.IntRange(8, 1024),
+              help="Input resolution (default: 32 for digits/fashion-mnist, the model's pretrained_cfg, or a folder's typical size).")
+@click.option("--mean", callback=lambda ctx, param, v: _triple(v, "--mean"), metavar="R,G,B",
+              help="Normalisation mean of a folder's images, e.g. 0.485,0.456,0.406 (default: what the models expect).")
+@click.option("--std", callback=lambda ctx, param, v: _triple(v, "--std"), metavar="R,G,B", help="Normalisation std, like --mean.")
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000), help="Optimiser steps of fine-tuning after pruning.")
 @click.option("--archive", is_flag=True, help="Also write the bundle as bundle.tar.gz.")
 @click.option("--calib", "calib_mode", type=click.Choice(["auto", "real", "synth"]), default="auto", show_default=True,
               help="int8 calibration data: real images, synthesized ones, or synthesized when fewer than 300 real.")
 @click.option("--synth-steps", default=1000, show_default=True, type=click.IntRange(1, 10000000),
               help="Training steps of the calibration synthesizer (with --calib synth/auto).")
+@click.option("--time-budget", help="Wall time for the whole build, e.g. 10min, 900s (transfer and fine-tunes shrink to fit).")
+@click.option("--transfer-top", default=2, show_default=True, type=click.IntRange(1, 50),
+              help="With data no zoo was trained on: backbones to transfer (the plan's best by a linear probe).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @_device_options
-def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models, methods, precisions, out, resume, force, max_tries, image_size, finetune_steps,
-          archive, calib_mode, synth_steps, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
+def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models, methods, precisions, out, resume, force, max_tries, image_size, mean, std, finetune_steps,
+          archive, calib_mode, synth_steps, time_budget, transfer_top, as_json, device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec):
     """Plan, compress, export, calibrate, verify and benchmark for TARGET."""
     from edgecompress.build import BuildOptions, command_line, run_build
     from edgecompress.compress.methods import FinetuneSpec, sweep_for
@@ -109,8 +128,9 @@ def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models
     target = get_target(target_name)
     options = BuildOptions(
         target=target, budget=_budget(latency, memory, max_drop, latency_stat), data_dir=data_dir, model_specs=tuple(models),
-        sweep=sweep_for(methods), precisions=tuple(precisions), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, command=command_line(click.get_current_context().obj["argv"]),
+        sweep=sweep_for(methods), precisions=tuple(precisions), out=out, resume=bool(resume), force=force, max_tries=max_tries, image_size=image_size, mean=mean, std=std, command=command_line(click.get_current_context().obj["argv"]),
         finetune=FinetuneSpec(steps=finetune_steps), archive=archive, calib=calib_mode, synth_steps=synth_steps,
+        time_budget_s=None if time_budget is None else parse_duration_s(time_budget), transfer_top=transfer_top,
         device=_device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec),
     )
     report = run_build(options)

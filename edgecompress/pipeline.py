@@ -121,8 +121,12 @@ def _zero_share(model) -> float:
     return float(sum(int((w == 0).sum()) for w in weights) / max(total, 1))
 
 
-def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_spec: FinetuneSpec, out: Path, *, progress=None) -> CompressedModel:
+def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_spec: FinetuneSpec, out: Path, *, progress=None,
+             teacher: bool = False) -> CompressedModel:
     """Prune (if asked), fine-tune briefly on the train split, save the torch model.
+
+    With ``teacher``, the fine-tune distils from the uncompressed model (a transferred parent: its few training
+    images are better seen through its logits).
 
     An ONNX graph (``entry.source == "onnx"``) is dense by construction (the planner gives it no pruning): it is copied
     as it is and measured in ONNX Runtime; no torch is involved.
@@ -144,7 +148,7 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
         model = finetune(
             model, x_train, y_train, steps=steps, lr=finetune_spec.lr, batch_size=finetune_spec.batch_size,
             regularizer=method.regularizer(model, candidate.prune.ratio),
-            seed=finetune_spec.seed, on_step=progress,
+            seed=finetune_spec.seed, on_step=progress, teacher=load_model(entry, data.num_classes) if teacher else None,
         )
         model = method.finalize(model, example).eval()
     accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
@@ -318,7 +322,8 @@ class Pipeline:
     """Runs the stages for a candidate inside ``run_dir``, caching finished stages."""
 
     def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec,
-                 device=None, int8_max_drop: float | None = None, calibration=None, calibration_key: str = "real"):
+                 device=None, int8_max_drop: float | None = None, calibration=None, calibration_key: str = "real",
+                 teacher: bool = False):
         self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
@@ -329,6 +334,7 @@ class Pipeline:
         # () -> (images or None for the real split, info for the report); called on the first int8 candidate only.
         self.calibration = calibration
         self.calibration_key = calibration_key
+        self.teacher = teacher  # fine-tune compressed candidates with their parent as teacher
         self.reused: list[str] = []
 
     def candidate_dir(self, candidate: Candidate) -> Path:
@@ -356,9 +362,10 @@ class Pipeline:
         entry = self.entries[candidate.model]
         data_key = self.data.fingerprint()
         k_compress = spec_hash("compress", candidate, get_method(candidate.prune.method).settings_hash(), self.finetune_spec,
-                               entry.sha256, data_key)
+                               entry.sha256, data_key, *(["teacher"] if self.teacher else []))
         compressed = self._stage(candidate, "compress", k_compress, CompressedModel,
-                                 lambda out: compress(candidate, entry, self.data, self.finetune_spec, out, progress=progress))
+                                 lambda out: compress(candidate, entry, self.data, self.finetune_spec, out, progress=progress,
+                                                      teacher=self.teacher))
         k_export = spec_hash("export", k_compress, self.target.name)
         exported = self._stage(candidate, "export", k_export, ExportedModel,
                                lambda out: export(compressed, self.target, self.data, out))

@@ -82,6 +82,7 @@ class BuildReport:
     device: dict | None = None  # name, accuracy and eval_samples measured on the device
     per_class_accuracy: dict | None = None
     deploy: dict | None = None
+    transfer: dict | None = None  # probes, backbones transferred (steps, seconds), recipe; None when none was
 
     def to_json(self) -> dict:
         return {"format": REPORT_FORMAT, **dataclasses.asdict(self)}
@@ -193,6 +194,22 @@ def _calibration_text(calibration: dict | None) -> str:
     return text
 
 
+def _transfer_html(transfer: dict | None) -> str:
+    if not transfer:
+        return ""
+    done = "".join(f"<tr><td>{html.escape(b['backbone'])}</td><td>{html.escape(b['model'])}</td><td>{b['steps']}</td>"
+                   f"<td>{_fmt(b['seconds'], 1)}</td><td>{_fmt((transfer.get('probes') or {}).get(b['backbone']), 3)}</td></tr>"
+                   for b in transfer.get("backbones", []))
+    probes = transfer.get("probes") or {}
+    ranked = ", ".join(f"{html.escape(n)} {a:.3f}" for n, a in list(probes.items())[:8])
+    return f"""<h2>Transfer</h2>
+<p class="note">No model was trained on this data: backbones from the zoos were given a new head and fine-tuned on it,
+and their compressed candidates were fine-tuned with the transferred model as teacher.
+{f"Linear-probe top-1 of the best backbones on the validation split: {ranked}." if probes else ""}</p>
+<table><tr><th>backbone</th><th>transferred model</th><th>steps</th><th>seconds</th><th>probe</th></tr>{done}</table>
+"""
+
+
 def render_html(report: BuildReport) -> str:
     choice = report.choice or {}
     measured = report.measured or Measured()
@@ -244,7 +261,7 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>precision</th><td>{html.escape(str(choice.get("precision")))}</td></tr>
 <tr><th>artifact</th><td><code>{html.escape(str(report.artifact))}</code></td></tr>
 </table>
-<h2>Budget, predicted and measured</h2>
+{_transfer_html(report.transfer)}<h2>Budget, predicted and measured</h2>
 <table><tr><th></th><th>budget</th><th>predicted</th><th>measured</th></tr>
 {_latency_rows(budget, predicted, measured)}
 <tr><th>memory, MB</th><td>{_fmt(budget.get("memory_mb"), 1)}</td><td>{_fmt(predicted.get("memory_mb"), 1)}</td><td>{_fmt(measured.peak_memory_mb, 1)}</td></tr>

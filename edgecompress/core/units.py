@@ -1,4 +1,4 @@
-"""Parsers for the budgets users type: ``10ms``, ``800us``, ``8MB``, ``1%``."""
+"""Parsers for the budgets users type: ``10ms``, ``800us``, ``8MB``, ``1%``, ``10min``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from edgecompress.core.errors import UsageError
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 _TIME_UNITS_MS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3}
+_DURATION_UNITS_S = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS_BYTES = {
     "b": 1,
     "kb": 1000,
@@ -71,3 +72,15 @@ def parse_fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise UsageError(f"accuracy drop {text!r} must lie between 0% and 100%")
     return value
+
+
+def parse_duration_s(text: str) -> float:
+    """``'10min'``, ``'90s'``, ``'1.5h'`` -> seconds (> 0): a wall-time budget."""
+    value, unit = _split(text, "time budget", "10min")
+    key = unit.lower()
+    if key not in _DURATION_UNITS_S:
+        raise UsageError(f"time budget {text!r} needs a unit: s, min or h (for example '10min')")
+    seconds = value * _DURATION_UNITS_S[key]
+    if seconds <= 0:
+        raise UsageError(f"time budget {text!r} must be greater than zero")
+    return seconds

@@ -439,3 +439,50 @@ class AccuracyModel:
         mean, upper = monotone_in_ratio(keys, mean, upper)
         parent = np.asarray([self.accuracies[c.model] for c in candidates])
         return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
+
+
+class DropPrior:
+    """Expected accuracy of candidates from the meta-dataset's drops alone, for parents known only roughly.
+
+    The drop of a (method, level, precision) is the median, and its bound the UPPER_QUANTILE quantile, of
+    that configuration's drops over every architecture in the meta-dataset (the nearest level of the same
+    method and precision where that level was not collected; all methods at the nearest level where the
+    method was not). Used to rank backbones before transfer, when no parent exists yet to featurize.
+    """
+
+    def __init__(self, rows: list[dict], parents: dict[str, float]):
+        self.parents = parents
+        self.drops: dict[tuple, list[float]] = {}
+        for r in rows:
+            self.drops.setdefault((r["method"], r["precision"]), []).append((r["ratio"], r["accuracy_drop"]))
+        self.basis = (f"meta-dataset prior ({len(rows)} rows): median drop of each compression over every "
+                      f"architecture, bound from its {UPPER_QUANTILE:.0%} quantile; parents from a linear probe")
+
+    @classmethod
+    def shipped(cls, parents: dict[str, float]) -> "DropPrior":
+        from edgecompress.meta.collect import read_rows
+        from edgecompress.models import ZOO_DIR
+
+        path = ZOO_DIR / "meta.parquet"
+        return cls(read_rows(path) if path.is_file() else [], parents)
+
+    def _drops(self, method: str, ratio: float, precision: str) -> np.ndarray:
+        pairs = self.drops.get((method, precision))
+        if not pairs:
+            pairs = [p for (m, prec), ps in self.drops.items() if prec == precision and m != "none" for p in ps]
+        if not pairs:
+            return np.zeros(1)
+        levels = np.asarray([p[0] for p in pairs])
+        nearest = levels[np.argmin(np.abs(levels - ratio))]
+        return np.asarray([d for lv, d in pairs if lv == nearest])
+
+    def __call__(self, candidates) -> tuple[np.ndarray, np.ndarray]:
+        mean, upper = [], []
+        for c in candidates:
+            drops = self._drops(c.prune.method, c.prune.ratio, c.quant.precision)
+            mean.append(float(np.median(drops)))
+            upper.append(float(np.quantile(drops, UPPER_QUANTILE)))
+        keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
+        mean, upper = monotone_in_ratio(keys, np.asarray(mean), np.asarray(upper))
+        parent = np.asarray([self.parents[c.model] for c in candidates])
+        return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)

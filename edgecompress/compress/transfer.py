@@ -1,0 +1,238 @@
+"""Transfer: the zoos' checkpoints as pretrained backbones for a user's own data.
+
+"Pruning with model transfer", in four steps that ``build --data DIR`` runs when no model is given:
+
+1. **probe** every backbone of every shipped zoo (the digits, Fashion-MNIST): its penultimate features on
+   a few training images per class, and a ridge-classifier probe's top-1 on the validation split. That is
+   how well the backbone's features already separate the user's classes, in a second or two a backbone
+   (a logistic-regression probe ranked the same backbones the same way at 20-100 times the cost).
+2. **choose**: the planner ranks every (backbone, method, level, precision) candidate against the budget,
+   with the probe standing in for the parent's accuracy and the meta-dataset's drop for each compression
+   (:class:`edgecompress.meta.predictor.DropPrior`); the first ``top`` distinct backbones in that order are
+   the ones worth training.
+3. **transfer**: a new head for the user's classes and a full fine-tune with a recipe scaled to the data
+   (:func:`recipe_for`: steps, timm's AdamW with warmup and cosine, augmentation that fits the images).
+4. The transferred models are the build's parents; their compressed candidates are fine-tuned with the
+   transferred model as teacher (``Pipeline(teacher=True)``).
+
+A user's own ``timm:ARCH=weights.pth`` trained for another number of classes (an ImageNet checkpoint)
+skips 1 and 2 and is transferred the same way. Each transfer is cached in the run directory under a hash
+of its backbone, recipe and data, so ``--resume`` reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress.core.errors import WeightsError
+from edgecompress.core.fsutil import atomic_path, sha256_file, write_json
+from edgecompress.models import (
+    ModelEntry,
+    get_model,
+    list_models,
+    load_model,
+    zoo_tasks,
+)
+
+PROBE_PER_CLASS = 40  # training images per class the probe fits on
+PROBE_VAL_MAX = 500  # validation images it is scored on
+MIN_STEPS, MAX_STEPS = 100, 600  # a transfer's fine-tune, before a time budget cuts it
+EPOCHS = 10  # passes over the training split when that lands between MIN_STEPS and MAX_STEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferRecipe:
+    """A full fine-tune of a backbone with a new head (timm's AdamW, warmup then cosine)."""
+
+    steps: int
+    lr: float = 2e-3
+    batch_size: int = 64
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    hflip: bool = True
+    erase_prob: float = 0.25
+    mixup_alpha: float = 0.0
+    seed: int = 0
+
+    def augmentation(self):
+        from edgecompress.compress.finetune import Augmentation
+
+        return Augmentation(hflip=self.hflip, erase_prob=self.erase_prob, mixup_alpha=self.mixup_alpha)
+
+
+def recipe_for(data, max_steps: int | None = None) -> TransferRecipe:
+    """The recipe for ``data``: EPOCHS passes over the training split, within [MIN_STEPS, MAX_STEPS] steps.
+
+    Small data gets more passes (100 steps over 500 images are 13 epochs), large data fewer (600 steps of 64
+    are 1.3 epochs of 30,000 images). Horizontal flips only for colour images: grey images here are
+    digits and documents, where a mirror changes the class. ``max_steps`` (a time budget) caps the steps.
+    """
+    batch = 64
+    n = len(data.split("train")[1])
+    steps = int(np.clip(np.ceil(EPOCHS * n / batch), MIN_STEPS, MAX_STEPS))
+    if max_steps is not None:
+        steps = max(1, min(steps, int(max_steps)))
+    grey = bool(data.features()["grayscale"])
+    return TransferRecipe(steps=steps, batch_size=batch, warmup_steps=min(10, steps // 10), hflip=not grey)
+
+
+# ---------------------------------------------------------------- backbones
+def backbones(tasks: list[str] | None = None) -> dict[str, ModelEntry]:
+    """Every shipped zoo model, named ``NAME@TASK`` (lcnet_050 is in more than one zoo)."""
+    out = {}
+    for task in tasks or zoo_tasks():
+        for name in list_models(task=task):
+            entry = get_model(name, task)
+            out[f"{name}@{task}"] = dataclasses.replace(entry, name=f"{name}@{task}")
+    return out
+
+
+def checkpoint_classes(entry: ModelEntry) -> int | None:
+    """How many classes the checkpoint's head has (None if the architecture's head cannot be found in it)."""
+    import timm
+    import torch
+
+    if entry.num_classes is not None:
+        return entry.num_classes
+    classifier = timm.create_model(entry.architecture, pretrained=False).pretrained_cfg.get("classifier")
+    if not classifier:
+        return None
+    try:
+        state = torch.load(entry.weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the loader says what is wrong with the file when the build loads it
+        raise WeightsError(f"cannot read weights file {entry.weights}: {str(exc).splitlines()[0][:200]}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    weight = state.get(f"{classifier}.weight") if isinstance(state, dict) else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def load_backbone(entry: ModelEntry, num_classes: int):
+    """The checkpoint with its own head replaced by a freshly initialised one for ``num_classes``."""
+    own = checkpoint_classes(entry)
+    if own is None:
+        raise WeightsError(f"cannot find the classifier of {entry.architecture} in {entry.weights}")
+    model = load_model(dataclasses.replace(entry, num_classes=own), own)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def _pre_logits(model, images, batch_size: int = 256) -> np.ndarray:
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[i:i + batch_size]))
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).numpy())
+    return np.concatenate(out)
+
+
+def _per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
+
+
+def probe(model, data) -> float:
+    """Top-1 on the validation split of a ridge classifier on the backbone's standardised penultimate features."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train = data.split("train")
+    x_val, y_val = data.split("val")
+    fit = _per_class(y_train, PROBE_PER_CLASS)
+    score = np.arange(len(y_val)) if len(y_val) <= PROBE_VAL_MAX else \
+        np.sort(np.random.default_rng(0).choice(len(y_val), PROBE_VAL_MAX, replace=False))
+    f_train = _pre_logits(model, x_train[fit])
+    f_val = _pre_logits(model, x_val[score])
+    scaler = StandardScaler().fit(f_train)
+    clf = RidgeClassifier(alpha=10.0).fit(scaler.transform(f_train), y_train[fit])
+    return float((clf.predict(scaler.transform(f_val)) == y_val[score]).mean())
+
+
+def probe_all(entries: dict[str, ModelEntry], data, console=None) -> tuple[dict[str, float], dict]:
+    """Every backbone's probe top-1 and its kernel graph with the data's head (for the planner's costs)."""
+    from rich.progress import Progress
+
+    from edgecompress.costmodel.kernels import model_graph
+
+    probes, graphs = {}, {}
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("probing backbones on your data", total=len(entries))
+        for name, entry in entries.items():
+            model = load_backbone(entry, data.num_classes)
+            probes[name] = probe(model, data)
+            graphs[name] = model_graph(model, data.input_shape)
+            progress.advance(bar)
+    return probes, graphs
+
+
+def choose(probes: dict[str, float], graphs: dict, target, budget, top: int, sweep=None, precisions=None) -> list[str]:
+    """The first ``top`` distinct backbones in the planner's order, with the probes as parent accuracies."""
+    from edgecompress.meta.predictor import DropPrior
+    from edgecompress.plan.planner import plan
+
+    the_plan = plan(target, budget, graphs, probes, sweep=sweep, accuracy_model=DropPrior.shipped(probes),
+                    precisions=precisions)
+    chosen: list[str] = []
+    for est in the_plan.ranked:
+        if est.candidate.model not in chosen:
+            chosen.append(est.candidate.model)
+        if len(chosen) == top:
+            break
+    return chosen
+
+
+# ---------------------------------------------------------------- transfer
+def step_seconds(entry: ModelEntry, data, recipe: TransferRecipe, steps: int = 3) -> float:
+    """Seconds one fine-tune step of this backbone takes here (timed after one warm-up step)."""
+    from edgecompress.compress.finetune import finetune
+
+    x, y = data.split("train")
+    model = load_backbone(entry, data.num_classes)
+    finetune(model, x, y, steps=2, batch_size=recipe.batch_size)
+    start = time.perf_counter()
+    finetune(model, x, y, steps=steps, batch_size=recipe.batch_size, augmentation=recipe.augmentation())
+    return (time.perf_counter() - start) / steps
+
+
+def transfer(entry: ModelEntry, data, recipe: TransferRecipe, out: Path, *, on_step=None) -> ModelEntry:
+    """Fine-tune ``entry`` with a new head on ``data``; cached in ``out`` under a hash of what went in.
+
+    Returns the transferred model as a ModelEntry (source "transfer") whose fp32 state dict is in ``out``.
+    """
+    import torch
+
+    from edgecompress.compress.finetune import finetune
+    from edgecompress.compress.methods import spec_hash
+
+    key = spec_hash("transfer", entry.architecture, entry.sha256, recipe, data.fingerprint())
+    marker = out / "transfer.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("spec_hash") == key:
+        return _transferred(entry, data, out / "model.pth", json.loads(marker.read_text()))
+    model = load_backbone(entry, data.num_classes)
+    x, y = data.split("train")
+    started = time.time()
+    model = finetune(model, x, y, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size,
+                     seed=recipe.seed, on_step=on_step, augmentation=recipe.augmentation(),
+                     weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                     label_smoothing=recipe.label_smoothing)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(model.state_dict(), tmp / "model.pth")
+        info = {"spec_hash": key, "backbone": entry.name, "backbone_task": entry.task,
+                "recipe": dataclasses.asdict(recipe), "seconds": round(time.time() - started, 1)}
+        write_json(tmp / "transfer.json", info)
+    return _transferred(entry, data, out / "model.pth", info)
+
+
+def _transferred(entry: ModelEntry, data, weights: Path, info: dict) -> ModelEntry:
+    return ModelEntry(name=entry.name.replace("@", "-from-"), architecture=entry.architecture, weights=weights,
+                      source="transfer", num_classes=data.num_classes, params=entry.params, flops=entry.flops,
+                      sha256=sha256_file(weights), task=data.task or "")
