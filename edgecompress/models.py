@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import os
 import pickle
 import zipfile
 from functools import lru_cache
@@ -125,20 +126,21 @@ def get_model(name: str, task: str = DEFAULT_TASK) -> ModelEntry:
 
 
 def parse_model_spec(spec: str, task: str = DEFAULT_TASK) -> ModelEntry:
-    """``NAME`` (``task``'s zoo), ``timm:ARCH=path/to/weights.pth`` (user weights) or ``path/to/model.onnx``."""
+    """``NAME`` (``task``'s zoo), ``timm:ARCH=path/to/weights.pth`` (user weights), ``timm:ARCH`` (timm's pretrained
+    weights where the Hugging Face cache already holds them: nothing is downloaded) or ``path/to/model.onnx``."""
     if spec.lower().endswith(".onnx"):
         return _onnx_entry(Path(spec).expanduser(), task)
     if not spec.startswith("timm:"):
         return get_model(spec, task)
     body = spec[len("timm:"):]
-    if "=" not in body:
-        raise UsageError(f"model {spec!r}: write timm:ARCH=path/to/weights.pth")
-    arch, path = body.split("=", 1)
+    arch, path = body.split("=", 1) if "=" in body else (body, None)
+    if not arch:
+        raise UsageError(f"model {spec!r}: write timm:ARCH=path/to/weights.pth or timm:ARCH")
     import timm
 
     if arch not in timm.list_models():
         raise UnknownNameError("timm architecture", arch, timm.list_models())
-    weights = Path(path).expanduser()
+    weights = cached_pretrained(arch) if path is None else Path(path).expanduser()
     if not weights.is_file():
         raise WeightsError(f"weights file {weights} does not exist")
     zoo_match = {e.sha256: e for e in (_zoo(task) if task in zoo_tasks() else {}).values()}
@@ -153,6 +155,50 @@ def parse_model_spec(spec: str, task: str = DEFAULT_TASK) -> ModelEntry:
         test_accuracy=known.test_accuracy if known else None,
         task=task,
     )
+
+
+PRETRAINED_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def cached_pretrained(arch: str) -> Path:
+    """The file of timm's pretrained weights for ``arch`` in the local Hugging Face cache ($HF_HUB_CACHE or
+    $HF_HOME/hub); a WeightsError saying how to get it when it is not there (this tool never downloads)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if not repo:
+        raise WeightsError(f"timm has no Hugging Face weights for {arch}; pass timm:{arch}=path/to/weights.pth")
+    names = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else PRETRAINED_FILES
+    cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+    for name in names:
+        found = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(found, str):
+            return Path(found)
+    raise WeightsError(f"timm's pretrained {arch} ({repo}) is not in the Hugging Face cache and nothing is downloaded "
+                       f"here; on a machine online run `python -c \"import timm; timm.create_model('{arch}', "
+                       f"pretrained=True)\"` and copy its cache, or pass timm:{arch}=path/to/weights.pth")
+
+
+def read_state_dict(path: Path) -> dict:
+    """A checkpoint's tensors: a torch file (a state dict, or {"state_dict": ...}) or safetensors."""
+    import torch
+    from safetensors import SafetensorError
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, SafetensorError) as exc:
+        raise WeightsError(f"cannot read weights file {path}: {(str(exc) or type(exc).__name__).splitlines()[0][:200]}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds no state dict")
+    return state
 
 
 def _onnx_entry(path: Path, task: str) -> ModelEntry:
@@ -178,7 +224,6 @@ def predict(entry: ModelEntry, images, num_classes: int):
 def load_model(entry: ModelEntry, num_classes: int):
     """Build ``entry.architecture`` with ``num_classes`` outputs and load its weights (fp32, eval mode)."""
     import timm
-    import torch
 
     if entry.source == "onnx":
         raise UsageError(f"{entry.name} is an ONNX graph: this step needs a torch model (zoo name or timm:ARCH=weights.pth)")
@@ -190,14 +235,7 @@ def load_model(entry: ModelEntry, num_classes: int):
         raise UsageError(
             f"model {entry.name} was trained for {entry.num_classes} classes; the data has {num_classes}"
         )
-    try:
-        state = torch.load(entry.weights, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise WeightsError(f"cannot read weights file {entry.weights}: {str(exc).splitlines()[0][:200]}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"weights file {entry.weights} holds no state dict")
+    state = read_state_dict(entry.weights)
     model = timm.create_model(entry.architecture, pretrained=False, num_classes=num_classes)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

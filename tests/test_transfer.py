@@ -105,7 +105,7 @@ def test_a_checkpoint_for_other_classes_is_transferred(folder_data, weights_file
     entries = resolve_models((f"timm:lcnet_050={weights_file}",), folder_data)
     options = BuildOptions(target=get_target("openvino-cpu"), budget=None)
     console = Console(file=open(tmp_path / "console.txt", "w"), width=200)  # noqa: SIM115
-    parents, info = transferred_parents(options, folder_data, entries, tmp_path, time.time() + 20, console)
+    parents, info = transferred_parents(options, folder_data, entries, tmp_path, time.time() + 1, console)
     console.file.close()
     (parent,) = parents.values()
     assert parent.source == "transfer" and parent.num_classes == 4
@@ -163,3 +163,33 @@ def test_build_transfers_the_zoo_to_a_folder(tmp_path, monkeypatch, capsys):
     assert report["measured"]["accuracy"] > 0.7
     assert (out / "bundle").is_dir() and "Transfer" in (out / "report.html").read_text()
     assert any(p.name == "transfer.json" for p in (out / "transfer").rglob("*"))
+
+
+def _hf_cache(root, arch, num_classes=1000):
+    """timm's pretrained ``arch`` laid out as huggingface_hub caches it (refs/main -> snapshots/<rev>/)."""
+    import timm
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(timm.create_model(arch, num_classes=num_classes).state_dict(), str(snapshot / "model.safetensors"))
+    return snapshot / "model.safetensors"
+
+
+def test_timm_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch, folder_data):
+    from edgecompress.core.errors import WeightsError
+    from edgecompress.models import parse_model_spec
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache and nothing is downloaded"):
+        parse_model_spec("timm:lcnet_050")
+    file = _hf_cache(tmp_path / "hub", "lcnet_050")
+    entry = parse_model_spec("timm:lcnet_050")
+    assert entry.weights == file and entry.source == "user"
+    assert tr.checkpoint_classes(entry) == 1000  # an ImageNet head: build transfers it
+    assert tr.load_backbone(entry, folder_data.num_classes)(torch.zeros(1, 3, 32, 32)).shape == (1, 4)

@@ -36,6 +36,7 @@ from edgecompress.models import (
     get_model,
     list_models,
     load_model,
+    read_state_dict,
     zoo_tasks,
 )
 
@@ -96,20 +97,13 @@ def backbones(tasks: list[str] | None = None) -> dict[str, ModelEntry]:
 def checkpoint_classes(entry: ModelEntry) -> int | None:
     """How many classes the checkpoint's head has (None if the architecture's head cannot be found in it)."""
     import timm
-    import torch
 
     if entry.num_classes is not None:
         return entry.num_classes
     classifier = timm.create_model(entry.architecture, pretrained=False).pretrained_cfg.get("classifier")
     if not classifier:
         return None
-    try:
-        state = torch.load(entry.weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the loader says what is wrong with the file when the build loads it
-        raise WeightsError(f"cannot read weights file {entry.weights}: {str(exc).splitlines()[0][:200]}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    weight = state.get(f"{classifier}.weight") if isinstance(state, dict) else None
+    weight = read_state_dict(entry.weights).get(f"{classifier}.weight")
     return int(weight.shape[0]) if weight is not None else None
 
 
