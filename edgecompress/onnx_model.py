@@ -138,10 +138,9 @@ def predict_onnx(path: Path, images: np.ndarray, batch_size: int = PREDICT_BATCH
     inp = sess.get_inputs()[0]
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
     step = fixed or batch_size
-    images = np.ascontiguousarray(images, dtype=np.float32)
     outs = []
     for i in range(0, len(images), step):
-        x = images[i:i + step]
+        x = np.ascontiguousarray(images[i:i + step], dtype=np.float32)  # a batch at a time: splits stay uint8
         if fixed and len(x) < fixed:  # the last short batch, padded and cut back
             x = np.concatenate([x, np.zeros((fixed - len(x), *x.shape[1:]), np.float32)])
             outs.append(sess.run(None, {inp.name: x})[0][:len(images) - i])
