@@ -311,7 +311,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
         ensure_calibrated(target, console)
     t_plan = time.perf_counter()
     the_plan = plan(target, options.budget, graphs, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
-                    precisions=options.precisions or None)
+                    precisions=options.precisions or None, accuracy_resolution=1.0 / len(data.split("test")[1]))
     plan_ms = (time.perf_counter() - t_plan) * 1e3
     check_reachable(the_plan)
     run_dir = run_dir or prepare_run_dir(options, out)

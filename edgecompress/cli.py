@@ -180,7 +180,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     accuracy_model = AccuracyModel.shipped(resolve_models(tuple(models), data), data, accuracies, console)
     start = time.perf_counter()
     the_plan = make_plan(target, budget, graphs, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model,
-                         precisions=tuple(precisions) or None)
+                         precisions=tuple(precisions) or None, accuracy_resolution=1.0 / len(data.split("test")[1]))
     plan_ms = (time.perf_counter() - start) * 1e3
     rows = [e.to_dict() for e in the_plan.ranked[:top]]
     if as_json:

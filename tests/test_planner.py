@@ -168,3 +168,23 @@ def test_budget_is_one_check():
     assert budget.violation(accuracy_drop=0.03) == "accuracy drop 3.00 pp > allowed 2.00 pp"
     assert budget.admits(latency_ms=None, memory_mb=None)  # nothing given, nothing checked
     assert Budget(latency_ms=1.0).admits(memory_mb=1e9, accuracy_drop=1.0)  # no memory or accuracy limit
+
+
+def test_faster_leads_among_accuracies_the_test_split_cannot_tell_apart():
+    """resnet10t dense fp32 and fp16 are predicted equal to a few digits: the faster must lead, and a faster
+    candidate more than one test image less accurate must not."""
+    from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
+    from edgecompress.costmodel.cost import CostPrediction
+    from edgecompress.plan.planner import Budget, Estimate, rank
+
+    def est(precision, accuracy, latency, method="none", ratio=0.0):
+        cand = Candidate(model="m", prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec(precision=precision))
+        return Estimate(cand, CostPrediction(latency, 1.0, 1.0, 1, 1), accuracy, False, accuracy, 0.9972)
+
+    estimates = [est("fp32", 0.99720001, 0.24), est("fp16", 0.9972, 0.186),
+                 est("fp16", 0.9900, 0.10, "torch_pruning.l1", 0.7)]
+    budget = Budget(latency_ms=10.0)
+    assert [e.candidate.quant.precision for e in rank(estimates, budget)][:2] == ["fp32", "fp16"]  # exact order
+    ranked = rank(estimates, budget, accuracy_resolution=1 / 360)
+    assert [(e.candidate.quant.precision, e.candidate.prune.method) for e in ranked] == [
+        ("fp16", "none"), ("fp32", "none"), ("fp16", "torch_pruning.l1")]

@@ -8,6 +8,9 @@ accuracy and a lower bound. The ranking:
    set, with the lower bound inside the allowed drop (the plan does not
    promise what it cannot keep): highest expected accuracy first, then the
    least severe compression (methods.severity), then the lowest latency;
+   except that the candidates whose expected accuracy is within ``accuracy_resolution``
+   of the best (one test image: what the test split cannot tell apart) lead, fastest
+   (then smallest) first;
 2. inside the budget but without that guarantee, in the same order;
 3. outside the budget, fastest first, as fallbacks.
 
@@ -107,6 +110,7 @@ class Plan:
     budget: Budget
     ranked: tuple[Estimate, ...]
     accuracy_basis: str = ACCURACY_BASIS
+    accuracy_resolution: float = 0.0  # expected accuracies closer than this count as equal (rank)
 
     def fastest(self) -> Estimate:
         return min(self.ranked, key=lambda e: e.latency_ms)
@@ -115,7 +119,7 @@ class Plan:
         """The plan re-ranked with pre-measured latencies (``speed_key`` -> ms) in place of the predictions."""
         estimates = [dataclasses.replace(e, premeasured_ms=latencies.get(speed_key(e.candidate, target), e.premeasured_ms))
                      for e in self.ranked]
-        return dataclasses.replace(self, ranked=rank(estimates, self.budget))
+        return dataclasses.replace(self, ranked=rank(estimates, self.budget, self.accuracy_resolution))
 
 
 def validate_budget(budget: Budget, target: Target) -> None:
@@ -174,8 +178,13 @@ def plan(
     sweep: dict | None = None,
     accuracy_model=None,
     precisions: tuple[str, ...] | None = None,
+    accuracy_resolution: float = 0.0,
 ) -> Plan:
-    """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies."""
+    """``accuracy_model(candidates) -> (expected, lower)`` arrays; None: the parents' accuracies.
+
+    ``accuracy_resolution``: the smallest accuracy difference the test split measures (1 / its size);
+    candidates that close to the best are ranked by speed (module docstring). Without an accuracy model
+    every candidate of a parent has the parent's accuracy: that is not knowing, not a tie, so it is ignored."""
     validate_budget(budget, target)
     candidates = enumerate_candidates(sorted(graphs), target, sweep, precisions)
     # A graph without a torch model behind it (a user's ONNX) is not pruned: its dense candidates only.
@@ -193,10 +202,23 @@ def plan(
                  None if acc is None else float(acc), False, None if low is None else float(low), accuracies.get(cand.model))
         for cand, acc, low in zip(candidates, expected, lower)
     ]
-    return Plan(target=target.name, budget=budget, ranked=rank(estimates, budget), accuracy_basis=basis)
+    resolution = accuracy_resolution if accuracy_model is not None else 0.0
+    return Plan(target=target.name, budget=budget, ranked=rank(estimates, budget, resolution),
+                accuracy_basis=basis, accuracy_resolution=resolution)
 
 
-def rank(estimates: list[Estimate], budget: Budget) -> tuple[Estimate, ...]:
+def _faster_among_equals(ordered: list[Estimate], resolution: float) -> list[Estimate]:
+    """``ordered`` (by accuracy) with its leading candidates that are within ``resolution`` of the first put
+    fastest first: a measurement that cannot tell their accuracies apart cannot justify the slower one."""
+    if not ordered or ordered[0].accuracy is None or resolution <= 0:
+        return ordered
+    best = ordered[0].accuracy
+    n = next((i for i, e in enumerate(ordered) if (e.accuracy or 0.0) < best - resolution - 1e-9), len(ordered))
+    lead = sorted(ordered[:n], key=lambda e: (e.latency_ms, e.cost.memory_mb, severity(e.candidate)))
+    return lead + ordered[n:]
+
+
+def rank(estimates: list[Estimate], budget: Budget, accuracy_resolution: float = 0.0) -> tuple[Estimate, ...]:
     """The plan's order (module docstring), with ``fits`` set from the best latency known for each candidate."""
     groups: tuple[list, list, list] = ([], [], [])
     for est in estimates:
@@ -206,7 +228,8 @@ def rank(estimates: list[Estimate], budget: Budget) -> tuple[Estimate, ...]:
         est = dataclasses.replace(est, fits=inside and trusted)
         groups[0 if est.fits else 1 if inside else 2].append(est)
     by_accuracy = lambda e: (-(e.accuracy or 0.0), severity(e.candidate), e.latency_ms)  # noqa: E731
-    return tuple(sorted(groups[0], key=by_accuracy) + sorted(groups[1], key=by_accuracy)
+    return tuple(_faster_among_equals(sorted(groups[0], key=by_accuracy), accuracy_resolution)
+                 + _faster_among_equals(sorted(groups[1], key=by_accuracy), accuracy_resolution)
                  + sorted(groups[2], key=lambda e: e.latency_ms))
 
 
