@@ -200,10 +200,12 @@ def export(compressed: CompressedModel, target: Target, data: Dataset, out: Path
 
 def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path, max_drop: float | None = None,
               calibration: tuple | None = None) -> CalibratedModel:
-    """int8: NNCF post-training quantization of the exported graph on the calibration split.
+    """int8: post-training quantization of the exported graph on the calibration split, with the runtime's own
+    preset (``Runtime.quant_preset``: ONNX Runtime's quantize_static for ONNX Runtime, NNCF's CPU preset for
+    OpenVINO, symmetric QDQ for TensorRT), which the report records as read back from the artifact.
 
-    With ``max_drop``, accuracy-aware: ``nncf.quantize_with_accuracy_control`` measures the drop on the
-    validation split and returns the most sensitive layers to float until it is within ``max_drop``.
+    With ``max_drop``, accuracy-aware: the drop is measured on the validation split and the most sensitive layers
+    go back to float until it is within ``max_drop`` (``nncf.quantize_with_accuracy_control``).
     """
     if exported.candidate.quant.precision != "int8":
         return CalibratedModel(candidate=exported.candidate, artifact=exported.artifact, calibration={"source": "none", "samples": 0})
@@ -219,7 +221,10 @@ def calibrate(exported: ExportedModel, target: Target, data: Dataset, out: Path,
         val_x, val_y = data.split("val")
         control = AccuracyControl(val_x, val_y, max_drop)
         calibration["accuracy_control"] = {"max_drop": max_drop, "validation_samples": int(len(val_y))}
+    from edgecompress.runtimes.base import read_quant_record
+
     artifact = target.runtime().quantize(exported.artifact, images, out, control)
+    calibration["quant_preset"] = read_quant_record(artifact)
     return CalibratedModel(candidate=exported.candidate, artifact=artifact, calibration=calibration)
 
 
@@ -369,7 +374,8 @@ class Pipeline:
         k_export = spec_hash("export", k_compress, self.target.name)
         exported = self._stage(candidate, "export", k_export, ExportedModel,
                                lambda out: export(compressed, self.target, self.data, out))
-        k_calib = spec_hash("calibrate", k_export, self.int8_max_drop, self.calibration_key)
+        k_calib = spec_hash("calibrate", k_export, self.int8_max_drop, self.calibration_key,
+                            self.target.runtime().quant_preset().key())
         calibrated = self._stage(candidate, "calibrate", k_calib, CalibratedModel,
                                  lambda out: calibrate(exported, self.target, self.data, out, self.int8_max_drop,
                                                        self.calibration() if self.calibration and candidate.quant.precision == "int8" else None))

@@ -187,6 +187,10 @@ def _calibration_text(calibration: dict | None) -> str:
                      f"feature Fréchet distance to the real images {quality['feature_frechet_distance']:.2f}")
     else:
         text = f"{calibration['samples']} images from the real calibration split"
+    preset = calibration.get("quant_preset")
+    if preset:
+        text += (f"; quantized by {preset.get('made_by') or preset.get('quantizer', '?')} ({preset.get('activation_type', '?')} activations, "
+                 f"{preset.get('weight_type', '?')} weights)")
     control = calibration.get("accuracy_control")
     if control:
         text += (f"; accuracy-aware (NNCF accuracy control: sensitive layers kept in float until the drop on "

@@ -40,7 +40,9 @@ def test_export_calibrate_verify_benchmark(target_name, compressed_channel, digi
     calib_dir = tmp_path / "c"
     calib_dir.mkdir()
     calibrated = pipeline.calibrate(exported, target, digits, calib_dir)
+    record = calibrated.calibration.pop("quant_preset")
     assert calibrated.calibration == {"source": "real", "samples": len(digits.split("calib")[1])}
+    assert record["key"] == target.runtime().quant_preset().key()  # the artifact says how it was quantized
     if target.runtime_name == "onnxruntime" or target.runtime_name == "tensorrt":
         import onnx
 

@@ -160,8 +160,10 @@ def _fitted_here(kernel_model, fingerprint: dict) -> bool:
 
 
 def calibration_path(target, machine_hash: str, model_id: str, references) -> Path:
+    # The runtime's int8 scheme makes the int8 references' artifacts: a new scheme is a new calibration.
     key = hashlib.sha256(json.dumps([FORMAT, target.name, machine_hash, model_id,
-                                     [dataclasses.astuple(r) for r in references]]).encode()).hexdigest()[:12]
+                                     [dataclasses.astuple(r) for r in references],
+                                     target.runtime().quant_preset().key()]).encode()).hexdigest()[:12]
     return cache_dir() / "device-calibration" / f"{target.name}-{machine_hash}-{key}.json"
 
 
