@@ -107,8 +107,9 @@ def preprocess_args(options: BuildOptions) -> dict:
     """How a folder's images are normalised: as the models to build from expect.
 
     The zoos' models (and every backbone transfer starts from) were trained with mean = std = 0.5; a user's
-    ``timm:ARCH=...`` weights with ARCH's pretrained_cfg (mean, std, input size, interpolation, crop); an ONNX
-    graph with the folder defaults (ImageNet's). ``--mean``/``--std``/``--image-size`` override any of them.
+    ``timm:ARCH=...`` weights with ARCH's pretrained_cfg (mean, std, interpolation, crop), at the folder's own
+    size (pretrained_cfg's 224 would blow small images up 50-fold in compute); an ONNX graph with the folder
+    defaults (ImageNet's). ``--mean``/``--std``/``--image-size`` override any of them.
     The named sources (the digits, Fashion-MNIST) are always 0.5 unless overridden.
     """
     from edgecompress.data.datasets import NAMED_DATASETS, NAMED_MEAN, NAMED_STD, preprocess_for_model
@@ -121,7 +122,9 @@ def preprocess_args(options: BuildOptions) -> dict:
     timm_archs = {s[len("timm:"):].split("=", 1)[0] for s in options.model_specs if s.startswith("timm:")}
     onnx = any(s.endswith(".onnx") for s in options.model_specs)
     if len(timm_archs) == 1 and len(options.model_specs) == 1:
-        args["preprocess"] = preprocess_for_model(timm_archs.pop())
+        cfg = preprocess_for_model(timm_archs.pop())
+        args = {"mean": options.mean or cfg.mean, "std": options.std or cfg.std, "interpolation": cfg.interpolation,
+                "crop_pct": cfg.crop_pct}
     elif not timm_archs and not onnx:  # the zoos' models, or transfer from them
         args = {"mean": options.mean or NAMED_MEAN, "std": options.std or NAMED_STD}
     return args

@@ -141,8 +141,9 @@ def test_transfer_and_zoo_models_read_a_folder_as_the_zoo_was_trained(tmp_path):
     base = dict(target=get_target("openvino-cpu"), budget=None, data_dir=tmp_path)
     assert preprocess_args(BuildOptions(**base)) == {"mean": NAMED_MEAN, "std": NAMED_STD}
     assert preprocess_args(BuildOptions(**base, model_specs=("lcnet_050",)))["mean"] == NAMED_MEAN
-    resnet = preprocess_args(BuildOptions(**base, model_specs=("timm:resnet18=w.pth",)))["preprocess"]
-    assert resnet.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.image_size == 224
+    resnet = preprocess_args(BuildOptions(**base, model_specs=("timm:resnet18=w.pth",)))
+    assert resnet["mean"] == pytest.approx((0.485, 0.456, 0.406)) and resnet["crop_pct"] == pytest.approx(0.95)  # timm resnet18.a1_in1k
+    assert "image_size" not in resnet  # the folder's own size, not pretrained_cfg's 224
     assert preprocess_args(BuildOptions(**base, std=(0.2, 0.2, 0.2)))["std"] == (0.2, 0.2, 0.2)
 
 
