@@ -12,8 +12,10 @@ from edgecompress.cli import main
 
 @pytest.fixture(autouse=True)
 def in_tmp_dir(tmp_path, monkeypatch):
-    """Default run directories (runs/<timestamp>) land in a temporary cwd, never in the checkout."""
+    """Default run directories (runs/<timestamp>) land in a temporary cwd, never in the checkout; the Hugging Face
+    cache is an empty one, whatever this machine holds."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
 def run_cli(capsys, *argv):
@@ -36,7 +38,7 @@ BAD_INPUTS = [
     (["build", "--target", "openvino-cpu"], "give a budget"),
     (["build", "--target", "jetson-orn", "--latency", "1ms"], "did you mean 'jetson-orin'"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "resnet10"], "did you mean 'resnet10t'"),
-    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18"], "timm:ARCH=path"),
+    (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18"], "not in the Hugging Face cache"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--model", "timm:resnet18=/nonexistent.pth"], "does not exist"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--data", "/nonexistent"], "does not exist"),
     (["build", "--target", "openvino-cpu", "--latency", "1ms", "--resume"], "requires an argument"),

@@ -42,11 +42,11 @@ def test_nan_candidate_is_rejected_and_next_tried(tmp_path, capsys, monkeypatch)
     real_verify = pipeline.verify
     calls = []
 
-    def flaky_verify(calibrated, target, data):
+    def flaky_verify(calibrated, target, data, *args):
         calls.append(calibrated.candidate.id)
         if len(calls) == 1:
             raise NumericalError(f"{calibrated.candidate.id}: 360 of 360 test outputs hold NaN or Inf")
-        return real_verify(calibrated, target, data)
+        return real_verify(calibrated, target, data, *args)
 
     monkeypatch.setattr(pipeline, "verify", flaky_verify)
     out = tmp_path / "run"
