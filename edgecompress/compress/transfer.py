@@ -150,16 +150,27 @@ def probe(model, data) -> float:
     return float((clf.predict(scaler.transform(f_val)) == y_val[score]).mean())
 
 
-def probe_all(entries: dict[str, ModelEntry], data, console=None) -> tuple[dict[str, float], dict]:
-    """Every backbone's probe top-1 and its kernel graph with the data's head (for the planner's costs)."""
+def probe_all(entries: dict[str, ModelEntry], data, console=None, *, stop_at: float | None = None,
+              at_least: int = 1) -> tuple[dict[str, float], dict]:
+    """Every backbone's probe top-1 and its kernel graph with the data's head (for the planner's costs).
+
+    With ``stop_at`` (a time.time()), probing stops there once ``at_least`` backbones are done, smallest first
+    (by parameters: the cheapest to probe, transfer and run), and says how many it left out."""
     from rich.progress import Progress
 
     from edgecompress.costmodel.kernels import model_graph
 
     probes, graphs = {}, {}
+    order = sorted(entries, key=lambda n: (entries[n].params or 0, n)) if stop_at is not None else list(entries)
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("probing backbones on your data", total=len(entries))
-        for name, entry in entries.items():
+        for name in order:
+            entry = entries[name]
+            if stop_at is not None and len(probes) >= at_least and time.time() > stop_at:
+                if console is not None:
+                    console.print(f"probing stopped at the time budget's share after {len(probes)} of "
+                                  f"{len(entries)} backbones (the smallest)")
+                break
             model = load_backbone(entry, data.num_classes)
             probes[name] = probe(model, data)
             graphs[name] = model_graph(model, data.input_shape)
