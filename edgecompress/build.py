@@ -149,14 +149,15 @@ def resolve_models(specs: tuple[str, ...], data: Dataset, *, transfer: bool = Fa
     return {e.name: e for e in entries}
 
 
-def transferred_parents(options: BuildOptions, data: Dataset, entries: dict[str, ModelEntry], run_dir: Path,
-                        deadline: float | None, console) -> tuple[dict[str, ModelEntry], dict | None]:
+def transferred_parents(options: BuildOptions, data: Dataset, entries: dict[str, ModelEntry], out: Path,
+                        deadline: float | None, console) -> tuple[dict[str, ModelEntry], dict | None, Path | None]:
     """The parents to compress: ``entries`` as they are, or transferred to ``data`` where they must be.
 
     No model given and data no zoo knows: the zoos' backbones are probed and the ``options.transfer_top``
     best for the budget are transferred (edgecompress.compress.transfer). A user's checkpoint with another
-    number of classes is transferred as it is. Returns the parents and what the report says about the transfer
-    (None when nothing was transferred). With a deadline, the transfers share 40% of the time left.
+    number of classes is transferred as it is. Returns the parents, what the report says about the transfer
+    (None when nothing was transferred) and the run directory, prepared (prepare_run_dir) only when something is
+    transferred: transfers are kept in it for --resume. With a deadline, the transfers share 40% of the time left.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -177,13 +178,14 @@ def transferred_parents(options: BuildOptions, data: Dataset, entries: dict[str,
         info = {"probes": {n: round(a, 4) for n, a in sorted(probes.items(), key=lambda kv: -kv[1])}}
         todo = {n: pool[n] for n in chosen}
     else:
-        todo = {n: e for n, e in entries.items() if e.source == "user"
-                and tr.checkpoint_classes(e) not in (None, data.num_classes)}
-        for name, entry in todo.items():
-            console.print(f"{name} was trained for {tr.checkpoint_classes(entry)} classes; your data has "
+        classes = {n: tr.checkpoint_classes(e) for n, e in entries.items() if e.source == "user"}
+        todo = {n: entries[n] for n, k in classes.items() if k not in (None, data.num_classes)}
+        for name in todo:
+            console.print(f"{name} was trained for {classes[name]} classes; your data has "
                           f"{data.num_classes}: transferring it (new head, full fine-tune)")
     if not todo:
-        return entries, None
+        return entries, None, None
+    run_dir = prepare_run_dir(options, out)
     recipe = tr.recipe_for(data)
     per_model = None if deadline is None else 0.4 * max(deadline - time.time(), 0.0) / len(todo)
     parents = {n: e for n, e in entries.items() if n not in todo}
@@ -203,7 +205,7 @@ def transferred_parents(options: BuildOptions, data: Dataset, entries: dict[str,
             info["backbones"].append({"backbone": name, "model": parent.name, "steps": own.steps,
                                       "seconds": round(time.time() - started, 1)})
     info["recipe"] = dataclasses.asdict(recipe)
-    return parents, info
+    return parents, info, run_dir
 
 
 def model_facts(entries: dict[str, ModelEntry], data: Dataset, console=None):
@@ -300,11 +302,9 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     out = check_run_dir(options)
     if options.device is None:  # with --device the candidates are timed on that machine, not calibrated to this one
         ensure_calibrated(target, console)  # before transfer too: its choice of backbones plans with the costs
-    run_dir = None
-    transfer_info = None
+    run_dir = transfer_info = None
     if not entries or any(e.source == "user" for e in entries.values()):
-        run_dir = prepare_run_dir(options, out)  # transfers are kept in the run, for --resume
-        entries, transfer_info = transferred_parents(options, data, entries, run_dir, deadline, console)
+        entries, transfer_info, run_dir = transferred_parents(options, data, entries, out, deadline, console)
     graphs, accuracies = model_facts(entries, data, console)
     if transfer_info is not None and deadline is not None:
         # The meta-predictor featurizes each new parent (minutes a model here); under a time budget the

@@ -105,13 +105,15 @@ def test_a_checkpoint_for_other_classes_is_transferred(folder_data, weights_file
     entries = resolve_models((f"timm:lcnet_050={weights_file}",), folder_data)
     options = BuildOptions(target=get_target("openvino-cpu"), budget=None)
     console = Console(file=open(tmp_path / "console.txt", "w"), width=200)  # noqa: SIM115
-    parents, info = transferred_parents(options, folder_data, entries, tmp_path, time.time() + 1, console)
+    parents, info, run_dir = transferred_parents(options, folder_data, entries, tmp_path / "run", time.time() + 1,
+                                                 console)
     console.file.close()
     (parent,) = parents.values()
     assert parent.source == "transfer" and parent.num_classes == 4
     assert load_model(parent, 4)(torch.from_numpy(folder_data.split("test")[0][:2])).shape == (2, 4)
     assert info["backbones"][0]["steps"] < tr.MIN_STEPS  # the deadline cut the recipe
     assert "trained for 10 classes; your data has 4: transferring it" in (tmp_path / "console.txt").read_text()
+    assert run_dir == tmp_path / "run" and (run_dir / "transfer").is_dir()  # the transfer is kept in the run
 
 
 def _cand(model, method, ratio, precision):

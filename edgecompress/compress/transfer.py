@@ -100,7 +100,8 @@ def checkpoint_classes(entry: ModelEntry) -> int | None:
 
     if entry.num_classes is not None:
         return entry.num_classes
-    classifier = timm.create_model(entry.architecture, pretrained=False).pretrained_cfg.get("classifier")
+    cfg = timm.models.get_pretrained_cfg(entry.architecture)  # the head's name, without building the model
+    classifier = cfg.classifier if cfg is not None else None
     if not classifier:
         return None
     weight = read_state_dict(entry.weights).get(f"{classifier}.weight")

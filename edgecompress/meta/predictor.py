@@ -179,6 +179,15 @@ def monotone_in_ratio(keys: list[tuple], *arrays: np.ndarray) -> tuple[np.ndarra
     return tuple(out)
 
 
+def accuracies_from_drops(candidates, mean: np.ndarray, upper: np.ndarray, parents: dict[str, float]):
+    """(expected accuracy, lower bound) of ``candidates`` from their predicted (expected, upper) drops: drops made
+    monotone in the ratio (monotone_in_ratio), taken from each parent's accuracy, clipped to [0, 1]."""
+    keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
+    mean, upper = monotone_in_ratio(keys, mean, upper)
+    parent = np.asarray([parents[c.model] for c in candidates])
+    return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
+
+
 def row_keys(rows: list[dict]) -> list[tuple]:
     return [(r["model"], r["method"], r["ratio"], r["precision"]) for r in rows]
 
@@ -435,10 +444,7 @@ class AccuracyModel:
         for i, only in enumerate(graph_only):
             if only:
                 mean[i], upper[i] = self.dense_drop(candidates[i].quant.precision)
-        keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
-        mean, upper = monotone_in_ratio(keys, mean, upper)
-        parent = np.asarray([self.accuracies[c.model] for c in candidates])
-        return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
+        return accuracies_from_drops(candidates, mean, upper, self.accuracies)
 
 
 class DropPrior:
@@ -482,7 +488,4 @@ class DropPrior:
             drops = self._drops(c.prune.method, c.prune.ratio, c.quant.precision)
             mean.append(float(np.median(drops)))
             upper.append(float(np.quantile(drops, UPPER_QUANTILE)))
-        keys = [(c.model, c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates]
-        mean, upper = monotone_in_ratio(keys, np.asarray(mean), np.asarray(upper))
-        parent = np.asarray([self.parents[c.model] for c in candidates])
-        return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
+        return accuracies_from_drops(candidates, np.asarray(mean), np.asarray(upper), self.parents)
