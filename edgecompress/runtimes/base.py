@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from edgecompress.core.errors import EdgecompressError
+from edgecompress.core.sigstack import keep_signal_stack
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -186,19 +187,22 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
     ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     with nncf_quiet():
-        if control is None:
-            return nncf.quantize(model, calib, subset_size=len(calib_images), ignored_scope=ignored,
-                                 fast_bias_correction=preset.fast_bias_correction, advanced_parameters=ranges, **scheme)
-        items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
-        validation = nncf.Dataset(items, lambda item: to_input(item[0]))
-        return nncf.quantize_with_accuracy_control(
-            model, calibration_dataset=calib, validation_dataset=validation, validation_fn=top1,
-            max_drop=control.max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib_images),
-            ignored_scope=ignored, advanced_quantization_parameters=ranges, fast_bias_correction=preset.fast_bias_correction,
-            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                max_num_iterations=control.max_iterations),
-            **scheme,
-        )
+        try:
+            if control is None:
+                return nncf.quantize(model, calib, subset_size=len(calib_images), ignored_scope=ignored,
+                                     fast_bias_correction=preset.fast_bias_correction, advanced_parameters=ranges, **scheme)
+            items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
+            validation = nncf.Dataset(items, lambda item: to_input(item[0]))
+            return nncf.quantize_with_accuracy_control(
+                model, calibration_dataset=calib, validation_dataset=validation, validation_fn=top1,
+                max_drop=control.max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib_images),
+                ignored_scope=ignored, advanced_quantization_parameters=ranges, fast_bias_correction=preset.fast_bias_correction,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=control.max_iterations),
+                **scheme,
+            )
+        finally:
+            keep_signal_stack()  # NNCF's OpenVINO Cores leave the thread's signal stack to chance (core.sigstack)
 
 
 def has_attention(op_types) -> bool:
@@ -345,9 +349,9 @@ def read_quant_record(artifact: Path) -> dict | None:
     the artifact itself: ONNX metadata_props, or an OpenVINO IR's rt_info; None for a float artifact."""
     artifact = Path(artifact)
     if artifact.suffix == ".xml":
-        import openvino as ov
+        from edgecompress.runtimes.openvino import openvino_core
 
-        model = ov.Core().read_model(str(artifact))
+        model = openvino_core().read_model(str(artifact))
         if not model.has_rt_info(["edgecompress", "quant_preset"]):
             return None
         return json.loads(model.get_rt_info(["edgecompress", "quant_preset"]).astype(str))
@@ -473,6 +477,7 @@ def run_local_benchmark(runtime_name: str, artifacts: list[Path], *, warmup: int
     cmd = [sys.executable, "-m", "edgecompress.runtimes.runner", "--runtime", runtime_name,
            *[arg for a in artifacts for arg in ("--artifact", str(a))],
            "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)]
+    keep_signal_stack()  # its SIGCHLD is handled on that stack when torch's DataLoader has set a handler
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ahead_of_the_builder)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -32,9 +32,9 @@ def _warm_runtime(runtime):
 
         onnxruntime.get_available_providers()
     elif runtime == "openvino":
-        import openvino as ov
+        from edgecompress.runtimes.openvino import openvino_core
 
-        ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+        openvino_core().get_property("CPU", "FULL_DEVICE_NAME")
 
 
 def _load(runtime, artifact):
@@ -51,7 +51,9 @@ def _load(runtime, artifact):
     if runtime == "openvino":
         import openvino as ov
 
-        core = ov.Core()
+        from edgecompress.runtimes.openvino import openvino_core
+
+        core = openvino_core()
         model = core.read_model(artifact)
         pshape = model.inputs[0].get_partial_shape()
         shape = [1] + [d.get_length() for d in list(pshape)[1:]]
