@@ -136,6 +136,20 @@ def test_drop_prior_reads_the_meta_dataset():
     assert (lower <= expected).all()
 
 
+def test_drop_prior_is_the_one_source_of_dense_drops():
+    """AccuracyModel.dense_drop (ONNX graphs) reads DropPrior.drop: a dense model's drop comes from dense rows only,
+    is never below 0, and without rows falls back to DENSE_DROP_WITHOUT_ROWS."""
+    from edgecompress.meta.predictor import DENSE_DROP_WITHOUT_ROWS
+
+    rows = [{"method": "none", "precision": "int8", "ratio": 0.0, "accuracy_drop": d} for d in (-0.01, -0.02, 0.3)]
+    rows += [{"method": "torch_pruning.l1", "precision": "fp16", "ratio": 0.5, "accuracy_drop": 0.2}]
+    prior = DropPrior(rows, {})
+    assert prior.drop("none", 0.0, "fp32") == (0.0, 0.0)
+    assert prior.drop("none", 0.0, "int8")[0] == 0.0 and prior.drop("none", 0.0, "int8")[1] > 0.2
+    assert prior.drop("none", 0.0, "fp16") == DENSE_DROP_WITHOUT_ROWS["fp16"]  # not the pruned fp16 row's 0.2
+    assert DropPrior([], {}).drop("none", 0.0, "int8") == DENSE_DROP_WITHOUT_ROWS["int8"]
+
+
 def test_transfer_and_zoo_models_read_a_folder_as_the_zoo_was_trained(tmp_path):
     from edgecompress.build import BuildOptions, preprocess_args
     from edgecompress.targets import get_target

@@ -20,7 +20,8 @@ from edgecompress.core.fsutil import atomic_path
 from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
-INT8_DROP_WITHOUT_ROWS = (0.01, 0.05)  # expected and upper-bound int8 drop where no meta-dataset row says otherwise
+# Expected and upper-bound drop of an uncompressed model where no meta-dataset row says otherwise.
+DENSE_DROP_WITHOUT_ROWS = {"fp16": (0.0, 0.005), "int8": (0.01, 0.05)}
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
 LGBM_PARAMS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15, "min_child_samples": 5,
                "subsample": 0.9, "subsample_freq": 1, "colsample_bytree": 0.9, "random_state": 0, "verbose": -1}
@@ -374,10 +375,7 @@ class AccuracyModel:
         self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
                        for r in (meta_rows or []) if r["dataset"] == fingerprint
                        and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
-        self._dense_drops: dict[str, list[float]] = {}  # precision -> measured drops of uncompressed models, any data
-        for r in meta_rows or []:
-            if r["method"] == "none":
-                self._dense_drops.setdefault(r["precision"], []).append(float(r["accuracy_drop"]))
+        self._prior = DropPrior(meta_rows or [], accuracies)  # the drops measured on any data, for graphs only
         self.basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
                       f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
 
@@ -422,17 +420,11 @@ class AccuracyModel:
         return [{f: r[f] for f in FEATURE_DOCS if f in r} for r in rows]
 
     def dense_drop(self, precision: str) -> tuple[float, float]:
-        """(expected, upper bound) drop of an uncompressed model at ``precision`` without its features: the median and
-        the ``UPPER_QUANTILE`` quantile of the drops the meta-dataset measured for its dense models at that precision
-        (fp32: none). For ONNX graphs, whose features need a torch model (weight statistics of unfolded layers, the
-        one-shot proxies); int8 of a model the meta-dataset never saw gets this population's figures, a conservative
-        bound (it holds the zoo's int8 collapses)."""
-        drops = self._dense_drops.get(precision)
-        if precision == "fp32":
-            return 0.0, 0.0
-        if not drops:
-            return (0.0, 0.005) if precision == "fp16" else INT8_DROP_WITHOUT_ROWS
-        return max(float(np.median(drops)), 0.0), max(float(np.quantile(drops, UPPER_QUANTILE)), 0.0)
+        """(expected, upper bound) drop of an uncompressed model at ``precision`` without its features, for ONNX
+        graphs (their features need a torch model: weight statistics of unfolded layers, the one-shot proxies): what
+        the meta-dataset measured for its dense models (DropPrior.drop), a conservative bound for int8 (it holds the
+        zoo's int8 collapses)."""
+        return self._prior.drop("none", 0.0, precision)
 
     def __call__(self, candidates) -> tuple[np.ndarray, np.ndarray]:
         # ONNX graphs have no torch model to featurize; their (dense) candidates get dense_drop's figures.
@@ -472,20 +464,28 @@ class DropPrior:
         path = ZOO_DIR / "meta.parquet"
         return cls(read_rows(path) if path.is_file() else [], parents)
 
-    def _drops(self, method: str, ratio: float, precision: str) -> np.ndarray:
+    def _drops(self, method: str, ratio: float, precision: str) -> np.ndarray | None:
         pairs = self.drops.get((method, precision))
-        if not pairs:
+        if not pairs and method != "none":  # a dense model's drop is never read off pruned ones
             pairs = [p for (m, prec), ps in self.drops.items() if prec == precision and m != "none" for p in ps]
         if not pairs:
-            return np.zeros(1)
+            return None
         levels = np.asarray([p[0] for p in pairs])
         nearest = levels[np.argmin(np.abs(levels - ratio))]
         return np.asarray([d for lv, d in pairs if lv == nearest])
 
+    def drop(self, method: str, ratio: float, precision: str) -> tuple[float, float]:
+        """(expected, upper bound) accuracy drop of (method, ratio, precision): the median and UPPER_QUANTILE quantile
+        of the matching drops, never below 0. Uncompressed fp32 drops nothing; without any matching row, uncompressed
+        fp16 and int8 get DENSE_DROP_WITHOUT_ROWS and the rest nothing."""
+        if method == "none" and precision == "fp32":
+            return 0.0, 0.0
+        drops = self._drops(method, ratio, precision)
+        if drops is None:
+            return DENSE_DROP_WITHOUT_ROWS.get(precision, (0.0, 0.0)) if method == "none" else (0.0, 0.0)
+        return max(float(np.median(drops)), 0.0), max(float(np.quantile(drops, UPPER_QUANTILE)), 0.0)
+
     def __call__(self, candidates) -> tuple[np.ndarray, np.ndarray]:
-        mean, upper = [], []
-        for c in candidates:
-            drops = self._drops(c.prune.method, c.prune.ratio, c.quant.precision)
-            mean.append(float(np.median(drops)))
-            upper.append(float(np.quantile(drops, UPPER_QUANTILE)))
-        return accuracies_from_drops(candidates, np.asarray(mean), np.asarray(upper), self.parents)
+        figures = np.asarray([self.drop(c.prune.method, c.prune.ratio, c.quant.precision) for c in candidates])
+        figures = figures.reshape(-1, 2)
+        return accuracies_from_drops(candidates, figures[:, 0], figures[:, 1], self.parents)
