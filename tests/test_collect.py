@@ -32,6 +32,27 @@ def test_features_on_every_zoo_model(name, digits):
         assert 0 <= feats["f_oneshot_agreement"] <= 1 and feats["f_oneshot_logit_rel_err"] > 0
 
 
+def test_one_pass_proxies_equal_a_simulated_copy_each(digits):
+    """The precisions of a (method, ratio) share one pruned copy and its fp32 pass (which records the int8 ranges);
+    fp16 and int8 are simulated on it and undone. The proxies are those of a fresh simulated copy each, to the bit."""
+    import torch
+
+    from edgecompress.meta.features import simulate_precision
+
+    featurizer = Featurizer(load_model(get_model("lcnet_050"), 10), digits, get_model("lcnet_050").test_accuracy)
+    for method, ratio in [("torch_pruning.l1", 0.5), ("nncf.magnitude_global", 0.7)]:
+        pruned = featurizer._one_shot_pruned(method, ratio)
+        for precision in ("fp32", "fp16", "int8"):
+            with torch.no_grad():
+                logits = simulate_precision(copy.deepcopy(pruned), precision, featurizer.images)(featurizer.images)
+            ref = featurizer.parent_logits
+            expected = {
+                "f_oneshot_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
+                "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - ref) / (torch.linalg.norm(ref) + 1e-12)),
+            }
+            assert featurizer.oneshot_features(method, ratio, precision) == expected, (method, ratio, precision)
+
+
 def test_simulated_int8_changes_outputs_a_little(digits):
     import torch
 

@@ -189,26 +189,40 @@ class Featurizer:
     def _one_shot_pruned(self, method_name: str, ratio: float) -> nn.Module:
         from edgecompress.compress.methods import PruneData, get_method
 
-        key = (method_name, ratio)
-        if key not in self._pruned:
-            method = get_method(method_name)
-            model = copy.deepcopy(self.model)
-            if method.kind != "none":
-                example = torch.zeros(self.input_shape)
-                model = method.finalize(method.prepare(model, ratio, example, PruneData(self.images, self.labels)), example)
-                recalibrate_batchnorm(model, self.images)
-            self._pruned = {key: model.eval()}  # keep one: the precisions of a (method, ratio) come together
-        return self._pruned[key]
+        method = get_method(method_name)
+        model = copy.deepcopy(self.model)
+        if method.kind != "none":
+            example = torch.zeros(self.input_shape)
+            model = method.finalize(method.prepare(model, ratio, example, PruneData(self.images, self.labels)), example)
+            recalibrate_batchnorm(model, self.images)
+        return model.eval()
+
+    def _one_shot_all_precisions(self, method_name: str, ratio: float) -> dict[str, dict]:
+        """The one-shot proxies of every precision of a (method, ratio): one pruning, and one fp32 pass that also
+        records the int8 activation ranges; fp16 and int8 are simulated on that copy and undone (no copy each)."""
+        model = self._one_shot_pruned(method_name, ratio)
+        ref = self.parent_logits
+
+        def compare(logits):
+            return {
+                "f_oneshot_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
+                "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - ref) / (torch.linalg.norm(ref) + 1e-12)),
+            }
+
+        with torch.no_grad():
+            ranges = observed_ranges(model)
+            with ranges:
+                out = {"fp32": compare(model(self.images))}
+            for precision in ("fp16", "int8"):
+                with simulated(model, precision, ranges.ranges):
+                    out[precision] = compare(model(self.images))
+        return out
 
     def oneshot_features(self, method_name: str, ratio: float, precision: str) -> dict:
-        model = copy.deepcopy(self._one_shot_pruned(method_name, ratio))
-        with torch.no_grad():
-            logits = simulate_precision(model, precision, self.images)(self.images)
-        ref = self.parent_logits
-        return {
-            "f_oneshot_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
-            "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - ref) / (torch.linalg.norm(ref) + 1e-12)),
-        }
+        key = (method_name, ratio)
+        if key not in self._pruned:  # keep one: the precisions of a (method, ratio) come together
+            self._pruned = {key: self._one_shot_all_precisions(method_name, ratio)}
+        return dict(self._pruned[key][precision])
 
     # ------------------------------------------------------------ everything
     def candidate_features(self, method_name: str, ratio: float, precision: str) -> dict:
@@ -242,50 +256,82 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
         m.momentum = momentum
 
 
-def simulate_precision(model: nn.Module, precision: str, calib_images: torch.Tensor) -> nn.Module:
-    """Make ``model`` (modified in place) compute as the runtime would at ``precision``, in fp32 torch.
+class observed_ranges:
+    """While active, record the (min, max) of every conv/linear layer's input over the forward passes made."""
 
-    int8: per-output-channel symmetric int8 weights and per-tensor asymmetric uint8
-    inputs to every conv/linear, ranges from min/max on ``calib_images``.
-    fp16: weights and conv/linear inputs rounded to half precision.
-    """
-    layers = _weighted_layers(model)
-    if precision == "fp32":
-        return model
-    if precision == "fp16":
-        for layer in layers:
-            layer.weight.data = layer.weight.data.half().float()
-        for layer in layers:
-            layer.register_forward_pre_hook(lambda _m, inp: (inp[0].half().float(),))
-        return model
-    if precision != "int8":
-        raise ValueError(f"unknown precision {precision!r}")
-    ranges: dict[nn.Module, list[float]] = {}
+    def __init__(self, model: nn.Module):
+        self.layers = _weighted_layers(model)
+        self.ranges: dict[nn.Module, list[float]] = {}
+        self._hooks = []
 
-    def observe(module, inp):
+    def _observe(self, module, inp):
         lo, hi = float(inp[0].min()), float(inp[0].max())
-        old = ranges.setdefault(module, [lo, hi])
+        old = self.ranges.setdefault(module, [lo, hi])
         old[0], old[1] = min(old[0], lo), max(old[1], hi)
 
-    hooks = [layer.register_forward_pre_hook(observe) for layer in layers]
-    with torch.no_grad():
-        model.eval()(calib_images)
-    for h in hooks:
-        h.remove()
-    for layer in layers:
-        w = layer.weight.data
-        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
-        layer.weight.data = torch.clamp(torch.round(w / scale), -127, 127) * scale
+    def __enter__(self):
+        self._hooks = [layer.register_forward_pre_hook(self._observe) for layer in self.layers]
+        return self
 
-    def fake_quant(module, inp):
-        lo, hi = ranges[module]
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+class simulated:
+    """While active, ``model`` computes as the runtime would at ``precision``, in fp32 torch (see simulate_precision);
+    on exit its weights and hooks are as they were. int8 needs the layers' input ``ranges`` (observed_ranges)."""
+
+    def __init__(self, model: nn.Module, precision: str, ranges: dict | None = None):
+        if precision not in _BITS:
+            raise ValueError(f"unknown precision {precision!r}")
+        self.layers, self.precision, self.ranges = _weighted_layers(model), precision, ranges or {}
+        self._saved, self._hooks = [], []
+
+    def __enter__(self):
+        if self.precision == "fp32":
+            return self
+        self._saved = [(layer, layer.weight.data) for layer in self.layers]
+        for layer in self.layers:
+            w = layer.weight.data
+            if self.precision == "fp16":
+                layer.weight.data = w.half().float()
+                self._hooks.append(layer.register_forward_pre_hook(lambda _m, inp: (inp[0].half().float(),)))
+                continue
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0
+            layer.weight.data = torch.clamp(torch.round(w / scale), -127, 127) * scale
+            if layer in self.ranges:
+                self._hooks.append(layer.register_forward_pre_hook(self._fake_quant))
+        return self
+
+    def _fake_quant(self, module, inp):
+        lo, hi = self.ranges[module]
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = max(hi - lo, 1e-12) / 255.0
         zero = round(-lo / scale)
         q = torch.clamp(torch.round(inp[0] / scale) + zero, 0, 255)
         return ((q - zero) * scale,)
 
-    for layer in layers:
-        if layer in ranges:
-            layer.register_forward_pre_hook(fake_quant)
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        for layer, weight in self._saved:
+            layer.weight.data = weight
+        self._saved, self._hooks = [], []
+
+
+def simulate_precision(model: nn.Module, precision: str, calib_images: torch.Tensor) -> nn.Module:
+    """Make ``model`` (modified in place, for good) compute as the runtime would at ``precision``, in fp32 torch.
+
+    int8: per-output-channel symmetric int8 weights and per-tensor asymmetric uint8
+    inputs to every conv/linear, ranges from min/max on ``calib_images``.
+    fp16: weights and conv/linear inputs rounded to half precision.
+    """
+    if precision not in _BITS:
+        raise ValueError(f"unknown precision {precision!r}")
+    ranges = observed_ranges(model)
+    if precision == "int8":
+        with torch.no_grad(), ranges:
+            model.eval()(calib_images)
+    simulated(model, precision, ranges.ranges).__enter__()
     return model
