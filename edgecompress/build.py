@@ -342,7 +342,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     calibration = functools.cache(lambda: calibration_set(options, data, entries, accuracies, run_dir, console))
     pipeline = Pipeline(run_dir, target, data, entries, options.finetune, options.device,
                         int8_max_drop=options.budget.max_accuracy_drop, calibration=calibration,
-                        calibration_key=calibration_key(options, data), teacher=transfer_info is not None)
+                        calibration_key=calibration_key(options, data), teacher=transfer_info is not None,
+                        baselines=accuracies)
     outcomes: dict[str, Built | str] = {}  # candidate id -> what was built, or why it could not be
     ratios: list[float] = []
     try_seconds: list[float] = []  # wall time of each try's stages

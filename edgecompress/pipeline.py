@@ -122,8 +122,11 @@ def _zero_share(model) -> float:
 
 
 def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_spec: FinetuneSpec, out: Path, *, progress=None,
-             teacher: bool = False) -> CompressedModel:
+             teacher: bool = False, baseline_accuracy: float | None = None) -> CompressedModel:
     """Prune (if asked), fine-tune briefly on the train split, save the torch model.
+
+    ``baseline_accuracy`` is the uncompressed model's top-1 on ``data``'s test split where the caller has it (the
+    build measured it to plan); otherwise it is measured here. An uncompressed candidate is not evaluated again.
 
     With ``teacher``, the fine-tune distils from the uncompressed model (a transferred parent: its few training
     images are better seen through its logits).
@@ -137,7 +140,8 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
 
     model = load_model(entry, data.num_classes)
     x_test, y_test = data.split("test")
-    baseline_accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
+    if baseline_accuracy is None:
+        baseline_accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
     method = get_method(candidate.prune.method)
     example = torch.zeros(data.input_shape)
     steps = 0
@@ -151,7 +155,7 @@ def compress(candidate: Candidate, entry: ModelEntry, data: Dataset, finetune_sp
             seed=finetune_spec.seed, on_step=progress, teacher=load_model(entry, data.num_classes) if teacher else None,
         )
         model = method.finalize(model, example).eval()
-    accuracy = float((predict_torch(model, x_test).argmax(1) == y_test).mean())
+    accuracy = baseline_accuracy if method.kind == "none" else float((predict_torch(model, x_test).argmax(1) == y_test).mean())
     checkpoint = out / "model.pt"
     torch.save(model, checkpoint)
     return CompressedModel(
@@ -328,7 +332,7 @@ class Pipeline:
 
     def __init__(self, run_dir: Path, target: Target, data: Dataset, entries: dict[str, ModelEntry], finetune_spec: FinetuneSpec,
                  device=None, int8_max_drop: float | None = None, calibration=None, calibration_key: str = "real",
-                 teacher: bool = False):
+                 teacher: bool = False, baselines: dict[str, float] | None = None):
         self.run_dir = Path(run_dir).resolve()
         self.target = target
         self.data = data
@@ -340,6 +344,7 @@ class Pipeline:
         self.calibration = calibration
         self.calibration_key = calibration_key
         self.teacher = teacher  # fine-tune compressed candidates with their parent as teacher
+        self.baselines = baselines or {}  # model -> uncompressed top-1 on data's test split, where known
         self.reused: list[str] = []
 
     def candidate_dir(self, candidate: Candidate) -> Path:
@@ -370,7 +375,8 @@ class Pipeline:
                                entry.sha256, data_key, *(["teacher"] if self.teacher else []))
         compressed = self._stage(candidate, "compress", k_compress, CompressedModel,
                                  lambda out: compress(candidate, entry, self.data, self.finetune_spec, out, progress=progress,
-                                                      teacher=self.teacher))
+                                                      teacher=self.teacher,
+                                                      baseline_accuracy=self.baselines.get(candidate.model)))
         k_export = spec_hash("export", k_compress, self.target.name)
         exported = self._stage(candidate, "export", k_export, ExportedModel,
                                lambda out: export(compressed, self.target, self.data, out))

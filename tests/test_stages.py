@@ -117,3 +117,20 @@ def test_a_changed_method_setting_is_not_served_from_the_cache(tmp_path, small_d
     other = pipeline.Pipeline(tmp_path, get_target("ort-cpu"), small_digits, entries, TINY_FT)
     other.run_candidate(cand)
     assert other.reused == []
+
+
+@pytest.mark.parametrize("method, evaluations", [("none", 0), ("torch_pruning.l1", 1)])
+def test_compress_does_not_evaluate_a_known_parent_again(tmp_path, small_digits, monkeypatch, method, evaluations):
+    """The build measured each parent's accuracy to plan: compress takes it, and an uncompressed candidate is its
+    parent (no evaluation at all; a 10,000-image split at 224 is minutes of it)."""
+    calls = []
+    real = pipeline.predict_torch
+    monkeypatch.setattr(pipeline, "predict_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cand = Candidate(model="lcnet_050", prune=PruneSpec(method=method, ratio=0.3 if method != "none" else 0.0),
+                     quant=QuantSpec(precision="fp32"))
+    out = tmp_path / "c"
+    out.mkdir()
+    compressed = pipeline.compress(cand, get_model("lcnet_050"), small_digits, FinetuneSpec(steps=2), out,
+                                   baseline_accuracy=0.5)
+    assert len(calls) == evaluations and compressed.baseline_accuracy == 0.5
+    assert method != "none" or compressed.pruned_accuracy_torch == 0.5
