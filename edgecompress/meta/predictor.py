@@ -403,20 +403,29 @@ class AccuracyModel:
             if known is None or any(f not in known for f in self.predictor.features):
                 missing.append(i)
         if missing:
+            import torch
             from rich.progress import Progress
 
             featurizers = {}
-            with Progress(console=self.console, transient=True) as progress:
-                bar = progress.add_task("meta-features of unseen candidates", total=len(missing))
-                # One pruning per (model, method, ratio): its precisions reuse the pruned copy.
-                key = lambda i: (candidates[i].model, candidates[i].prune.method, candidates[i].prune.ratio)  # noqa: E731
-                for i in sorted(missing, key=key):
-                    c = candidates[i]
-                    if c.model not in featurizers:
-                        model = load_model(self.entries[c.model], self.data.num_classes)
-                        featurizers = {c.model: Featurizer(model, self.data, self.accuracies[c.model])}
-                    rows[i] = featurizers[c.model].candidate_features(c.prune.method, c.prune.ratio, c.quant.precision)
-                    progress.advance(bar)
+            threads = torch.get_num_threads()
+            # One thread: hundreds of small forward passes; on 2 cores 1 thread was 7-13% faster than 2 on a quiet
+            # machine (tools/bench_plan.py), and threads waiting on a busy core made them several times slower.
+            torch.set_num_threads(1)
+            try:
+                with Progress(console=self.console, transient=True) as progress:
+                    bar = progress.add_task("meta-features of unseen candidates", total=len(missing))
+                    # One pruning per (model, method, ratio): its precisions reuse the pruned copy.
+                    key = lambda i: (candidates[i].model, candidates[i].prune.method, candidates[i].prune.ratio)  # noqa: E731
+                    for i in sorted(missing, key=key):
+                        c = candidates[i]
+                        if c.model not in featurizers:
+                            model = load_model(self.entries[c.model], self.data.num_classes)
+                            featurizers = {c.model: Featurizer(model, self.data, self.accuracies[c.model])}
+                        rows[i] = featurizers[c.model].candidate_features(c.prune.method, c.prune.ratio,
+                                                                          c.quant.precision)
+                        progress.advance(bar)
+            finally:
+                torch.set_num_threads(threads)
         return [{f: r[f] for f in FEATURE_DOCS if f in r} for r in rows]
 
     def dense_drop(self, precision: str) -> tuple[float, float]:
