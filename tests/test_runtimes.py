@@ -73,31 +73,24 @@ def test_no_code_outside_runtimes_branches_on_a_runtime_name():
     assert offenders == []
 
 
-
-def _signal_after(code: str, *args) -> tuple[int, str]:
-    """Run ``code`` in a child, then handle a signal there: (exit code, stderr's tail). A fault fails the caller alone."""
-    import subprocess
-    import sys
-
-    code += ("\nimport os, signal\nsignal.signal(signal.SIGUSR1, lambda *_: print('handled'))\n"
-             "os.kill(os.getpid(), signal.SIGUSR1)\n")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr[-500:]
-
-
 def test_signals_are_handled_after_openvino_plugins_are_freed_in_order():
     """Each OpenVINO Core's CPU plugin maps a signal stack onto the thread and, when destroyed, unmaps it and puts
     back the one it found if its own is still current: two plugins freed in the order they were made leave the thread
     on an unmapped stack, and the next signal Python handles is a segmentation fault (CI's exit 139, from the SIGCHLD
     of a subprocess once torch's DataLoader had set a handler). keep_signal_stack, called after plugins are made,
-    puts the thread on a stack of ours that their destructors leave alone."""
-    code = ("import gc, openvino as ov\n"
+    puts the thread on a stack of ours that their destructors leave alone. Run in a child: a fault fails this test
+    alone."""
+    import subprocess
+    import sys
+
+    code = ("import gc, os, signal, openvino as ov\n"
             "from edgecompress.core.sigstack import keep_signal_stack, current_signal_stack\n"
             "first, second = ov.Core(), ov.Core()\n"
             "first.get_property('CPU', 'FULL_DEVICE_NAME'); second.get_property('CPU', 'FULL_DEVICE_NAME')\n"
             "keep_signal_stack(); ours = current_signal_stack()\n"
             "del first; gc.collect(); del second; gc.collect()\n"
-            "assert current_signal_stack() == ours\n")
-    rc, out = _signal_after(code)
-    assert rc == 0 and "handled" in out, (rc, out)
-
+            "assert current_signal_stack() == ours\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print('handled'))\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "handled" in proc.stdout, (proc.returncode, proc.stderr[-500:])

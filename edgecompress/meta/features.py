@@ -118,7 +118,7 @@ class Featurizer:
             np.cumsum(np.sort(w.reshape(w.shape[0], -1).sum(1)), dtype=np.float64) for w in weights if w.shape[0] > 1
         ]
         self._model_features = None
-        self._pruned = {}
+        self._oneshot = {}  # (method, ratio) -> precision -> proxies; one kept at a time
 
     # ------------------------------------------------------------ per model
     def model_features(self) -> dict:
@@ -201,28 +201,20 @@ class Featurizer:
         """The one-shot proxies of every precision of a (method, ratio): one pruning, and one fp32 pass that also
         records the int8 activation ranges; fp16 and int8 are simulated on that copy and undone (no copy each)."""
         model = self._one_shot_pruned(method_name, ratio)
-        ref = self.parent_logits
-
-        def compare(logits):
-            return {
-                "f_oneshot_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
-                "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - ref) / (torch.linalg.norm(ref) + 1e-12)),
-            }
-
         with torch.no_grad():
             ranges = observed_ranges(model)
             with ranges:
-                out = {"fp32": compare(model(self.images))}
+                out = {"fp32": oneshot_proxies(model(self.images), self.parent_logits)}
             for precision in ("fp16", "int8"):
                 with simulated(model, precision, ranges.ranges):
-                    out[precision] = compare(model(self.images))
+                    out[precision] = oneshot_proxies(model(self.images), self.parent_logits)
         return out
 
     def oneshot_features(self, method_name: str, ratio: float, precision: str) -> dict:
         key = (method_name, ratio)
-        if key not in self._pruned:  # keep one: the precisions of a (method, ratio) come together
-            self._pruned = {key: self._one_shot_all_precisions(method_name, ratio)}
-        return dict(self._pruned[key][precision])
+        if key not in self._oneshot:  # the precisions of a (method, ratio) come together
+            self._oneshot = {key: self._one_shot_all_precisions(method_name, ratio)}
+        return dict(self._oneshot[key][precision])
 
     # ------------------------------------------------------------ everything
     def candidate_features(self, method_name: str, ratio: float, precision: str) -> dict:
@@ -236,6 +228,15 @@ class Featurizer:
             "f_parent_accuracy": self.parent_accuracy,
             **self.parent_features,
         }
+
+
+def oneshot_proxies(logits: torch.Tensor, parent_logits: torch.Tensor) -> dict:
+    """The one-shot features of a candidate's logits against its parent's on the same images."""
+    return {
+        "f_oneshot_agreement": float((logits.argmax(1) == parent_logits.argmax(1)).float().mean()),
+        "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - parent_logits)
+                                         / (torch.linalg.norm(parent_logits) + 1e-12)),
+    }
 
 
 @torch.no_grad()
@@ -327,8 +328,6 @@ def simulate_precision(model: nn.Module, precision: str, calib_images: torch.Ten
     inputs to every conv/linear, ranges from min/max on ``calib_images``.
     fp16: weights and conv/linear inputs rounded to half precision.
     """
-    if precision not in _BITS:
-        raise ValueError(f"unknown precision {precision!r}")
     ranges = observed_ranges(model)
     if precision == "int8":
         with torch.no_grad(), ranges:
