@@ -447,21 +447,22 @@ def meta():
 @meta.command("collect")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file; rows already in it are skipped.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path))
-@click.option("--models", "models", multiple=True, help="Repeatable (default: the zoo).")
+@click.option("--models", "models", multiple=True, help="Repeatable (default: the zoo trained on --data).")
 @click.option("--methods", "methods", multiple=True, help="Repeatable (default: every pruning method).")
 @click.option("--ratios", help="Comma-separated ratios for every method (default: per-method grids up to 0.9 / 0.7).")
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True)
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000))
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024))
 @click.option("--address", help="Address of an existing Ray cluster (default: a local Ray instance).")
-def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address):
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Compressions at a time on the local Ray instance (the cores are shared out among them).")
+def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address, workers):
     """Compress every (model, method, ratio, precision) and record the measured accuracy."""
     from rich.console import Console
 
     from edgecompress.compress.methods import FinetuneSpec, list_methods
     from edgecompress.core.units import parse_fraction
-    from edgecompress.meta.collect import PRECISIONS, collect
-    from edgecompress.models import list_models
+    from edgecompress.meta.collect import PRECISIONS, collect, zoo_models_for
 
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in precision_list if p not in PRECISIONS]
@@ -472,11 +473,10 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
         ratio_list = [parse_fraction(r.strip()) for r in ratios.split(",")]
         if any(r >= 1 for r in ratio_list):
             raise UsageError("--ratios must be below 1")
-    if data_dir is not None and not models:
-        raise UsageError("with --data, name the models: --models timm:ARCH=weights.pth")
-    result = collect(out=out, models=list(models) or list_models(), methods=list(methods) or list_methods(),
+    result = collect(out=out, models=list(models) or zoo_models_for(data_dir), methods=list(methods) or list_methods(),
                      ratios=ratio_list, precisions=precision_list, finetune=FinetuneSpec(steps=finetune_steps),
-                     data_dir=data_dir, image_size=image_size, address=address, console=Console(stderr=True))
+                     data_dir=data_dir, image_size=image_size, address=address, console=Console(stderr=True),
+                     workers=workers)
     click.echo(json.dumps(result))
 
 

@@ -126,6 +126,17 @@ def test_collect_bad_input(capsys, tmp_path):
     assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--methods", "optimal_brain_damage"]) == 2
 
 
+def test_collect_defaults_to_the_zoo_of_the_task(tmp_path, capsys):
+    from edgecompress.cli import main
+    from edgecompress.meta.collect import zoo_models_for
+
+    assert zoo_models_for(None) == list_models()
+    assert zoo_models_for("fashion-mnist") == list_models(task="fashion-mnist")
+    (tmp_path / "mine").mkdir()
+    assert main(["meta", "collect", "--out", str(tmp_path / "m.parquet"), "--data", str(tmp_path / "mine")]) == 2
+    assert "--models timm:ARCH=weights.pth" in capsys.readouterr().err
+
+
 def test_task_meta_features_tell_tasks_apart(digits, tmp_path):
     """Grey digits against a colour folder; the parent's confidence and margin on the task's own images."""
     from conftest import write_images

@@ -232,6 +232,31 @@ def test_collect_keys_rows_by_method_settings():
     assert row_key({k: v for k, v in row.items() if k != "method_settings"}) != row_key(row)  # legacy rows
 
 
+def test_collect_keys_int8_rows_by_quantization_preset():
+    """int8 rows carry the evaluation runtime's quantization preset: rows from before the int8 fixes, or from another
+    preset, are other rows; float rows have none."""
+    from edgecompress.meta.collect import EVAL_TARGET, quant_settings, row_key
+    from edgecompress.targets import get_target
+
+    assert quant_settings("fp16") == "" and quant_settings("int8") == get_target(EVAL_TARGET).runtime().quant_preset().key()
+    row = {"dataset": "d", "model": "m", "method": "none", "method_settings": "s", "ratio": 0.0, "precision": "int8",
+           "recipe": "r", "quant_settings": quant_settings("int8")}
+    assert row_key(row) != row_key({k: v for k, v in row.items() if k != "quant_settings"})
+
+
+def test_collection_levels_are_four_or_all():
+    from edgecompress.meta.collect import collection_levels, plan_jobs
+
+    assert collection_levels("nncf.magnitude_global") == (0.3, 0.5, 0.7, 0.9)
+    assert collection_levels("torch_pruning.l1") == (0.1, 0.3, 0.5, 0.7)
+    assert collection_levels("woodfisher") == get_method("woodfisher").levels  # five: all of them
+    jobs = plan_jobs(["a", "b"], ["woodfisher", "torch_pruning.l1", "none"], None, ("fp32",), None, None, 32)
+    # The baselines first, then the methods in METHOD_ORDER; models innermost.
+    assert [(j.method, j.model_spec) for j in jobs[:4]] == [("none", "a"), ("none", "b"), ("torch_pruning.l1", "a"),
+                                                            ("torch_pruning.l1", "b")]
+    assert len(jobs) == 2 * (1 + 4 + 5)
+
+
 def _follows_tensorrt_2_4(weight) -> bool:
     """At most 2 nonzeros in every 4 consecutive input channels, for each output channel and kernel position."""
     w = weight.detach()

@@ -98,3 +98,29 @@ def test_monotone_in_ratio():
     (out,) = monotone_in_ratio(keys, drop)
     # int8 dense is the floor (0.02); 0.3 -> 0.5 -> 0.7 never falls; other groups untouched.
     np.testing.assert_allclose(out, [0.02, 0.03, 0.03, 0.03, 0.04, 0.0])
+
+
+def test_nearest_architecture_baseline_copies_the_nearest_measured_drop():
+    from edgecompress.meta.predictor import ARCHITECTURE_FEATURES, nearest_architecture_predictions
+
+    def rows_of(arch, size, drops, task="digits"):
+        base = {f: 1.0 for f in ARCHITECTURE_FEATURES}
+        return [{**base, "f_params": size, "architecture": arch, "model": arch, "task": task, "method": "p",
+                 "ratio": ratio, "precision": "fp32", "accuracy_drop": d} for ratio, d in zip((0.3, 0.5), drops)]
+
+    rows = rows_of("small", 1e5, (0.01, 0.02)) + rows_of("tiny", 2e5, (0.03, 0.04)) + rows_of("huge", 1e8, (0.2, 0.5))
+    mean, upper = nearest_architecture_predictions(rows)
+    np.testing.assert_allclose(mean, [0.03, 0.04, 0.01, 0.02, 0.03, 0.04])  # huge's nearest is tiny
+    np.testing.assert_allclose(upper, mean)
+
+
+def test_leave_one_task_out_trains_on_the_other_task_only(rows):
+    from edgecompress.meta.predictor import leave_one_task_out, row_task
+
+    assert {row_task(r) for r in rows} <= {"digits", "fashion-mnist"}
+    digits = [r for r in rows if row_task(r) == "digits"][:200]
+    other = [{**r, "task": "fashion-mnist", "accuracy_drop": r["accuracy_drop"] * 0.5} for r in digits]
+    result = leave_one_task_out(digits + other, "ridge")
+    assert set(result) == {"digits", "fashion-mnist"}
+    assert result["fashion-mnist"]["train_rows"] == len(digits) and result["fashion-mnist"]["rows"] == len(other)
+    assert result["digits"]["loto_mae_pp"] >= 0 and 0 <= result["digits"]["upper_bound_coverage"] <= 1

@@ -26,7 +26,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
 # A row is one measurement of exactly these; the method's settings and the fine-tuning recipe are hashes, so a changed
 # setting makes new rows instead of mixing with the old (rows from before settings were recorded have none).
-KEY_COLUMNS = ("dataset", "model", "method", "method_settings", "ratio", "precision", "recipe")
+# int8 rows also carry the runtime's quantization preset (quant_settings): the int8 fixes of session 6 changed what
+# an int8 row measures without changing the method or the recipe.
+KEY_COLUMNS = ("dataset", "model", "method", "method_settings", "ratio", "precision", "recipe", "quant_settings")
+# Collection order: the methods of the first meta-dataset first (leave-one-task-out needs them on both tasks), then
+# the newer ones; a method not named here comes last.
+METHOD_ORDER = ("none", "torch_pruning.l1", "nncf.magnitude_global", "nncf.magnitude_local", "woodfisher", "nncf.rb",
+                "lowrank", "sparse24")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,19 +50,49 @@ def row_key(row: dict) -> tuple:
     return tuple(row.get(c) for c in KEY_COLUMNS)
 
 
-def run_job(job: CollectJob) -> list[dict]:
-    """Compress once, evaluate at each precision; runs inside a Ray worker (or inline)."""
+def quant_settings(precision: str) -> str:
+    """The key of the evaluation runtime's int8 preset for an int8 row; empty for float rows."""
+    from edgecompress.targets import get_target
+
+    return get_target(EVAL_TARGET).runtime().quant_preset().key() if precision == "int8" else ""
+
+
+def collection_levels(method: str) -> tuple[float, ...]:
+    """The levels collected for a method: all of them up to five, else four, every other one from the highest
+    (magnitude 0.1..0.9 gives 0.3/0.5/0.7/0.9; channel 0.1..0.7 gives 0.1/0.3/0.5/0.7)."""
+    levels = tuple(sorted(get_method(method).levels))
+    return levels if len(levels) <= 5 else tuple(sorted(levels[::-2][:4]))
+
+
+def zoo_models_for(data_dir) -> list[str]:
+    """The zoo trained on ``data_dir`` (None: the digits; a task's name: its zoo); a UsageError for a user's folder."""
+    from edgecompress.data.datasets import DIGITS_NAME
+    from edgecompress.models import list_models, zoo_tasks
+
+    task = DIGITS_NAME if data_dir is None else str(data_dir)
+    if data_dir is not None and (task not in zoo_tasks() or Path(data_dir).is_dir()):
+        raise UsageError(f"the embedded zoos are trained on {', '.join(zoo_tasks())}; with --data {data_dir}, "
+                         "name the models: --models timm:ARCH=weights.pth")
+    return list_models(task=task)
+
+
+def run_job(job: CollectJob, data=None) -> list[dict]:
+    """Compress once, evaluate at each precision; runs inside a Ray worker (or inline).
+
+    ``data`` is the loaded dataset (from Ray's object store: :func:`collect` puts it there once); without it the job
+    loads its own."""
     import torch
 
     from edgecompress import pipeline
-    from edgecompress.data.datasets import load_dataset
+    from edgecompress.data.datasets import DIGITS_NAME, load_dataset
     from edgecompress.meta.features import FEATURES_VERSION, Featurizer
     from edgecompress.models import load_model, parse_model_spec
     from edgecompress.targets import get_target
 
     torch.set_num_threads(max(1, int(os.environ.get("EDGECOMPRESS_THREADS", os.cpu_count() or 1))))
-    data = load_dataset(Path(job.data_dir) if job.data_dir else None, job.image_size)
-    entry = parse_model_spec(job.model_spec)
+    if data is None:
+        data = load_dataset(Path(job.data_dir) if job.data_dir else None, job.image_size)
+    entry = parse_model_spec(job.model_spec, task=data.task or DIGITS_NAME)
     target = get_target(EVAL_TARGET)
     rows = []
     started = time.time()
@@ -76,9 +112,10 @@ def run_job(job: CollectJob) -> list[dict]:
             except pipeline.NumericalError:
                 accuracy = 0.0  # non-finite outputs: as useless as a wrong answer
             rows.append({
-                "dataset": data.fingerprint(), "model": entry.name, "architecture": entry.architecture,
+                "dataset": data.fingerprint(), "task": data.task or data.name, "model": entry.name,
+                "architecture": entry.architecture,
                 "method": job.method, "method_settings": get_method(job.method).settings_hash(),
-                "ratio": float(job.ratio), "precision": precision,
+                "ratio": float(job.ratio), "precision": precision, "quant_settings": quant_settings(precision),
                 "recipe": spec_hash(job.finetune), "finetune_steps": compressed.finetune_steps,
                 "accuracy": accuracy, "parent_accuracy": compressed.baseline_accuracy,
                 "accuracy_drop": compressed.baseline_accuracy - accuracy,
@@ -86,16 +123,18 @@ def run_job(job: CollectJob) -> list[dict]:
                 "params_after": compressed.params, "zero_share": compressed.zero_share,
                 "eval_runtime": EVAL_TARGET, "features_version": FEATURES_VERSION,
                 "wall_seconds": compress_seconds + (time.time() - t0),
+                "compress_seconds": compress_seconds, "precision_seconds": time.time() - t0,
                 **featurizer.candidate_features(job.method, job.ratio, precision),
             })
     return rows
 
 
-def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console=None) -> int:
+def refresh_features(path: Path, *, console=None) -> int:
     """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured.
 
-    Features are a pure function of (model, dataset, method, ratio, precision), so after a feature
-    change the collected accuracies stay valid; rows are rewritten all at once (atomic rename).
+    Features are a pure function of (model, task, method, ratio, precision), so after a feature change the
+    collected accuracies stay valid; each row's task (its ``task`` column, the digits for rows without one) gives
+    the data and the zoo. Rows are rewritten all at once (atomic rename).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -103,27 +142,31 @@ def refresh_features(path: Path, *, data_dir=None, image_size: int = 32, console
     from rich.progress import Progress
 
     from edgecompress.compress.finetune import evaluate_torch
-    from edgecompress.data.datasets import load_dataset
+    from edgecompress.data.datasets import DIGITS_NAME, NAMED_DATASETS, load_dataset
     from edgecompress.meta.features import FEATURE_DOCS, Featurizer
     from edgecompress.models import get_model, list_models, load_model
 
     rows = read_rows(path)
     if not rows:
         raise UsageError(f"{path} holds no rows to refresh")
-    data = load_dataset(Path(data_dir) if data_dir else None, image_size)
-    zoo = set(list_models())
-    unknown = sorted({r["model"] for r in rows} - zoo)
-    if unknown:
-        raise UsageError(f"--refresh-features recomputes zoo models only; {path} also has {', '.join(unknown)}")
-    torch.set_num_threads(os.cpu_count() or 1)
-    out = []
-    by_model: dict[str, list[dict]] = {}
+    by_parent: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
+        by_parent.setdefault((r.get("task") or DIGITS_NAME, r["model"]), []).append(r)
+    for task in sorted({t for t, _ in by_parent}):
+        if task not in NAMED_DATASETS:
+            raise UsageError(f"--refresh-features recomputes rows of the named tasks only; {path} has rows of {task}")
+        unknown = sorted({m for t, m in by_parent if t == task} - set(list_models(task=task)))
+        if unknown:
+            raise UsageError(f"--refresh-features recomputes zoo models only; {path} also has {', '.join(unknown)} ({task})")
+    torch.set_num_threads(os.cpu_count() or 1)
+    out, datasets = [], {}
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("refresh features", total=len(rows))
-        for name, model_rows in by_model.items():
-            model = load_model(get_model(name), data.num_classes)
+        for (task, name), model_rows in sorted(by_parent.items()):
+            if task not in datasets:
+                datasets = {task: load_dataset(None if task == DIGITS_NAME else task, 32)}
+            data = datasets[task]
+            model = load_model(get_model(name, task=task), data.num_classes)
             featurizer = Featurizer(model, data, evaluate_torch(model, *data.split("test")))
             for r in sorted(model_rows, key=lambda r: (r["method"], r["ratio"])):
                 kept = {k: v for k, v in r.items() if not k.startswith("f_")}
@@ -157,12 +200,13 @@ def append_rows(path: Path, new_rows: list[dict]) -> int:
 def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size) -> list[CollectJob]:
     """Every (model, method, ratio), models innermost: a partial collection covers every architecture.
 
-    The uncompressed baselines come first, then channel pruning (what speeds up dense kernels), then the rest.
+    Methods go in :data:`METHOD_ORDER` (the uncompressed baselines first), each at :func:`collection_levels`
+    unless ``ratios`` are given.
     """
     jobs = []
-    order = {"none": 0, "channel": 1}
-    for method in sorted(methods, key=lambda m: (order.get(get_method(m).kind, 2), m)):
-        method_ratios = get_method(method).levels if ratios is None else (
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for method in sorted(methods, key=lambda m: (rank.get(m, len(rank)), m)):
+        method_ratios = collection_levels(method) if ratios is None else (
             (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
         for ratio in method_ratios:
             for model in models:
@@ -175,15 +219,15 @@ def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_name
     out = []
     for job in jobs:
         settings = get_method(job.method).settings_hash()
-        keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune))
-                for p in job.precisions}
+        keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune),
+                 quant_settings(p)) for p in job.precisions}
         if not keys <= done_keys:
             out.append(job)
     return out
 
 
 def collect(*, out: Path, models, methods, ratios, precisions, finetune: FinetuneSpec, data_dir, image_size: int,
-            address: str | None, console) -> dict:
+            address: str | None, console, workers: int = 1) -> dict:
     import ray
     from rich.progress import (
         BarColumn,
@@ -199,8 +243,10 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
 
     if out.suffix != ".parquet":
         raise UsageError(f"--out {out}: the meta-dataset is written as parquet; name it *.parquet")
+    from edgecompress.data.datasets import DIGITS_NAME
+
     data = load_dataset(Path(data_dir) if data_dir else None, image_size)
-    model_names = {m: parse_model_spec(m).name for m in models}
+    model_names = {m: parse_model_spec(m, task=data.task or DIGITS_NAME).name for m in models}
     jobs = plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size)
     done = {row_key(r) for r in read_rows(out)}
     todo = pending(jobs, done, data.fingerprint(), model_names)
@@ -211,14 +257,17 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
     if address:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     else:
-        # One task at a time on a small machine: two torch processes on two cores slow each other several times over.
-        ray.init(num_cpus=1, log_to_driver=False, include_dashboard=False,
-                 runtime_env={"env_vars": {"EDGECOMPRESS_THREADS": str(os.cpu_count() or 1)}})
+        # ``workers`` tasks at a time, the cores shared out as torch threads: most of a job (NNCF's statistics
+        # collection on a batch-1 graph) runs on one core whatever the thread count.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ray.init(num_cpus=workers, log_to_driver=False, include_dashboard=False,
+                 runtime_env={"env_vars": {"EDGECOMPRESS_THREADS": str(threads)}})
     task = ray.remote(num_cpus=1, max_retries=1)(run_job)
     started = time.time()
     new_rows = 0
     try:
-        in_flight = {task.remote(job): job for job in todo}
+        data_ref = ray.put(data)  # once: every job reads its arrays from the object store instead of decoding the files
+        in_flight = {task.remote(job, data_ref): job for job in todo}
         with Progress(TextColumn("meta collect"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console) as progress:
             bar = progress.add_task("collect", total=len(todo))

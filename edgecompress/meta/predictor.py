@@ -20,6 +20,9 @@ from edgecompress.core.fsutil import atomic_path
 from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
+# The conformal margin is calibrated over this many folds of architectures (each predicted by a model fitted without
+# its fold): one fold per architecture costs a fit per architecture, and the meta-dataset has dozens.
+CONFORMAL_FOLDS = 5
 # Expected and upper-bound drop of an uncompressed model where no meta-dataset row says otherwise.
 DENSE_DROP_WITHOUT_ROWS = {"fp16": (0.0, 0.005), "int8": (0.01, 0.05)}
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
@@ -49,9 +52,10 @@ class Predictor:
 
         With ``conformal`` (and rows from three or more architectures), the upper bound is calibrated
         for models the predictor has not seen (conformalized quantile regression, Romano et al. 2019,
-        with architectures as the exchangeable units): the raw bound is predicted for each architecture
-        by models fitted without it, and shifted by the ``UPPER_QUANTILE`` quantile of how far the truth
-        exceeded it. Quantile models fitted on seven architectures otherwise cover far less than they claim.
+        with architectures as the exchangeable units): the raw bound is predicted for each of ``CONFORMAL_FOLDS``
+        folds of architectures by models fitted without that fold, and shifted by the ``UPPER_QUANTILE`` quantile
+        of how far the truth exceeded it. Quantile models fitted on a few architectures otherwise cover far less
+        than they claim.
         """
         if len(rows) < 10:
             raise UsageError(f"the meta-dataset has {len(rows)} rows; training needs at least 10")
@@ -80,9 +84,9 @@ class Predictor:
         archs = sorted({r["architecture"] for r in rows})
         if conformal and len(archs) >= 3:
             raw = np.zeros(len(rows))
-            for arch in archs:
-                held = [i for i, r in enumerate(rows) if r["architecture"] == arch]
-                inner = cls.fit([r for r in rows if r["architecture"] != arch], kind, conformal=False)
+            for fold in (set(archs[i::CONFORMAL_FOLDS]) for i in range(min(CONFORMAL_FOLDS, len(archs)))):
+                held = [i for i, r in enumerate(rows) if r["architecture"] in fold]
+                inner = cls.fit([r for r in rows if r["architecture"] not in fold], kind, conformal=False)
                 raw[held] = inner.predict([rows[i] for i in held])[1]
             margin = float(np.quantile(y - raw, UPPER_QUANTILE))
         return cls(features, mean, upper, kind, len(rows), margin)
@@ -160,7 +164,7 @@ class _Booster:
 def monotone_in_ratio(keys: list[tuple], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Predicted drops that never fall as the same method prunes more of the same model at the same precision.
 
-    ``keys`` are (model, method, ratio, precision); the dense model (method "none") is the floor of every
+    ``keys`` are (model, method, ratio, precision), the model any hashable naming one parent; the dense model (method "none") is the floor of every
     method's curve. Regressors fitted on a handful of architectures wobble along the ratio axis for an
     unseen one; the wobble is noise, and the planner would otherwise pick the noisier, more pruned variant.
     """
@@ -189,8 +193,16 @@ def accuracies_from_drops(candidates, mean: np.ndarray, upper: np.ndarray, paren
     return np.clip(parent - mean, 0.0, 1.0), np.clip(parent - upper, 0.0, 1.0)
 
 
+def row_task(row: dict) -> str:
+    """The task a meta-dataset row was measured on; rows of the first meta-dataset (the digits only) have no column."""
+    from edgecompress.data.datasets import DIGITS_NAME
+
+    return row.get("task") or DIGITS_NAME
+
+
 def row_keys(rows: list[dict]) -> list[tuple]:
-    return [(r["model"], r["method"], r["ratio"], r["precision"]) for r in rows]
+    """monotone_in_ratio's keys: a parent is a model on a task (the zoos share model names)."""
+    return [((row_task(r), r["model"]), r["method"], r["ratio"], r["precision"]) for r in rows]
 
 
 def loao_predictions(rows: list[dict], kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -207,26 +219,77 @@ def loao_predictions(rows: list[dict], kind: str) -> tuple[np.ndarray, np.ndarra
     return monotone_in_ratio(row_keys(rows), mean, upper)
 
 
-def leave_one_architecture_out(rows: list[dict], kind: str, predictions=None) -> dict:
-    """Train without one architecture, predict it: MAE (pp), within-architecture Spearman, bound coverage."""
+def error_metrics(rows: list[dict], mean: np.ndarray, upper: np.ndarray, prefix: str) -> dict:
+    """MAE and median absolute error (pp), Spearman within each parent (a model on a task), the bound's coverage."""
     from scipy.stats import spearmanr
 
-    mean, upper = predictions if predictions is not None else loao_predictions(rows, kind)
     truth = np.asarray([r["accuracy_drop"] for r in rows])
     errors = np.abs(mean - truth) * 100
     spearmans = []
-    for arch in sorted({r["architecture"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["architecture"] == arch]
+    for parent in sorted({(row_task(r), r["model"]) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if (row_task(r), r["model"]) == parent]
         if len(idx) > 2 and np.ptp(truth[idx]) > 0 and np.ptp(mean[idx]) > 0:
             spearmans.append(float(spearmanr(mean[idx], truth[idx]).statistic))
     return {
-        "loao_mae_pp": float(np.mean(errors)),
-        "loao_median_abs_error_pp": float(np.median(errors)),
-        "loao_spearman": float(np.mean(spearmans)) if spearmans else None,
+        f"{prefix}_mae_pp": float(np.mean(errors)),
+        f"{prefix}_median_abs_error_pp": float(np.median(errors)),
+        f"{prefix}_spearman": float(np.mean(spearmans)) if spearmans else None,
         "upper_bound_coverage": float(np.mean(truth <= upper + 1e-9)),
         "architectures": len({r["architecture"] for r in rows}),
         "rows": len(rows),
     }
+
+
+def leave_one_architecture_out(rows: list[dict], kind: str, predictions=None) -> dict:
+    """Train without one architecture (on every task), predict it: MAE (pp), within-model Spearman, bound coverage."""
+    mean, upper = predictions if predictions is not None else loao_predictions(rows, kind)
+    return error_metrics(rows, mean, upper, "loao")
+
+
+def leave_one_task_out(rows: list[dict], kind: str) -> dict:
+    """For each task: train on the other tasks' rows only, predict this one's (a task the predictor has not seen)."""
+    out = {}
+    for task in sorted({row_task(r) for r in rows}):
+        train = [r for r in rows if row_task(r) != task]
+        test = [r for r in rows if row_task(r) == task]
+        mean, upper = monotone_in_ratio(row_keys(test), *Predictor.fit(train, kind).predict(test))
+        out[task] = {**error_metrics(test, mean, upper, "loto"), "train_rows": len(train)}
+    return out
+
+
+# The model-level meta-features: what "nearest architecture" is measured on.
+ARCHITECTURE_FEATURES = ("f_params", "f_flops", "f_depth", "f_n_conv", "f_n_depthwise", "f_n_pointwise", "f_n_linear",
+                         "f_n_norm", "f_share_depthwise_macs", "f_share_pointwise_macs", "f_share_depthwise_params",
+                         "f_w_kurtosis_mean", "f_w_range_ratio_max")
+
+
+def nearest_architecture_predictions(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline a learned predictor must beat: each held-out architecture's drop is the one measured for the
+    nearest other architecture (standardised log model features) with the same compression on the same task, else
+    on any task, else the median of that compression. No bound: the upper bound is the prediction."""
+    archs = sorted({r["architecture"] for r in rows})
+    vectors = {}
+    for a in archs:
+        mine = [r for r in rows if r["architecture"] == a]
+        vectors[a] = np.mean([[np.log1p(abs(float(r[f]))) for f in ARCHITECTURE_FEATURES] for r in mine], axis=0)
+    stacked = np.asarray([vectors[a] for a in archs])
+    scale = stacked.std(0) + 1e-9
+    measured: dict[tuple, float] = {}
+    by_config: dict[tuple, list[float]] = {}
+    for r in rows:
+        config = (r["method"], r["ratio"], r["precision"])
+        measured.setdefault((r["architecture"], row_task(r)) + config, r["accuracy_drop"])
+        measured.setdefault((r["architecture"], None) + config, r["accuracy_drop"])
+        by_config.setdefault(config, []).append(r["accuracy_drop"])
+    out = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        arch, config = r["architecture"], (r["method"], r["ratio"], r["precision"])
+        order = sorted((a for a in archs if a != arch), key=lambda a: float(np.sum(((vectors[a] - vectors[arch]) / scale) ** 2)))
+        found = next((measured[k] for task in (row_task(r), None) for a in order
+                      if (k := (a, task) + config) in measured), None)
+        out[i] = found if found is not None else float(np.median(by_config[config]))
+    out = np.clip(out, 0.0, None)
+    return monotone_in_ratio(row_keys(rows), out, out.copy())
 
 
 LATENCY_QUANTILES = (0.05, 0.15, 0.3, 0.5, 0.75)
@@ -299,8 +362,10 @@ def scenario_eval(rows: list[dict], predictions, latencies: dict[str, np.ndarray
     }
 
 
-def recommend_ms(predictor: Predictor, rows: list[dict], repeats: int = 20) -> float:
-    """Median time to score every candidate in ``rows`` once (what one recommendation costs)."""
+def recommend_ms(predictor: Predictor, rows: list[dict], repeats: int = 20, candidates: int = 1000) -> float:
+    """Median time to score ``candidates`` candidates (``rows`` repeated up to that count) once and pick one: what one
+    recommendation costs."""
+    rows = [rows[i % len(rows)] for i in range(candidates)]
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -315,16 +380,22 @@ REGRESSORS = ("lightgbm", "ridge")
 
 
 def row_latencies(rows: list[dict], target_names=SCENARIO_TARGETS) -> dict[str, np.ndarray]:
-    """Predicted latency of every meta-dataset row on each target (zoo models' exported graphs)."""
+    """Predicted latency of every meta-dataset row on each target (zoo models' exported graphs).
+
+    A model's graph is its architecture's: the zoos of different tasks share names and graphs, so one per name."""
     from edgecompress.costmodel.kernels import model_graph
-    from edgecompress.data.datasets import load_digits
+    from edgecompress.data.datasets import load_dataset
     from edgecompress.models import get_model, load_model
     from edgecompress.plan.planner import estimate_cost
     from edgecompress.targets import get_target
 
-    data = load_digits(32)
-    graphs = {m: model_graph(load_model(get_model(m), data.num_classes), data.input_shape)
-                for m in sorted({r["model"] for r in rows})}
+    graphs = {}
+    for task in sorted({row_task(r) for r in rows}):
+        names = sorted({r["model"] for r in rows if row_task(r) == task} - set(graphs))
+        if names:
+            data = load_dataset(None if task == "digits" else task, 32)
+            graphs.update({m: model_graph(load_model(get_model(m, task=task), data.num_classes), data.input_shape)
+                           for m in names})
     out = {}
     for name in target_names:
         target, cache = get_target(name), {}
@@ -339,16 +410,40 @@ def best_regressor(result: dict) -> str:
                                           result[k]["loao_mae_pp"]))
 
 
+NEAREST = "nearest_architecture"  # the baseline of evaluate(), not a regressor one can train
+HEADLINE_TASKS = ("fashion-mnist", "digits")  # the task whose figures head the report, the first present
+
+
 def evaluate(rows: list[dict]) -> dict:
-    """``meta eval``: every regressor's held-out accuracy and recommendation quality; the best is reported on top."""
+    """``meta eval``: every regressor's held-out accuracy and recommendation quality; the best is reported on top.
+
+    Leave-one-architecture-out leaves an architecture out of every task; its errors and the scenarios (whose
+    candidates compete within one task) are reported per task under ``per_task``, and each regressor's top-level
+    figures are the headline task's (Fashion-MNIST where present: 5,000 test images, against the digits' 360).
+    With two tasks or more, ``leave_one_task_out`` trains on the other tasks only. The nearest-known-architecture
+    baseline is evaluated beside LightGBM and ridge.
+    """
     latencies = row_latencies(rows)
+    tasks = sorted({row_task(r) for r in rows})
+    headline = next((t for t in HEADLINE_TASKS if t in tasks), tasks[0])
+    predictions = {kind: loao_predictions(rows, kind) for kind in REGRESSORS}
+    predictions[NEAREST] = nearest_architecture_predictions(rows)
     result = {}
-    for kind in REGRESSORS:
-        preds = loao_predictions(rows, kind)
-        result[kind] = {**leave_one_architecture_out(rows, kind, preds), **scenario_eval(rows, preds, latencies)}
+    for kind, (mean, upper) in predictions.items():
+        per_task = {}
+        for task in tasks:
+            idx = np.asarray([i for i, r in enumerate(rows) if row_task(r) == task])
+            sub = [rows[i] for i in idx]
+            preds = (mean[idx], upper[idx])
+            per_task[task] = {**leave_one_architecture_out(sub, kind, preds),
+                              **scenario_eval(sub, preds, {t: lat[idx] for t, lat in latencies.items()})}
+        result[kind] = {**per_task[headline], "per_task": per_task}
     best = best_regressor(result)
     summary = {k: result[best][k] for k in ("loao_mae_pp", "loao_spearman", "regret_vs_oracle_pp", "win_rate_vs_static_erm")}
     summary["recommend_ms_median"] = recommend_ms(Predictor.fit(rows, best), rows)
+    summary["task"] = headline
+    if len(tasks) > 1:
+        summary["leave_one_task_out"] = {kind: leave_one_task_out(rows, kind) for kind in REGRESSORS}
     return {**summary, "regressor": best, **result}
 
 
