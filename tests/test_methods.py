@@ -244,12 +244,9 @@ def test_collect_keys_int8_rows_by_quantization_preset():
     assert row_key(row) != row_key({k: v for k, v in row.items() if k != "quant_settings"})
 
 
-def test_collection_levels_are_four_or_all():
-    from edgecompress.meta.collect import collection_levels, plan_jobs
+def test_collection_sweeps_each_method_at_its_levels():
+    from edgecompress.meta.collect import plan_jobs
 
-    assert collection_levels("nncf.magnitude_global") == (0.3, 0.5, 0.7, 0.9)
-    assert collection_levels("torch_pruning.l1") == (0.1, 0.3, 0.5, 0.7)
-    assert collection_levels("woodfisher") == get_method("woodfisher").levels  # five: all of them
     jobs = plan_jobs(["a", "b"], ["woodfisher", "torch_pruning.l1", "none"], None, ("fp32",), None, None, 32)
     # The baselines first, then the methods in METHOD_ORDER; models innermost.
     assert [(j.method, j.model_spec) for j in jobs[:4]] == [("none", "a"), ("none", "b"), ("torch_pruning.l1", "a"),

@@ -177,7 +177,10 @@ class PruneMethod:
     kind: str  # one of KINDS
     description: str
     settings: object  # a frozen settings dataclass: everything besides the ratio that changes the result
-    levels: tuple[float, ...]  # the ratio grid `meta collect` sweeps and `plan`/`build --method` offer
+    # The ratio grid `meta collect` sweeps and `plan`/`build --method` offer: one grid, so that every candidate of a
+    # zoo model is a measured row (its features read from the meta-dataset, its accuracy predicted from its
+    # neighbours at the same levels). Four levels or so: each one is a compression per model and task to collect.
+    levels: tuple[float, ...]
     impl_prepare: Callable
     impl_finalize: Callable
     impl_regularizer: Callable | None = None
@@ -412,19 +415,19 @@ register_method(PruneMethod(
 register_method(PruneMethod(
     name="nncf.magnitude_global", kind="unstructured",
     description="NNCF unstructured magnitude pruning, one threshold over all layers",
-    settings=MagnitudeSettings(scope="global"), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    settings=MagnitudeSettings(scope="global"), levels=(0.3, 0.5, 0.7, 0.9),
     impl_prepare=_nncf_magnitude, impl_finalize=_nncf_strip, default=True,
 ))
 register_method(PruneMethod(
     name="nncf.magnitude_local", kind="unstructured",
     description="NNCF unstructured magnitude pruning, the same ratio in every layer",
-    settings=MagnitudeSettings(scope="local"), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    settings=MagnitudeSettings(scope="local"), levels=(0.3, 0.5, 0.7, 0.9),
     impl_prepare=_nncf_magnitude, impl_finalize=_nncf_strip, local=True, default=True,
 ))
 register_method(PruneMethod(
     name="torch_pruning.l1", kind="channel",
     description="torch-pruning (DepGraph) L1-norm channel pruning; channels are removed",
-    settings=ChannelL1Settings(), levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    settings=ChannelL1Settings(), levels=(0.1, 0.3, 0.5, 0.7),
     impl_prepare=_torch_pruning_l1, impl_finalize=_identity, default=True,
 ))
 register_method(PruneMethod(

@@ -57,13 +57,6 @@ def quant_settings(precision: str) -> str:
     return get_target(EVAL_TARGET).runtime().quant_preset().key() if precision == "int8" else ""
 
 
-def collection_levels(method: str) -> tuple[float, ...]:
-    """The levels collected for a method: all of them up to five, else four, every other one from the highest
-    (magnitude 0.1..0.9 gives 0.3/0.5/0.7/0.9; channel 0.1..0.7 gives 0.1/0.3/0.5/0.7)."""
-    levels = tuple(sorted(get_method(method).levels))
-    return levels if len(levels) <= 5 else tuple(sorted(levels[::-2][:4]))
-
-
 def zoo_models_for(data_dir) -> list[str]:
     """The zoo trained on ``data_dir`` (None: the digits; a task's name: its zoo); a UsageError for a user's folder."""
     from edgecompress.data.datasets import DIGITS_NAME
@@ -200,13 +193,13 @@ def append_rows(path: Path, new_rows: list[dict]) -> int:
 def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size) -> list[CollectJob]:
     """Every (model, method, ratio), models innermost: a partial collection covers every architecture.
 
-    Methods go in :data:`METHOD_ORDER` (the uncompressed baselines first), each at :func:`collection_levels`
-    unless ``ratios`` are given.
+    Methods go in :data:`METHOD_ORDER` (the uncompressed baselines first), each at its levels unless ``ratios`` are
+    given.
     """
     jobs = []
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     for method in sorted(methods, key=lambda m: (rank.get(m, len(rank)), m)):
-        method_ratios = collection_levels(method) if ratios is None else (
+        method_ratios = get_method(method).levels if ratios is None else (
             (0.0,) if method == "none" else tuple(r for r in ratios if r > 0))
         for ratio in method_ratios:
             for model in models:
