@@ -10,7 +10,7 @@ from torch import nn
 from edgecompress.compress.finetune import finetune
 from edgecompress.compress.methods import METHODS, PruneData, PruneSpec, get_method
 from edgecompress.compress.woodfisher import inverse_fisher_blocks, prunable_layers, woodfisher_prune
-from edgecompress.models import get_model, load_model
+from edgecompress.models import get_model, list_models, load_model, zoo_tasks
 from edgecompress.runtimes.base import export_onnx
 
 
@@ -279,3 +279,18 @@ def test_2_4_masks_follow_tensorrt_rule(layer):
     assert float(mask.mean()) == 0.5
     kept = (layer.weight.abs() * mask).sum() / layer.weight.abs().sum()
     assert kept > 0.6  # the largest two of each group are the ones kept
+
+
+@pytest.mark.parametrize("name", list_models(task="fashion-mnist") if "fashion-mnist" in zoo_tasks() else [])
+def test_channel_pruning_handles_every_zoo_architecture(name, tmp_path):
+    """torch-pruning on each architecture of the Fashion-MNIST zoo (EdgeNeXt's channel-splitting blocks failed
+    the collection): fewer parameters, finite outputs, exportable."""
+    method = get_method("torch_pruning.l1")
+    model = load_model(get_model(name, task="fashion-mnist"), 10).eval()
+    before = sum(p.numel() for p in model.parameters())
+    example = torch.zeros(1, 3, 32, 32)
+    model = method.finalize(method.prepare(model, 0.5, example, None), example).eval()
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+    export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")

@@ -381,16 +381,25 @@ def _nncf_strip(model, example_input):
     return nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.IN_PLACE, example_input=example_input)
 
 
+# Blocks whose channel axis torch-pruning's dependency graph cannot follow, by timm class name: EdgeNeXt's
+# SplitTransposeBlock splits it into chunks of sizes fixed at construction (an IndexError in its group's importance);
+# timm's multi-head Attention reshapes qkv by a fixed head count (MobileViT: a shape error in the first forward).
+# Kept whole; the rest of the network is pruned.
+UNPRUNABLE_BLOCKS = ("SplitTransposeBlock", "Attention")
+
+
 def _torch_pruning_l1(model, ratio, example_input, data, settings: ChannelL1Settings):
     import torch_pruning as tp
 
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [classifier] if classifier is not None else []
+    ignored += [m for m in model.modules() if type(m).__name__ in UNPRUNABLE_BLOCKS]
     pruner = tp.pruner.MagnitudePruner(
         model,
         example_input,
         importance=tp.importance.MagnitudeImportance(p=settings.norm),
         pruning_ratio=ratio,
-        ignored_layers=[classifier] if classifier is not None else [],
+        ignored_layers=ignored,
         round_to=settings.round_to,
     )
     pruner.step()

@@ -13,6 +13,7 @@ already present.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.core.errors import UsageError
-from edgecompress.core.fsutil import atomic_path
+from edgecompress.core.fsutil import atomic_path, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
@@ -258,6 +259,10 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
     task = ray.remote(num_cpus=1, max_retries=1)(run_job)
     started = time.time()
     new_rows = 0
+    # Compressions that failed, by (model, method, ratio), over every run on this file; a success takes one off.
+    failures_path = out.with_suffix(".failures.json")
+    failures = {(f["model"], f["method"], f["ratio"]): f for f in
+                (json.loads(failures_path.read_text()) if failures_path.is_file() else [])}
     try:
         data_ref = ray.put(data)  # once: every job reads its arrays from the object store instead of decoding the files
         in_flight = {task.remote(job, data_ref): job for job in todo}
@@ -267,7 +272,21 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 job = in_flight.pop(ready[0])
-                rows = ray.get(ready[0])
+                try:
+                    rows = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as exc:
+                    # One compression that fails (a method that cannot handle an architecture) costs its rows, not
+                    # the collection: it is said and kept in the failures file, and tried again by the next run.
+                    cause = exc.as_instanceof_cause()
+                    error = ([line for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__])[-1][:300]
+                    failures[(job.model_spec, job.method, job.ratio)] = {
+                        "model": job.model_spec, "method": job.method, "ratio": job.ratio, "error": error}
+                    console.print(f"failed: {job.model_spec} {job.method} {job.ratio}: {error}")
+                    write_json(failures_path, list(failures.values()))
+                    progress.update(bar, advance=1)
+                    continue
+                if failures.pop((job.model_spec, job.method, job.ratio), None):
+                    write_json(failures_path, list(failures.values()))
                 fresh = [r for r in rows if row_key(r) not in done]
                 if fresh:
                     append_rows(out, fresh)
@@ -276,4 +295,6 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
                 progress.update(bar, advance=1, description=f"{job.model_spec} {job.method} {job.ratio:.1f}")
     finally:
         ray.shutdown()
-    return {"rows": len(done), "new_rows": new_rows, "seconds": round(time.time() - started, 1)}
+    if not failures and failures_path.exists():
+        failures_path.unlink()
+    return {"rows": len(done), "new_rows": new_rows, "failed": len(failures), "seconds": round(time.time() - started, 1)}
