@@ -488,10 +488,9 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
 def meta_train(data_path, out, regressor):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
     from edgecompress.meta.collect import read_rows
-    from edgecompress.meta.predictor import Predictor, best_regressor, evaluate
-    from edgecompress.models import ZOO_DIR
+    from edgecompress.meta.predictor import Predictor, best_regressor, evaluate, shipped_meta_dataset
 
-    path = data_path or ZOO_DIR / "meta.parquet"
+    path = data_path or shipped_meta_dataset()
     if not path.is_file():
         raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
     rows = read_rows(path)
@@ -508,12 +507,12 @@ def meta_train(data_path, out, regressor):
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--json", "as_json", is_flag=True)
 def meta_eval(data_path, as_json):
-    """Leave-one-architecture-out accuracy and recommendation quality, LightGBM against a ridge baseline."""
+    """Held-out accuracy and recommendation quality per task (leave one architecture out; leave one task out),
+    LightGBM against ridge and a nearest-known-architecture baseline."""
     from edgecompress.meta.collect import read_rows
-    from edgecompress.meta.predictor import evaluate
-    from edgecompress.models import ZOO_DIR
+    from edgecompress.meta.predictor import evaluate, shipped_meta_dataset
 
-    path = data_path or ZOO_DIR / "meta.parquet"
+    path = data_path or shipped_meta_dataset()
     if not path.is_file():
         raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
     rows = read_rows(path)

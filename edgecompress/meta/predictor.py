@@ -453,6 +453,13 @@ def shipped_predictor_dir() -> Path:
     return ZOO_DIR / "predictor"
 
 
+def shipped_meta_dataset() -> Path:
+    """The meta-dataset that ships with the zoos (both tasks' rows), which the shipped predictor was trained on."""
+    from edgecompress.models import ZOO_DIR
+
+    return ZOO_DIR / "meta.parquet"
+
+
 class AccuracyModel:
     """Expected accuracy and lower bound of plan candidates, for planner.plan.
 
@@ -478,13 +485,12 @@ class AccuracyModel:
     def shipped(cls, entries, data, accuracies, console=None) -> "AccuracyModel | None":
         """The predictor and meta-dataset that ship with the zoo; None where they are missing."""
         from edgecompress.meta.collect import read_rows
-        from edgecompress.models import ZOO_DIR
 
         directory = shipped_predictor_dir()
         if not (directory / "predictor.json").is_file():
             return None
         return cls(Predictor.load(directory), entries, data, accuracies,
-                   meta_rows=read_rows(ZOO_DIR / "meta.parquet"), console=console)
+                   meta_rows=read_rows(shipped_meta_dataset()), console=console)
 
     def _features(self, candidates) -> list[dict]:
         from edgecompress.meta.features import FEATURE_DOCS, Featurizer
@@ -563,9 +569,8 @@ class DropPrior:
     @classmethod
     def shipped(cls, parents: dict[str, float]) -> "DropPrior":
         from edgecompress.meta.collect import read_rows
-        from edgecompress.models import ZOO_DIR
 
-        path = ZOO_DIR / "meta.parquet"
+        path = shipped_meta_dataset()
         return cls(read_rows(path) if path.is_file() else [], parents)
 
     def _drops(self, method: str, ratio: float, precision: str) -> np.ndarray | None:
