@@ -190,6 +190,25 @@ def test_build_from_onnx_end_to_end(tmp_path, capsys, zoo_onnx, zoo_torch, digit
     assert accuracy == pytest.approx(report["measured"]["accuracy"], abs=1e-9)
     assert abs(accuracy - torch_accuracy) <= 0.02
 
+    # `predict` on the bundle of a graph fixed to batch 1 (one image a call): the scores the artifact gives, by the
+    # bundle's own preprocessing of PNG files written from the test images.
+    from PIL import Image
+
+    from edgecompress.deploy.bundle import predict, preprocess_image
+
+    paths = []
+    for i, image in enumerate(x[:3]):
+        pixels = np.clip(np.asarray(image).transpose(1, 2, 0) * 0.5 + 0.5, 0, 1)  # the digits' mean = std = 0.5
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(paths[-1])
+    code, out, err = run_cli(capsys, "predict", "run/bundle", *map(str, paths), "--top-k", "1")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 3
+    spec = json.loads((tmp_path / "run" / "bundle" / "preprocess.json").read_text())
+    for path, result in zip(paths, predict(tmp_path / "run" / "bundle", paths)):
+        logits = predict_onnx(artifact, preprocess_image(path, spec))
+        assert result["top"][0]["label"] == digits.class_names[int(logits.argmax())]
+
     # Resume: every stage is reused and the choice is the same.
     code, _, err = run_cli(capsys, *argv[:-2], "--resume", "run")
     assert code == 0, err
