@@ -485,7 +485,9 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained predictor.")
 @click.option("--regressor", type=click.Choice(["auto", "lightgbm", "ridge"]), default="auto", show_default=True,
               help="auto: the one `meta eval` finds recommending best for held-out architectures.")
-def meta_train(data_path, out, regressor):
+@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="headroom", show_default=True,
+              help="What the regressors learn: the accuracy drop, or the drop as a share of the parent's accuracy above chance.")
+def meta_train(data_path, out, regressor, target):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
     from edgecompress.meta.collect import read_rows
     from edgecompress.meta.predictor import Predictor, best_regressor, evaluate, shipped_meta_dataset
@@ -496,17 +498,19 @@ def meta_train(data_path, out, regressor):
     rows = read_rows(path)
     why = ""
     if regressor == "auto":
-        result = evaluate(rows)
+        result = evaluate(rows, target)
         regressor = best_regressor(result)
         why = f" (held-out regret {result[regressor]['regret_vs_oracle_pp']:.2f} pp)"
-    Predictor.fit(rows, regressor).save(out)
+    Predictor.fit(rows, regressor, target=target).save(out)
     click.echo(f"trained {regressor}{why} on {len(rows)} rows from {path}; saved to {out}")
 
 
 @meta.command("eval")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--json", "as_json", is_flag=True)
-def meta_eval(data_path, as_json):
+@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="headroom", show_default=True,
+              help="What the regressors learn (see meta train).")
+def meta_eval(data_path, as_json, target):
     """Held-out accuracy and recommendation quality per task (leave one architecture out; leave one task out),
     LightGBM against ridge and a nearest-known-architecture baseline."""
     from edgecompress.meta.collect import read_rows
@@ -516,7 +520,7 @@ def meta_eval(data_path, as_json):
     if not path.is_file():
         raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
     rows = read_rows(path)
-    result = evaluate(rows)
+    result = evaluate(rows, target)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 

@@ -140,3 +140,18 @@ def test_leave_one_task_out_trains_on_the_other_task_only(rows):
     assert set(result) == {"digits", "fashion-mnist"}
     assert result["fashion-mnist"]["train_rows"] == len(digits) and result["fashion-mnist"]["rows"] == len(other)
     assert result["digits"]["loto_mae_pp"] >= 0 and 0 <= result["digits"]["upper_bound_coverage"] <= 1
+
+
+def test_headroom_target_is_the_share_of_accuracy_above_chance(rows):
+    from edgecompress.meta.predictor import target_scale
+
+    row = {"f_parent_accuracy": 0.85, "f_num_classes": 10}
+    assert target_scale([row], "headroom")[0] == pytest.approx(0.75)  # a collapse to chance (10%) is 1
+    assert target_scale([row], "absolute")[0] == 1.0
+    with pytest.raises(Exception, match="unknown target"):
+        target_scale([row], "relative")
+    absolute, headroom = Predictor.fit(rows, "ridge", target="absolute"), Predictor.fit(rows, "ridge", target="headroom")
+    assert (absolute.target, headroom.target) == ("absolute", "headroom")
+    truth = np.asarray([r["accuracy_drop"] for r in rows])
+    for predictor in (absolute, headroom):  # either way, drops in accuracy come out
+        assert np.mean(np.abs(predictor.predict(rows)[0] - truth)) < np.mean(np.abs(truth - truth.mean()))

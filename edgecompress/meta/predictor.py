@@ -26,8 +26,11 @@ CONFORMAL_FOLDS = 5
 # Expected and upper-bound drop of an uncompressed model where no meta-dataset row says otherwise.
 DENSE_DROP_WITHOUT_ROWS = {"fp16": (0.0, 0.005), "int8": (0.01, 0.05)}
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
+# One thread: a meta-dataset of hundreds of rows fits in a tenth of a second on one; with two OpenMP threads and the
+# other core busy (a collection beside it) the same fit took 60-80 times longer (7.5 s against 0.11 s).
 LGBM_PARAMS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15, "min_child_samples": 5,
-               "subsample": 0.9, "subsample_freq": 1, "colsample_bytree": 0.9, "random_state": 0, "verbose": -1}
+               "subsample": 0.9, "subsample_freq": 1, "colsample_bytree": 0.9, "random_state": 0, "verbose": -1,
+               "n_jobs": 1}
 
 
 def feature_names(rows: list[dict]) -> list[str]:
@@ -38,17 +41,37 @@ def matrix(rows: list[dict], features: list[str]) -> np.ndarray:
     return np.asarray([[float(r[f]) for f in features] for r in rows], dtype=np.float64)
 
 
+# What the regressors learn: "absolute", the drop in accuracy; "headroom", the drop as a share of the parent's
+# accuracy above chance (a collapse to chance is 1 on every task, whatever the parent and the class count).
+TARGETS = ("absolute", "headroom")
+DEFAULT_TARGET = "headroom"
+
+
+def target_scale(rows: list[dict], target: str) -> np.ndarray:
+    """What a row's drop is divided by before fitting (and predictions multiplied by)."""
+    if target == "absolute":
+        return np.ones(len(rows))
+    if target != "headroom":
+        raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    parent = np.asarray([float(r["f_parent_accuracy"]) for r in rows])
+    chance = 1.0 / np.maximum(np.asarray([float(r["f_num_classes"]) for r in rows]), 1.0)
+    return np.maximum(parent - chance, 0.05)
+
+
 class Predictor:
-    def __init__(self, features: list[str], mean, upper, kind: str = "lightgbm", rows: int | None = None, margin: float = 0.0):
+    def __init__(self, features: list[str], mean, upper, kind: str = "lightgbm", rows: int | None = None,
+                 margin: float = 0.0, target: str = "absolute"):
         self.features, self.mean, self.upper, self.kind, self.rows = features, mean, upper, kind, rows
-        self.margin = margin  # conformal shift of the upper bound
+        self.margin = margin  # conformal shift of the upper bound, in target units
+        self.target = target
 
     def describe(self) -> str:
         return f"{self.kind}, {self.rows} rows" if self.rows else self.kind
 
     @classmethod
-    def fit(cls, rows: list[dict], kind: str = "lightgbm", *, conformal: bool = True) -> "Predictor":
-        """Fit the expected-drop and upper-bound models.
+    def fit(cls, rows: list[dict], kind: str = "lightgbm", *, conformal: bool = True,
+            target: str = DEFAULT_TARGET) -> "Predictor":
+        """Fit the expected-drop and upper-bound models (on the drop scaled as ``target`` says: target_scale).
 
         With ``conformal`` (and rows from three or more architectures), the upper bound is calibrated
         for models the predictor has not seen (conformalized quantile regression, Romano et al. 2019,
@@ -60,7 +83,8 @@ class Predictor:
         if len(rows) < 10:
             raise UsageError(f"the meta-dataset has {len(rows)} rows; training needs at least 10")
         features = feature_names(rows)
-        x, y = matrix(rows, features), np.asarray([r["accuracy_drop"] for r in rows])
+        scale = target_scale(rows, target)
+        x, y = matrix(rows, features), np.asarray([r["accuracy_drop"] for r in rows]) / scale
         if kind == "lightgbm":
             import lightgbm as lgb
 
@@ -86,10 +110,10 @@ class Predictor:
             raw = np.zeros(len(rows))
             for fold in (set(archs[i::CONFORMAL_FOLDS]) for i in range(min(CONFORMAL_FOLDS, len(archs)))):
                 held = [i for i, r in enumerate(rows) if r["architecture"] in fold]
-                inner = cls.fit([r for r in rows if r["architecture"] not in fold], kind, conformal=False)
-                raw[held] = inner.predict([rows[i] for i in held])[1]
+                inner = cls.fit([r for r in rows if r["architecture"] not in fold], kind, conformal=False, target=target)
+                raw[held] = inner.predict([rows[i] for i in held])[1] / scale[held]
             margin = float(np.quantile(y - raw, UPPER_QUANTILE))
-        return cls(features, mean, upper, kind, len(rows), margin)
+        return cls(features, mean, upper, kind, len(rows), margin, target)
 
     def predict(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """(expected drop, upper bound of the drop), as shares of accuracy.
@@ -97,16 +121,16 @@ class Predictor:
         Neither is below zero: fine-tuning sometimes gains a little over the parent, but a planner that
         promised gains would rank an unseen model by noise; at equal predicted drop the better parent wins.
         """
-        x = matrix(rows, self.features)
-        mean = np.clip(self.mean.predict(x), 0.0, None)
-        return mean, np.maximum(self.upper.predict(x) + self.margin, mean)
+        x, scale = matrix(rows, self.features), target_scale(rows, self.target)
+        mean = np.clip(self.mean.predict(x), 0.0, None) * scale
+        return mean, np.maximum((self.upper.predict(x) + self.margin) * scale, mean)
 
     def save(self, directory: Path) -> None:
         """LightGBM boosters as their text files, ridge as its coefficients in JSON: no pickles to load."""
         with atomic_path(directory) as tmp:
             tmp.mkdir()
             meta = {"kind": self.kind, "features": self.features, "upper_quantile": UPPER_QUANTILE, "rows": self.rows,
-                    "conformal_margin": self.margin}
+                    "conformal_margin": self.margin, "target": self.target}
             if self.kind == "lightgbm":
                 self.mean.booster_.save_model(str(tmp / "drop_mean.txt"))
                 self.upper.booster_.save_model(str(tmp / "drop_upper.txt"))
@@ -131,7 +155,8 @@ class Predictor:
         else:
             mean = _Linear(**{k: v for k, v in meta["linear"].items() if k != "upper_shift"})
             upper = _Shifted(mean, meta["linear"]["upper_shift"])
-        return cls(meta["features"], mean, upper, meta["kind"], meta.get("rows"), meta.get("conformal_margin", 0.0))
+        return cls(meta["features"], mean, upper, meta["kind"], meta.get("rows"), meta.get("conformal_margin", 0.0),
+                   meta.get("target", "absolute"))
 
 
 class _Shifted:
@@ -205,7 +230,7 @@ def row_keys(rows: list[dict]) -> list[tuple]:
     return [((row_task(r), r["model"]), r["method"], r["ratio"], r["precision"]) for r in rows]
 
 
-def loao_predictions(rows: list[dict], kind: str) -> tuple[np.ndarray, np.ndarray]:
+def loao_predictions(rows: list[dict], kind: str, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.ndarray]:
     """Each row's (expected, upper-bound) drop from a predictor trained without its architecture."""
     archs = sorted({r["architecture"] for r in rows})
     if len(archs) < 2:
@@ -213,7 +238,7 @@ def loao_predictions(rows: list[dict], kind: str) -> tuple[np.ndarray, np.ndarra
     mean, upper = np.zeros(len(rows)), np.zeros(len(rows))
     for arch in archs:
         held = [i for i, r in enumerate(rows) if r["architecture"] == arch]
-        predictor = Predictor.fit([r for r in rows if r["architecture"] != arch], kind)
+        predictor = Predictor.fit([r for r in rows if r["architecture"] != arch], kind, target=target)
         m, u = predictor.predict([rows[i] for i in held])
         mean[held], upper[held] = m, u
     return monotone_in_ratio(row_keys(rows), mean, upper)
@@ -246,13 +271,13 @@ def leave_one_architecture_out(rows: list[dict], kind: str, predictions=None) ->
     return error_metrics(rows, mean, upper, "loao")
 
 
-def leave_one_task_out(rows: list[dict], kind: str) -> dict:
+def leave_one_task_out(rows: list[dict], kind: str, target: str = DEFAULT_TARGET) -> dict:
     """For each task: train on the other tasks' rows only, predict this one's (a task the predictor has not seen)."""
     out = {}
     for task in sorted({row_task(r) for r in rows}):
         train = [r for r in rows if row_task(r) != task]
         test = [r for r in rows if row_task(r) == task]
-        mean, upper = monotone_in_ratio(row_keys(test), *Predictor.fit(train, kind).predict(test))
+        mean, upper = monotone_in_ratio(row_keys(test), *Predictor.fit(train, kind, target=target).predict(test))
         out[task] = {**error_metrics(test, mean, upper, "loto"), "train_rows": len(train)}
     return out
 
@@ -414,19 +439,20 @@ NEAREST = "nearest_architecture"  # the baseline of evaluate(), not a regressor 
 HEADLINE_TASKS = ("fashion-mnist", "digits")  # the task whose figures head the report, the first present
 
 
-def evaluate(rows: list[dict]) -> dict:
+def evaluate(rows: list[dict], target: str = DEFAULT_TARGET) -> dict:
     """``meta eval``: every regressor's held-out accuracy and recommendation quality; the best is reported on top.
 
     Leave-one-architecture-out leaves an architecture out of every task; its errors and the scenarios (whose
     candidates compete within one task) are reported per task under ``per_task``, and each regressor's top-level
     figures are the headline task's (Fashion-MNIST where present: 5,000 test images, against the digits' 360).
+    The regressors learn ``target`` (target_scale).
     With two tasks or more, ``leave_one_task_out`` trains on the other tasks only. The nearest-known-architecture
     baseline is evaluated beside LightGBM and ridge.
     """
     latencies = row_latencies(rows)
     tasks = sorted({row_task(r) for r in rows})
     headline = next((t for t in HEADLINE_TASKS if t in tasks), tasks[0])
-    predictions = {kind: loao_predictions(rows, kind) for kind in REGRESSORS}
+    predictions = {kind: loao_predictions(rows, kind, target) for kind in REGRESSORS}
     predictions[NEAREST] = nearest_architecture_predictions(rows)
     result = {}
     for kind, (mean, upper) in predictions.items():
@@ -440,10 +466,11 @@ def evaluate(rows: list[dict]) -> dict:
         result[kind] = {**per_task[headline], "per_task": per_task}
     best = best_regressor(result)
     summary = {k: result[best][k] for k in ("loao_mae_pp", "loao_spearman", "regret_vs_oracle_pp", "win_rate_vs_static_erm")}
-    summary["recommend_ms_median"] = recommend_ms(Predictor.fit(rows, best), rows)
+    summary["recommend_ms_median"] = recommend_ms(Predictor.fit(rows, best, target=target), rows)
     summary["task"] = headline
+    summary["target"] = target
     if len(tasks) > 1:
-        summary["leave_one_task_out"] = {kind: leave_one_task_out(rows, kind) for kind in REGRESSORS}
+        summary["leave_one_task_out"] = {kind: leave_one_task_out(rows, kind, target) for kind in REGRESSORS}
     return {**summary, "regressor": best, **result}
 
 
