@@ -283,14 +283,15 @@ def test_2_4_masks_follow_tensorrt_rule(layer):
 
 @pytest.mark.parametrize("name", list_models(task="fashion-mnist") if "fashion-mnist" in zoo_tasks() else [])
 def test_channel_pruning_handles_every_zoo_architecture(name, tmp_path):
-    """torch-pruning on each architecture of the Fashion-MNIST zoo (EdgeNeXt's channel-splitting blocks failed
-    the collection): fewer parameters, finite outputs, exportable."""
+    """torch-pruning on each architecture of the Fashion-MNIST zoo at its lowest and highest level (EdgeNeXt's and
+    MobileViT's channel-splitting blocks failed the collection): fewer parameters, finite outputs, exportable."""
     method = get_method("torch_pruning.l1")
-    model = load_model(get_model(name, task="fashion-mnist"), 10).eval()
-    before = sum(p.numel() for p in model.parameters())
     example = torch.zeros(1, 3, 32, 32)
-    model = method.finalize(method.prepare(model, 0.5, example, None), example).eval()
-    assert sum(p.numel() for p in model.parameters()) < before
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+    for ratio in (min(method.levels), max(method.levels)):
+        model = load_model(get_model(name, task="fashion-mnist"), 10).eval()
+        before = sum(p.numel() for p in model.parameters())
+        model = method.finalize(method.prepare(model, ratio, example, None), example).eval()
+        assert sum(p.numel() for p in model.parameters()) < before, ratio
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all(), ratio
     export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")

@@ -383,9 +383,10 @@ def _nncf_strip(model, example_input):
 
 # Blocks whose channel axis torch-pruning's dependency graph cannot follow, by timm class name: EdgeNeXt's
 # SplitTransposeBlock splits it into chunks of sizes fixed at construction (an IndexError in its group's importance);
-# timm's multi-head Attention reshapes qkv by a fixed head count (MobileViT: a shape error in the first forward).
+# timm's multi-head Attention reshapes qkv by a fixed head count (MobileViT: a shape error in the first forward);
+# MobileViT v2's LinearSelfAttention splits its qkv projection into sizes fixed at construction (at ratios 0.1-0.3).
 # Kept whole; the rest of the network is pruned.
-UNPRUNABLE_BLOCKS = ("SplitTransposeBlock", "Attention")
+UNPRUNABLE_BLOCKS = ("SplitTransposeBlock", "Attention", "LinearSelfAttention")
 
 
 def _torch_pruning_l1(model, ratio, example_input, data, settings: ChannelL1Settings):

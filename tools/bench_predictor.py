@@ -1,0 +1,70 @@
+"""The meta-predictor's settings against each other on the same meta-dataset (issue 16).
+
+    python tools/bench_predictor.py [--data edgecompress/zoo/meta.parquet] [--json]
+
+For each variant (what the regressors learn: the drop or the drop as a share of the parent's headroom above
+chance; LightGBM's number of trees), `edgecompress.meta.predictor.evaluate`: leave-one-architecture-out error and
+Spearman per task, regret against the exhaustive oracle and win rate against static ERM on openvino-cpu and a
+Jetson target, leave-one-task-out error, and the time to score 1,000 candidates. The shipped settings are the
+ones `meta train` uses (predictor.DEFAULT_TARGET, predictor.LGBM_PARAMS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "absolute, 300 trees": {"target": "absolute", "n_estimators": 300, "learning_rate": 0.05},
+    "headroom, 300 trees": {"target": "headroom", "n_estimators": 300, "learning_rate": 0.05},
+    "absolute, 100 trees": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15},
+    "headroom, 100 trees": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15},
+}
+KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
+        "win_rate_vs_static_erm", "recommendation_feasible_share")
+
+
+def main() -> None:
+    from edgecompress.meta import predictor
+    from edgecompress.meta.collect import read_rows
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=predictor.shipped_meta_dataset())
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = read_rows(args.data)
+    shipped = dict(predictor.LGBM_PARAMS)
+    out = []
+    for name in args.variants:
+        variant = VARIANTS[name]
+        predictor.LGBM_PARAMS.update({k: v for k, v in variant.items() if k != "target"})
+        started = time.time()
+        result = predictor.evaluate(rows, variant["target"])
+        predictor.LGBM_PARAMS.clear()
+        predictor.LGBM_PARAMS.update(shipped)
+        entry = {"variant": name, "seconds": round(time.time() - started, 1),
+                 "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
+        for kind in (*predictor.REGRESSORS, predictor.NEAREST):
+            for task, figures in result[kind]["per_task"].items():
+                entry["per_task"].setdefault(task, {})[kind] = {k: figures[k] for k in KEYS}
+        for kind, tasks in result.get("leave_one_task_out", {}).items():
+            for task, figures in tasks.items():
+                entry["leave_one_task_out"].setdefault(task, {})[kind] = {
+                    k: figures[k] for k in ("loto_mae_pp", "loto_median_abs_error_pp", "loto_spearman", "upper_bound_coverage")}
+        out.append(entry)
+        if not args.json:
+            print(json.dumps(entry), flush=True)
+    if args.json:
+        print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                          "data": str(args.data), "rows": len(rows), "variants": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
