@@ -242,6 +242,11 @@ def test_collect_keys_int8_rows_by_quantization_preset():
     row = {"dataset": "d", "model": "m", "method": "none", "method_settings": "s", "ratio": 0.0, "precision": "int8",
            "recipe": "r", "quant_settings": quant_settings("int8")}
     assert row_key(row) != row_key({k: v for k, v in row.items() if k != "quant_settings"})
+    # The CPU's float arithmetic in OpenVINO (bf16 where the CPU has it) is part of the key too.
+    from edgecompress.meta.collect import eval_inference_precision
+
+    assert eval_inference_precision() in ("f32", "bf16", "f16")
+    assert row_key({**row, "eval_inference_precision": "bf16"}) != row_key({**row, "eval_inference_precision": "f32"})
 
 
 def test_collection_sweeps_each_method_at_its_levels():

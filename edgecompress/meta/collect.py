@@ -29,7 +29,10 @@ EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accur
 # setting makes new rows instead of mixing with the old (rows from before settings were recorded have none).
 # int8 rows also carry the runtime's quantization preset (quant_settings): the int8 fixes of session 6 changed what
 # an int8 row measures without changing the method or the recipe.
-KEY_COLUMNS = ("dataset", "model", "method", "method_settings", "ratio", "precision", "recipe", "quant_settings")
+# And every row, the precision OpenVINO's CPU plugin computed float layers in (eval_inference_precision): "bf16" on
+# CPUs with bfloat16 instructions, where an fp32 IR runs in bfloat16 unless told otherwise; "f32" elsewhere.
+KEY_COLUMNS = ("dataset", "model", "method", "method_settings", "ratio", "precision", "recipe", "quant_settings",
+               "eval_inference_precision")
 # Collection order: the methods of the first meta-dataset first (leave-one-task-out needs them on both tasks), then
 # the newer ones; a method not named here comes last.
 METHOD_ORDER = ("none", "torch_pruning.l1", "nncf.magnitude_global", "nncf.magnitude_local", "woodfisher", "nncf.rb",
@@ -49,6 +52,13 @@ class CollectJob:
 
 def row_key(row: dict) -> tuple:
     return tuple(row.get(c) for c in KEY_COLUMNS)
+
+
+def eval_inference_precision() -> str:
+    from edgecompress.runtimes.openvino import cpu_inference_precision
+
+    assert EVAL_TARGET == "openvino-cpu", "eval_inference_precision reads OpenVINO's CPU plugin"
+    return cpu_inference_precision()
 
 
 def quant_settings(precision: str) -> str:
@@ -110,6 +120,7 @@ def run_job(job: CollectJob, data=None) -> list[dict]:
                 "architecture": entry.architecture,
                 "method": job.method, "method_settings": get_method(job.method).settings_hash(),
                 "ratio": float(job.ratio), "precision": precision, "quant_settings": quant_settings(precision),
+                "eval_inference_precision": eval_inference_precision(),
                 "recipe": spec_hash(job.finetune), "finetune_steps": compressed.finetune_steps,
                 "accuracy": accuracy, "parent_accuracy": compressed.baseline_accuracy,
                 "accuracy_drop": compressed.baseline_accuracy - accuracy,
@@ -214,7 +225,7 @@ def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_name
     for job in jobs:
         settings = get_method(job.method).settings_hash()
         keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune),
-                 quant_settings(p)) for p in job.precisions}
+                 quant_settings(p), eval_inference_precision()) for p in job.precisions}
         if not keys <= done_keys:
             out.append(job)
     return out

@@ -31,6 +31,13 @@ def openvino_core():
     return ov.Core()
 
 
+def cpu_inference_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes float layers in on this machine, as it compiles our artifacts
+    (no hint is set): "f32", or "bf16" on CPUs with bfloat16 instructions (AVX512_BF16, AMX), where an fp32 IR
+    runs in bfloat16 and top-1 differs from torch's by up to a few tenths of a point."""
+    return openvino_core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
 class OpenVinoRuntime(RunnerRuntime):
     name = "openvino"
     artifact_name = "model.xml"
