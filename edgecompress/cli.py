@@ -485,7 +485,7 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained predictor.")
 @click.option("--regressor", type=click.Choice(["auto", "lightgbm", "ridge"]), default="auto", show_default=True,
               help="auto: the one `meta eval` finds recommending best for held-out architectures.")
-@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="headroom", show_default=True,
+@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="absolute", show_default=True,
               help="What the regressors learn: the accuracy drop, or the drop as a share of the parent's accuracy above chance.")
 def meta_train(data_path, out, regressor, target):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
@@ -508,7 +508,7 @@ def meta_train(data_path, out, regressor, target):
 @meta.command("eval")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="headroom", show_default=True,
+@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="absolute", show_default=True,
               help="What the regressors learn (see meta train).")
 def meta_eval(data_path, as_json, target):
     """Held-out accuracy and recommendation quality per task (leave one architecture out; leave one task out),

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "edgecompress" / "zoo" / "meta_v2.parquet"
+OUT = ROOT / "edgecompress" / "zoo" / "meta.parquet"  # the shipped meta-dataset (predictor.shipped_meta_dataset)
 PHASES = (
     # The digits are quick (a small calibration and test split): their default methods first, so that a build on
     # the digits finds every zoo candidate's features in the meta-dataset.
