@@ -222,10 +222,13 @@ def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_siz
 
 def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_names: dict) -> list[CollectJob]:
     out = []
+    # The runtime's parts of the key are the same for every job: read once, not per job and precision.
+    quant = {p: quant_settings(p) for p in PRECISIONS}
+    inference = eval_inference_precision()
     for job in jobs:
         settings = get_method(job.method).settings_hash()
         keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune),
-                 quant_settings(p), eval_inference_precision()) for p in job.precisions}
+                 quant[p], inference) for p in job.precisions}
         if not keys <= done_keys:
             out.append(job)
     return out
