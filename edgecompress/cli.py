@@ -489,20 +489,32 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
               help="What the regressors learn: the accuracy drop, or the drop as a share of the parent's accuracy above chance.")
 def meta_train(data_path, out, regressor, target):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
-    from edgecompress.meta.collect import read_rows
     from edgecompress.meta.predictor import Predictor, best_regressor, evaluate, shipped_meta_dataset
 
     path = data_path or shipped_meta_dataset()
-    if not path.is_file():
-        raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
-    rows = read_rows(path)
+    rows, stale = _current_meta_rows(path)
     why = ""
     if regressor == "auto":
         result = evaluate(rows, target)
         regressor = best_regressor(result)
         why = f" (held-out regret {result[regressor]['regret_vs_oracle_pp']:.2f} pp)"
     Predictor.fit(rows, regressor, target=target).save(out)
-    click.echo(f"trained {regressor}{why} on {len(rows)} rows from {path}; saved to {out}")
+    older = f" ({stale} older rows left out: other method settings, recipe or int8 preset)" if stale else ""
+    click.echo(f"trained {regressor}{why} on {len(rows)} rows from {path}{older}; saved to {out}")
+
+
+def _current_meta_rows(path: Path) -> tuple[list[dict], int]:
+    """The rows of ``path`` that measure today's compression (meta.collect.current_rows), and how many do not."""
+    from edgecompress.meta.collect import current_rows, read_rows
+
+    if not path.is_file():
+        raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
+    rows = read_rows(path)
+    current = current_rows(rows)
+    if not current:
+        raise UsageError(f"{path}: none of its {len(rows)} rows measures today's methods, recipe and int8 preset; "
+                         "collect again (`edgecompress meta collect`)")
+    return current, len(rows) - len(current)
 
 
 @meta.command("eval")
@@ -513,13 +525,10 @@ def meta_train(data_path, out, regressor, target):
 def meta_eval(data_path, as_json, target):
     """Held-out accuracy and recommendation quality per task (leave one architecture out; leave one task out),
     LightGBM against ridge and a nearest-known-architecture baseline."""
-    from edgecompress.meta.collect import read_rows
     from edgecompress.meta.predictor import evaluate, shipped_meta_dataset
 
     path = data_path or shipped_meta_dataset()
-    if not path.is_file():
-        raise UsageError(f"meta-dataset {path} does not exist; run `edgecompress meta collect` first")
-    rows = read_rows(path)
+    rows, _ = _current_meta_rows(path)
     result = evaluate(rows, target)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 

@@ -300,3 +300,27 @@ def test_channel_pruning_handles_every_zoo_architecture(name, tmp_path):
         with torch.no_grad():
             assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all(), ratio
     export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")
+
+
+def test_collect_pending_reruns_only_the_missing_precisions():
+    """A job whose float rows are measured and whose int8 row is not (a new int8 preset) is rerun for int8 alone; a
+    job with every row is not rerun."""
+    from edgecompress.compress.methods import FinetuneSpec, get_method, spec_hash
+    from edgecompress.meta.collect import (
+        PRECISIONS,
+        eval_inference_precision,
+        pending,
+        plan_jobs,
+        quant_settings,
+    )
+
+    finetune = FinetuneSpec()
+    jobs = plan_jobs(["a", "b"], ["none"], None, PRECISIONS, finetune, None, 32)
+
+    def key(model, precision, quant=None):
+        return ("d", model, "none", get_method("none").settings_hash(), 0.0, precision, spec_hash(finetune),
+                quant_settings(precision) if quant is None else quant, eval_inference_precision())
+
+    done = {key("a", p) for p in PRECISIONS} | {key("b", "fp32"), key("b", "fp16"), key("b", "int8", quant="old")}
+    todo = pending(jobs, done, "d", {"a": "a", "b": "b"})
+    assert [(j.model_spec, j.precisions) for j in todo] == [("b", ("int8",))]

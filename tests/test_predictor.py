@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgecompress.cli import main
-from edgecompress.meta.collect import read_rows
+from edgecompress.meta.collect import current_rows, read_rows
 from edgecompress.meta.predictor import Predictor, leave_one_architecture_out
 from edgecompress.models import ZOO_DIR
 
@@ -24,7 +24,7 @@ def every_row():
 @pytest.fixture(scope="module")
 def rows(every_row):
     keep = sorted({r["architecture"] for r in every_row})[:ARCHITECTURES]
-    return [r for r in every_row if r["architecture"] in keep]
+    return [r for r in current_rows(every_row) if r["architecture"] in keep]
 
 
 def test_shipped_meta_dataset_is_real_and_consistent(every_row):
@@ -56,7 +56,7 @@ def test_save_load_round_trip(rows, tmp_path, kind):
     predictor = Predictor.fit(rows, kind)
     predictor.save(tmp_path / "p")
     loaded = Predictor.load(tmp_path / "p")
-    assert loaded.kind == kind and loaded.margin == predictor.margin
+    assert loaded.kind == kind and loaded.margin == predictor.margin and loaded.group_margins == predictor.group_margins
     for a, b in zip(predictor.predict(rows), loaded.predict(rows)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
@@ -67,6 +67,23 @@ def test_upper_bound_is_calibrated_for_unseen_architectures(rows):
 
     result = leave_one_architecture_out(rows, "lightgbm")
     assert result["upper_bound_coverage"] >= UPPER_QUANTILE - 0.1
+
+
+def test_bound_is_calibrated_per_group(every_row):
+    """Mondrian conformal margins: an uncompressed fp32 model's bound is the runtime's arithmetic, not a pruned int8
+    model's spread, so the parent itself fits a 2% allowed drop (on every architecture: a group needs
+    MIN_GROUP_ROWS rows for a margin of its own)."""
+    from edgecompress.meta.predictor import margin_group
+
+    rows = current_rows(every_row)
+    predictor = Predictor.fit(rows, "lightgbm")
+    groups = {margin_group(r) for r in rows}
+    assert "dense/32" in groups and set(predictor.group_margins) <= groups
+    dense = [r for r in rows if margin_group(r) == "dense/32"]
+    _, upper = predictor.predict(dense)
+    assert np.median(upper) <= 0.02, upper
+    compressed = [g for g in predictor.group_margins if g.startswith("compressed/")]
+    assert compressed and all(predictor.group_margins["dense/32"] < predictor.group_margins[g] for g in compressed)
 
 
 def test_scenario_evaluation_against_oracle_and_static_erm(rows):

@@ -154,6 +154,9 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     assert [c[0] for c in calls] == [preset.quantizer]
     kwargs = calls[0][1]
     if preset.quantizer == "nncf":
+        ranges = kwargs["advanced_parameters"].activations_range_estimator_params
+        assert (ranges.max.aggregator_type is None) == (preset.activation_ranges == "nncf")  # None: NNCF's own ranges
+        assert kwargs["advanced_parameters"].batchwise_statistics == (preset.calibration_batch > 1)
         assert kwargs["target_device"] == nncf.TargetDevice[preset.target_device]
         assert kwargs["preset"] == nncf.QuantizationPreset(preset.preset)
         assert kwargs["fast_bias_correction"] == preset.fast_bias_correction
@@ -164,6 +167,18 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     record = read_quant_record(artifact)
     assert record["key"] == preset.key() and record["quantizer"] == preset.quantizer
     assert {k: record[k] for k in preset.record()} == preset.record()
+
+
+def test_calibration_batches_are_full_and_hold_every_image():
+    """The last batch is filled up with the first images (a static batch axis), and every image is in a batch."""
+    from edgecompress.runtimes.base import calibration_dataset
+
+    images = np.arange(70, dtype=np.float32).reshape(70, 1, 1, 1)
+    items = list(calibration_dataset(images, batch=32).get_inference_data())
+    assert [len(b) for b in items] == [32, 32, 32]
+    assert set(np.concatenate(items).ravel()) == set(range(70))
+    np.testing.assert_array_equal(items[-1][6:].ravel(), np.arange(26))
+    assert [len(b) for b in calibration_dataset(images).get_inference_data()] == [1] * 70
 
 
 def test_presets_differ_in_key_where_they_differ_in_artifact():

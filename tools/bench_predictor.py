@@ -32,14 +32,14 @@ KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound
 
 def main() -> None:
     from edgecompress.meta import predictor
-    from edgecompress.meta.collect import read_rows
+    from edgecompress.meta.collect import current_rows, read_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=predictor.shipped_meta_dataset())
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = read_rows(args.data)
+    rows = current_rows(read_rows(args.data))
     shipped = dict(predictor.LGBM_PARAMS)
     out = []
     for name in args.variants:

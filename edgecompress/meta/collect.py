@@ -183,6 +183,18 @@ def refresh_features(path: Path, *, console=None) -> int:
     return len(out)
 
 
+def current_rows(rows: list[dict]) -> list[dict]:
+    """The rows that measure what today's code builds: a registered method at its current settings, the default
+    fine-tuning recipe, and for int8 the evaluation runtime's current preset. Older rows stay in the file (a
+    collection skips what it has) but neither train nor evaluate the predictor."""
+    from edgecompress.compress.methods import METHODS
+
+    settings = {name: method.settings_hash() for name, method in METHODS.items()}
+    recipe, quant = spec_hash(FinetuneSpec()), quant_settings("int8")
+    return [r for r in rows if r.get("method_settings") == settings.get(r["method"]) and r.get("recipe") == recipe
+            and (r["precision"] != "int8" or r.get("quant_settings") == quant)]
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -221,16 +233,19 @@ def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_siz
 
 
 def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_names: dict) -> list[CollectJob]:
+    """The jobs with a row still to measure, each narrowed to the precisions it lacks."""
     out = []
     # The runtime's parts of the key are the same for every job: read once, not per job and precision.
     quant = {p: quant_settings(p) for p in PRECISIONS}
     inference = eval_inference_precision()
     for job in jobs:
         settings = get_method(job.method).settings_hash()
-        keys = {(dataset_key, model_names[job.model_spec], job.method, settings, job.ratio, p, spec_hash(job.finetune),
-                 quant[p], inference) for p in job.precisions}
-        if not keys <= done_keys:
-            out.append(job)
+        missing = tuple(p for p in job.precisions if (dataset_key, model_names[job.model_spec], job.method, settings,
+                                                       job.ratio, p, spec_hash(job.finetune), quant[p], inference)
+                        not in done_keys)
+        if missing:
+            # Only the precisions without a row: a new int8 preset recollects int8, not the float rows beside it.
+            out.append(dataclasses.replace(job, precisions=missing))
     return out
 
 

@@ -9,6 +9,7 @@ A ridge regression on the same features is the baseline it must beat.
 from __future__ import annotations
 
 import json
+import operator
 import time
 from pathlib import Path
 
@@ -25,6 +26,11 @@ UPPER_QUANTILE = 0.9
 CONFORMAL_FOLDS = 5
 # Expected and upper-bound drop of an uncompressed model where no meta-dataset row says otherwise.
 DENSE_DROP_WITHOUT_ROWS = {"fp16": (0.0, 0.005), "int8": (0.01, 0.05)}
+# The margin is calibrated per group of candidates (Mondrian conformal prediction, Vovk et al. 2005): uncompressed or
+# compressed, at each precision. One margin for all held the bound of an uncompressed fp32 model (a drop of nothing
+# but the runtime's arithmetic) as far out as a pruned int8 one's, so that no candidate, the parent included, fitted a
+# 2% drop. A group with fewer rows than this takes the margin of all rows.
+MIN_GROUP_ROWS = 20
 HUBER_DELTA = 0.02  # drops beyond 2 pp off the prediction count linearly, not squared
 # One thread: a meta-dataset of hundreds of rows fits in a tenth of a second on one; with two OpenMP threads and the
 # other core busy (a collection beside it) the same fit took 60-80 times longer (7.5 s against 0.11 s).
@@ -40,7 +46,9 @@ def feature_names(rows: list[dict]) -> list[str]:
 
 
 def matrix(rows: list[dict], features: list[str]) -> np.ndarray:
-    return np.asarray([[float(r[f]) for f in features] for r in rows], dtype=np.float64)
+    # itemgetter, not a float() per cell: at 1,000 candidates this was half the time of a recommendation.
+    get = operator.itemgetter(*features)
+    return np.asarray([get(r) for r in rows], dtype=np.float64).reshape(len(rows), len(features))
 
 
 # What the regressors learn: "absolute", the drop in accuracy; "headroom", the drop as a share of the parent's
@@ -49,6 +57,11 @@ TARGETS = ("absolute", "headroom")
 # Measured on meta-dataset v2 (tools/bench_predictor.py, docs/benchmarks.md): neither wins on both tasks, and the
 # absolute target's bound covered better when the task was held out.
 DEFAULT_TARGET = "absolute"
+
+
+def margin_group(row: dict) -> str:
+    """The conformal group of a candidate (MIN_GROUP_ROWS), from its features: "dense/8" is an uncompressed int8 one."""
+    return f"{'dense' if float(row['f_ratio']) == 0.0 else 'compressed'}/{int(row['f_precision_bits'])}"
 
 
 def target_scale(rows: list[dict], target: str) -> np.ndarray:
@@ -64,9 +77,10 @@ def target_scale(rows: list[dict], target: str) -> np.ndarray:
 
 class Predictor:
     def __init__(self, features: list[str], mean, upper, kind: str = "lightgbm", rows: int | None = None,
-                 margin: float = 0.0, target: str = "absolute"):
+                 margin: float = 0.0, target: str = "absolute", group_margins: dict[str, float] | None = None):
         self.features, self.mean, self.upper, self.kind, self.rows = features, mean, upper, kind, rows
-        self.margin = margin  # conformal shift of the upper bound, in target units
+        self.margin = margin  # conformal shift of the upper bound, in target units, for a group without its own
+        self.group_margins = dict(group_margins or {})  # margin_group -> its own shift
         self.target = target
 
     def describe(self) -> str:
@@ -81,8 +95,8 @@ class Predictor:
         for models the predictor has not seen (conformalized quantile regression, Romano et al. 2019,
         with architectures as the exchangeable units): the raw bound is predicted for each of ``CONFORMAL_FOLDS``
         folds of architectures by models fitted without that fold, and shifted by the ``UPPER_QUANTILE`` quantile
-        of how far the truth exceeded it. Quantile models fitted on a few architectures otherwise cover far less
-        than they claim.
+        of how far the truth exceeded it, within each margin_group that has MIN_GROUP_ROWS rows (over all rows for
+        the rest). Quantile models fitted on a few architectures otherwise cover far less than they claim.
         """
         if len(rows) < 10:
             raise UsageError(f"the meta-dataset has {len(rows)} rows; training needs at least 10")
@@ -108,7 +122,7 @@ class Predictor:
             upper = _Shifted(mean, float(np.quantile(y - mean.predict(x), UPPER_QUANTILE)))
         else:
             raise UsageError(f"unknown regressor {kind!r}; use lightgbm or ridge")
-        margin = 0.0
+        margin, group_margins = 0.0, {}
         archs = sorted({r["architecture"] for r in rows})
         if conformal and len(archs) >= 3:
             raw = np.zeros(len(rows))
@@ -117,7 +131,10 @@ class Predictor:
                 inner = cls.fit([r for r in rows if r["architecture"] not in fold], kind, conformal=False, target=target)
                 raw[held] = inner.predict([rows[i] for i in held])[1] / scale[held]
             margin = float(np.quantile(y - raw, UPPER_QUANTILE))
-        return cls(features, mean, upper, kind, len(rows), margin, target)
+            groups = np.asarray([margin_group(r) for r in rows])
+            group_margins = {g: float(np.quantile((y - raw)[groups == g], UPPER_QUANTILE))
+                             for g in sorted(set(groups)) if (groups == g).sum() >= MIN_GROUP_ROWS}
+        return cls(features, mean, upper, kind, len(rows), margin, target, group_margins)
 
     def predict(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """(expected drop, upper bound of the drop), as shares of accuracy.
@@ -127,14 +144,17 @@ class Predictor:
         """
         x, scale = matrix(rows, self.features), target_scale(rows, self.target)
         mean = np.clip(self.mean.predict(x), 0.0, None) * scale
-        return mean, np.maximum((self.upper.predict(x) + self.margin) * scale, mean)
+        margin = np.asarray([self.group_margins.get(margin_group(r), self.margin) for r in rows]) if self.group_margins \
+            else self.margin
+        return mean, np.maximum((self.upper.predict(x) + margin) * scale, mean)
 
     def save(self, directory: Path) -> None:
         """LightGBM boosters as their text files, ridge as its coefficients in JSON: no pickles to load."""
         with atomic_path(directory) as tmp:
             tmp.mkdir()
             meta = {"kind": self.kind, "features": self.features, "upper_quantile": UPPER_QUANTILE, "rows": self.rows,
-                    "conformal_margin": self.margin, "target": self.target}
+                    "conformal_margin": self.margin, "conformal_group_margins": self.group_margins,
+                    "target": self.target}
             if self.kind == "lightgbm":
                 self.mean.booster_.save_model(str(tmp / "drop_mean.txt"))
                 self.upper.booster_.save_model(str(tmp / "drop_upper.txt"))
@@ -160,7 +180,7 @@ class Predictor:
             mean = _Linear(**{k: v for k, v in meta["linear"].items() if k != "upper_shift"})
             upper = _Shifted(mean, meta["linear"]["upper_shift"])
         return cls(meta["features"], mean, upper, meta["kind"], meta.get("rows"), meta.get("conformal_margin", 0.0),
-                   meta.get("target", "absolute"))
+                   meta.get("target", "absolute"), meta.get("conformal_group_margins"))
 
 
 class _Shifted:
@@ -187,7 +207,9 @@ class _Booster:
         self.booster_ = booster
 
     def predict(self, x):
-        return self.booster_.predict(x)
+        # One thread, as in fitting (LGBM_PARAMS): a thousand rows are too few to share, and OpenMP threads beside
+        # another busy core wait for it.
+        return self.booster_.predict(x, num_threads=1)
 
 
 def monotone_in_ratio(keys: list[tuple], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -599,10 +621,10 @@ class DropPrior:
 
     @classmethod
     def shipped(cls, parents: dict[str, float]) -> "DropPrior":
-        from edgecompress.meta.collect import read_rows
+        from edgecompress.meta.collect import current_rows, read_rows
 
         path = shipped_meta_dataset()
-        return cls(read_rows(path) if path.is_file() else [], parents)
+        return cls(current_rows(read_rows(path)) if path.is_file() else [], parents)
 
     def _drops(self, method: str, ratio: float, precision: str) -> np.ndarray | None:
         pairs = self.drops.get((method, precision))

@@ -57,10 +57,17 @@ def nncf_quiet():
         logger.setLevel(level)
 
 
-def calibration_dataset(images: np.ndarray, transform: Callable | None = None):
+def calibration_dataset(images: np.ndarray, transform: Callable | None = None, batch: int = 1):
+    """The images as an ``nncf.Dataset`` of ``batch``-image items; the last item is filled up with the first images,
+    so every item has the model's static batch (repeated images move no min/max range)."""
     import nncf
 
-    items = [images[i:i + 1] for i in range(len(images))]
+    items = []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.resize(images, (batch - len(chunk), *images.shape[1:]))])
+        items.append(chunk)
     return nncf.Dataset(items, transform)
 
 
@@ -114,8 +121,9 @@ class QuantPreset:
 
     Each runtime returns its own (``Runtime.quant_preset()``); the artifact records it (``read_quant_record``), and
     ``key()`` belongs in every cache key of a quantized artifact, since a different preset is a different artifact.
-    Activation ranges are the calibration set's min and max in every preset (NNCF's default averages each image's
-    extremes, which clips: 1 pp lower top-1 on average over the zoo, `tools/bench_int8.py`).
+    Activation ranges (``activation_ranges``): the calibration set's min and max, or NNCF's default, which averages
+    each image's extremes: min/max was 1 pp better over the dense digits zoo (`tools/bench_int8.py`), and collapsed
+    fine-tuned hard-swish networks whose few outlier images set the range (`tools/bench_int8_presets.py`).
     """
 
     quantizer: str  # a key of QUANTIZERS: who writes the quantized graph
@@ -127,6 +135,9 @@ class QuantPreset:
     # SmoothQuant and keeps its transformer-unfriendly quantizers out.
     transformer_when_attention: bool = True
     fast_bias_correction: bool = True
+    # NNCF's activation ranges: "minmax", the calibration set's min and max; "nncf", NNCF's default (the extremes
+    # of each calibration inference averaged for per-tensor quantizers, min and max for per-channel ones).
+    activation_ranges: str = "minmax"
     # ONNX Runtime's quantize_static (quantizer "onnxruntime"): format, 8-bit types, weight granularity, symmetry.
     quant_format: str = "qdq"  # "qdq" | "qoperator"
     activation_type: str = "u8"  # "u8" | "s8"
@@ -134,6 +145,9 @@ class QuantPreset:
     per_channel: bool = True
     symmetric_activations: bool = False
     quantize_bias: bool = True  # int32 bias through DequantizeLinear (ONNX Runtime's QLinearConv); TensorRT keeps it float
+    # Images per calibration inference, for a runtime that can reshape its graph (OpenVINO): NNCF's statistics cost
+    # per inference, and min/max ranges are the same whatever the batch. Accuracy-aware int8 calibrates image by image.
+    calibration_batch: int = 1
     version: int = 1
 
     def record(self) -> dict:
@@ -165,14 +179,15 @@ def _nncf_parameters(preset: QuantPreset, attention: bool) -> dict:
 
 
 def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyControl | None, *, to_input, top1,
-                          conv_weights, preset: QuantPreset | None = None, attention: bool = False):
+                          conv_weights, preset: QuantPreset | None = None, attention: bool = False, batch: int = 1):
     """``nncf.quantize``, or ``nncf.quantize_with_accuracy_control`` when ``control`` is given.
 
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
     validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. ``preset``
     (an NNCF one; default ``NNCF_DEFAULT``) gives the device, symmetry and bias correction; ``attention`` says the
     graph has attention (``has_attention``). Activation ranges are the calibration set's min and max. Convolutions
-    in ``gain_outliers`` stay in float.
+    in ``gain_outliers`` stay in float. ``batch``: images per calibration inference (the model's batch axis must
+    take it); accuracy control validates image by image, so it is only for ``control=None``.
     """
     import nncf
     from nncf.quantization.advanced_parameters import (
@@ -183,13 +198,20 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
 
     preset = preset or NNCF_DEFAULT
     scheme = _nncf_parameters(preset, attention)
-    calib = calibration_dataset(calib_images, to_input)
+    if batch > 1 and control is not None:
+        raise EdgecompressError("accuracy-aware int8 calibrates and validates one image at a time (batch 1)")
+    calib = calibration_dataset(calib_images, to_input, batch)
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
-    ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    if preset.activation_ranges not in ("minmax", "nncf"):
+        raise EdgecompressError(f"unknown activation_ranges {preset.activation_ranges!r} (minmax or nncf)")
+    # Statistics per image whatever the batch (batchwise_statistics): averaged extremes mean the same at batch 32.
+    ranges = (AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                                             batchwise_statistics=batch > 1)
+              if preset.activation_ranges == "minmax" else AdvancedQuantizationParameters(batchwise_statistics=batch > 1))
     with nncf_quiet():
         try:
             if control is None:
-                return nncf.quantize(model, calib, subset_size=len(calib_images), ignored_scope=ignored,
+                return nncf.quantize(model, calib, subset_size=calib.get_length(), ignored_scope=ignored,
                                      fast_bias_correction=preset.fast_bias_correction, advanced_parameters=ranges, **scheme)
             items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
             validation = nncf.Dataset(items, lambda item: to_input(item[0]))

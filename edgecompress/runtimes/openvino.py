@@ -19,7 +19,12 @@ from edgecompress.runtimes.base import (
 # NNCF's OpenVINO flow for the CPU plugin: symmetric (PERFORMANCE) int8, per-channel weights, fast bias correction.
 # Measured 2026-11-25 on the 4 digits models of docs/bench_peers.md: target_device CPU writes the same weights as ANY
 # (identical .bin); MIXED and full bias correction were no faster and no more accurate beyond one test image.
-OPENVINO_CPU_PRESET = QuantPreset(quantizer="nncf", target_device="CPU", preset="performance")
+# Version 2 (2026-11-26, tools/bench_int8_presets.py): NNCF's own activation ranges instead of the calibration set's
+# min and max, which collapsed fine-tuned hard-swish networks (lcnet_075, mobilenetv3_small_100: 1-2% of images
+# drive the last layers 30-60 times past the rest, and a range that holds them leaves the others a step or two:
+# 13-22% top-1 where fp32 has 75-83%); calibrated 32 images an inference, statistics still per image.
+OPENVINO_CPU_PRESET = QuantPreset(quantizer="nncf", target_device="CPU", preset="performance", activation_ranges="nncf",
+                                  calibration_batch=32, version=2)
 
 
 @functools.cache
@@ -56,9 +61,7 @@ class OpenVinoRuntime(RunnerRuntime):
         model = ov.convert_model(str(onnx_fp32))
         # Static batch 1, the shape it is timed and deployed at. OpenVINO 2026.4's CPU plugin runs NNCF int8 IRs with a
         # dynamic batch axis wrongly at batch 1 (lcnet_050: 12% top-1 at batch 1, 95% at batch 2 and up, 95% static).
-        shape = model.input(0).get_partial_shape()
-        shape[0] = 1
-        model.reshape({model.input(0): shape})
+        _set_batch(model, 1)
         dst = out_dir / self.artifact_name
         ov.save_model(model, str(dst), compress_to_fp16=(precision == "fp16"))
         return dst
@@ -77,9 +80,16 @@ class OpenVinoRuntime(RunnerRuntime):
 
         model = openvino_core().read_model(str(artifact))
         preset = self.quant_preset()
+        # Calibrated on a copy with a batch of calibration_batch images (NNCF's statistics cost per inference),
+        # saved at static batch 1 as it is deployed (the CPU plugin's batch-1 fault with dynamic int8 IRs: export).
+        batch = preset.calibration_batch if control is None else 1
+        if batch > 1:
+            _set_batch(model, batch)
         quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: x, top1=top1,
-                                          conv_weights=self.conv_weights, preset=preset,
+                                          conv_weights=self.conv_weights, preset=preset, batch=batch,
                                           attention=has_attention(op.get_type_name() for op in model.get_ordered_ops()))
+        if batch > 1:
+            _set_batch(quantized, 1)
         made_by = "nncf" if control is None else "nncf accuracy control"
         quantized.set_rt_info(json.dumps({**preset.record(), "key": preset.key(), "made_by": made_by}, sort_keys=True),
                               ["edgecompress", "quant_preset"])
@@ -131,3 +141,10 @@ class OpenVinoRuntime(RunnerRuntime):
                 if info.status == ov.ProfilingInfo.Status.EXECUTED:
                     totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e6
         return {n: t / runs for n, t in totals.items()}
+
+
+def _set_batch(model, batch: int) -> None:
+    """Fix the batch axis of an OpenVINO Model's input to ``batch``, in place."""
+    shape = model.input(0).get_partial_shape()
+    shape[0] = batch
+    model.reshape({model.input(0): shape})
