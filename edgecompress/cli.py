@@ -348,6 +348,16 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         raise UsageError(f"--eval-npz {eval_npz} does not exist")
     remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec)
     runtime = target.runtime()
+    if artifact.suffix.lower() == ".onnx":
+        # Parsed here first: OpenVINO offers a file it cannot read to every frontend, and TensorFlow's prints its
+        # own parse errors on stderr before the one line this command owes.
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        try:
+            onnx.load(str(artifact), load_external_data=False)
+        except (DecodeError, ValueError, OSError) as exc:
+            raise UsageError(f"{artifact} is not an ONNX model: {type(exc).__name__}: {str(exc)[:150]}") from exc
     try:  # a file the runtime cannot load is the user's mistake, not a failed benchmark
         runtime.session(artifact)
     except Exception as exc:  # the runtimes raise their own types for a file that is not a model

@@ -143,3 +143,18 @@ def test_internal_error_exit_1_with_debug_hint(capsys, monkeypatch):
     assert code == 1 and "--debug" in err and "Traceback" not in err
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "targets"])
+
+
+@pytest.mark.parametrize("target", ["openvino-cpu", "ort-cpu"])
+def test_bench_of_a_file_that_is_not_a_model_is_one_line(tmp_path, target):
+    """In a fresh process, so that what a runtime's own frontends print on stderr (OpenVINO offers a file it cannot
+    read to TensorFlow's parser, which logs through absl) is counted too."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "notes.onnx"
+    path.write_text("not a model\n")
+    proc = subprocess.run([sys.executable, "-m", "edgecompress", "bench", str(path), "--target", target],
+                          capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "is not an ONNX model" in lines[0], proc.stderr

@@ -274,7 +274,8 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
     done = {row_key(r) for r in read_rows(out)}
     todo = pending(jobs, done, data.fingerprint(), model_names)
     console.print(f"{len(jobs)} compressions planned ({len(jobs) * len(precisions)} rows); "
-                  f"{len(jobs) - len(todo)} already in {out}")
+                  f"{len(jobs) - len(todo)} complete in {out}, {len(todo)} to run for "
+                  f"{sum(len(j.precisions) for j in todo)} rows")
     if not todo:
         return {"rows": len(done), "new_rows": 0, "seconds": 0.0}
     if address:
