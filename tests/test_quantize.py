@@ -151,12 +151,16 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: calls.append(("onnxruntime", k)) or real_ort(*a, **k))
     runtime, artifact = _quantized(target, tmp_path)
     preset = runtime.quant_preset()
-    assert [c[0] for c in calls] == [preset.quantizer]
+    from edgecompress.runtimes.base import RANGE_CHOICES
+
+    choices = RANGE_CHOICES if preset.activation_ranges == "choose" else (preset.activation_ranges,)
+    assert [c[0] for c in calls] == [preset.quantizer] * (len(choices) if preset.quantizer == "nncf" else 1)
     kwargs = calls[0][1]
     if preset.quantizer == "nncf":
-        ranges = kwargs["advanced_parameters"].activations_range_estimator_params
-        assert (ranges.max.aggregator_type is None) == (preset.activation_ranges == "nncf")  # None: NNCF's own ranges
-        assert kwargs["advanced_parameters"].batchwise_statistics == (preset.calibration_batch > 1)
+        for (_, call), ranges in zip(calls, choices):  # "choose" makes each of RANGE_CHOICES
+            estimator = call["advanced_parameters"].activations_range_estimator_params
+            assert (estimator.max.aggregator_type is None) == (ranges == "nncf")  # None: NNCF's own ranges
+            assert call["advanced_parameters"].batchwise_statistics == (preset.calibration_batch > 1)
         assert kwargs["target_device"] == nncf.TargetDevice[preset.target_device]
         assert kwargs["preset"] == nncf.QuantizationPreset(preset.preset)
         assert kwargs["fast_bias_correction"] == preset.fast_bias_correction
@@ -167,6 +171,44 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     record = read_quant_record(artifact)
     assert record["key"] == preset.key() and record["quantizer"] == preset.quantizer
     assert {k: record[k] for k in preset.record()} == preset.record()
+
+
+class _Outliers(nn.Module):
+    """A conv net whose activations scale with its input: calibration images 200 times brighter than the rest set a
+    min/max range that leaves the ordinary images a step or two."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_openvino_chooses_the_ranges_that_keep_the_float_answers(tmp_path):
+    """activation_ranges="choose" (the openvino-cpu preset): min/max on calibration images with a few outliers
+    collapses int8, NNCF's averaged extremes do not; the runtime keeps the latter, and the artifact says so."""
+    from edgecompress.runtimes.base import read_quant_record
+
+    runtime = get_target("openvino-cpu").runtime()
+    assert runtime.quant_preset().activation_ranges == "choose"
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((96, 3, 16, 16)).astype(np.float32)
+    calib[:3] *= 200.0
+    onnx_path = export_onnx(_Outliers().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "int8").mkdir()
+    fp32 = runtime.export(onnx_path, "fp32", tmp_path / "fp32")
+    int8 = runtime.quantize(fp32, calib, tmp_path / "int8")
+    record = read_quant_record(int8)
+    assert record["activation_ranges_chosen"] == "nncf", record
+    assert record["range_agreement"]["nncf"] > record["range_agreement"]["minmax"]
+    x = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    same = run_session(runtime.session(int8), x, 1).argmax(1) == run_session(runtime.session(fp32), x, 1).argmax(1)
+    assert same.mean() >= 0.8
 
 
 def test_calibration_batches_are_full_and_hold_every_image():

@@ -15,6 +15,10 @@ split, one image at a time, in OpenVINO's CPU plugin:
   sym_default_b32   as sym_default, calibrated 32 images an inference with per-image statistics
                     (the openvino-cpu preset of version 2)
   asym_default_b32  as asym_default, 32 images an inference
+  tool              the openvino-cpu runtime's own quantize() as `build` makes int8 (preset version 2:
+                    min/max or NNCF's ranges, whichever agrees more with fp32 on the calibration images)
+
+    python tools/bench_int8_presets.py --schemes sym_minmax sym_default_b32 tool --json
 
 The default cases: the six Fashion-MNIST rows of meta-dataset v2 with the largest int8 loss (all over 15 pp), five
 rows drawn from the other Fashion-MNIST rows (seed 0), and the four dense digits models where min/max ranges had
@@ -105,7 +109,7 @@ def top1(model, x, y) -> float:
     return float((np.array(out) == y).mean())
 
 
-def run_case(case, datasets) -> dict:
+def run_case(case, datasets, schemes) -> dict:
     import openvino as ov
 
     from edgecompress import pipeline
@@ -117,6 +121,7 @@ def run_case(case, datasets) -> dict:
     )
     from edgecompress.data.datasets import load_dataset
     from edgecompress.models import parse_model_spec
+    from edgecompress.runtimes.base import read_quant_record
     from edgecompress.targets import get_target
 
     task, model, method, ratio = case
@@ -137,21 +142,28 @@ def run_case(case, datasets) -> dict:
             (tmp / sub).mkdir()
         fp32 = pipeline.at_precision(compressed, "fp32", target, data, tmp / "fp32")
         row["fp32"] = top1(ov.Core().read_model(str(fp32.artifact)), x, y)
-        for name, scheme in SCHEMES.items():
-            row[name] = top1(quantize(fp32.artifact, calib, *scheme), x, y)
+        for name in schemes:
+            if name == "tool":
+                tool = pipeline.at_precision(compressed, "int8", target, data, tmp / "int8")
+                record = read_quant_record(tool.artifact)
+                row["tool_ranges"] = record.get("activation_ranges_chosen", record["activation_ranges"])
+                row[name] = top1(ov.Core().read_model(str(tool.artifact)), x, y)
+            else:
+                row[name] = top1(quantize(fp32.artifact, calib, *SCHEMES[name]), x, y)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--schemes", nargs="+", default=[*SCHEMES, "tool"], choices=[*SCHEMES, "tool"])
     args = ap.parse_args()
     datasets: dict = {}
     rows = []
     for case in CASES:
-        rows.append(run_case(case, datasets))
+        rows.append(run_case(case, datasets, args.schemes))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    names = ["fp32", *SCHEMES]
+    names = ["fp32", *args.schemes]
     mean = {n: float(np.mean([r[n] for r in rows])) for n in names}
     worst = {n: float(min(r[n] - r["fp32"] for r in rows)) for n in names}
     if args.json:

@@ -57,18 +57,24 @@ def nncf_quiet():
         logger.setLevel(level)
 
 
-def calibration_dataset(images: np.ndarray, transform: Callable | None = None, batch: int = 1):
-    """The images as an ``nncf.Dataset`` of ``batch``-image items; the last item is filled up with the first images,
-    so every item has the model's static batch (repeated images move no min/max range)."""
-    import nncf
-
-    items = []
+def calibration_batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """``images`` in batches of ``batch``, the last filled up with the first images, so that every batch has a
+    graph's static batch size (a repeated image moves no min/max range)."""
+    images = np.asarray(images)
+    out = []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
         if len(chunk) < batch:
             chunk = np.concatenate([chunk, np.resize(images, (batch - len(chunk), *images.shape[1:]))])
-        items.append(chunk)
-    return nncf.Dataset(items, transform)
+        out.append(chunk)
+    return out
+
+
+def calibration_dataset(images: np.ndarray, transform: Callable | None = None, batch: int = 1):
+    """The images as an ``nncf.Dataset`` of ``batch``-image items (calibration_batches)."""
+    import nncf
+
+    return nncf.Dataset(calibration_batches(images, batch), transform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +142,9 @@ class QuantPreset:
     transformer_when_attention: bool = True
     fast_bias_correction: bool = True
     # NNCF's activation ranges: "minmax", the calibration set's min and max; "nncf", NNCF's default (the extremes
-    # of each calibration inference averaged for per-tensor quantizers, min and max for per-channel ones).
+    # of each calibration image averaged for per-tensor quantizers, min and max for per-channel ones); "choose", both
+    # made and the one whose top-1 agrees more with the float model's on the calibration images kept (a runtime
+    # that can: OpenVINO's; RANGE_CHOICES).
     activation_ranges: str = "minmax"
     # ONNX Runtime's quantize_static (quantizer "onnxruntime"): format, 8-bit types, weight granularity, symmetry.
     quant_format: str = "qdq"  # "qdq" | "qoperator"
@@ -161,6 +169,16 @@ class QuantPreset:
 # NNCF's post-training quantization as the tool made every runtime's int8 before presets (and as callers that
 # pass no preset still get it): symmetric, per-channel weights, per-tensor activations, no device specifics.
 NNCF_DEFAULT = QuantPreset(quantizer="nncf")
+# What activation_ranges="choose" chooses from, in order of preference at equal agreement.
+RANGE_CHOICES = ("minmax", "nncf")
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """How closely ``logits`` follow the float model's ``reference`` on the same images: (share of images with the
+    same top-1, minus the mean squared logit difference), larger is closer; tuples compare by the first, then the
+    second."""
+    same = float((reference.argmax(1) == logits.argmax(1)).mean())
+    return same, -float(np.mean((reference - logits) ** 2))
 
 QUANT_METADATA_KEY = "edgecompress.quant_preset"  # ONNX metadata_props key; OpenVINO rt_info path edgecompress/...
 
@@ -202,8 +220,8 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
         raise EdgecompressError("accuracy-aware int8 calibrates and validates one image at a time (batch 1)")
     calib = calibration_dataset(calib_images, to_input, batch)
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
-    if preset.activation_ranges not in ("minmax", "nncf"):
-        raise EdgecompressError(f"unknown activation_ranges {preset.activation_ranges!r} (minmax or nncf)")
+    if preset.activation_ranges not in RANGE_CHOICES:  # "choose" is the runtime's to resolve before calling this
+        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: NNCF takes one of {', '.join(RANGE_CHOICES)}")
     # Statistics per image whatever the batch (batchwise_statistics): averaged extremes mean the same at batch 32.
     ranges = (AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
                                              batchwise_statistics=batch > 1)

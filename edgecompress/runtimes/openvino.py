@@ -9,9 +9,12 @@ import numpy as np
 
 from edgecompress.core.sigstack import keep_signal_stack
 from edgecompress.runtimes.base import (
+    RANGE_CHOICES,
     AccuracyControl,
     QuantPreset,
     RunnerRuntime,
+    agreement,
+    calibration_batches,
     has_attention,
     quantize_with_control,
 )
@@ -19,11 +22,13 @@ from edgecompress.runtimes.base import (
 # NNCF's OpenVINO flow for the CPU plugin: symmetric (PERFORMANCE) int8, per-channel weights, fast bias correction.
 # Measured 2026-11-25 on the 4 digits models of docs/bench_peers.md: target_device CPU writes the same weights as ANY
 # (identical .bin); MIXED and full bias correction were no faster and no more accurate beyond one test image.
-# Version 2 (2026-11-26, tools/bench_int8_presets.py): NNCF's own activation ranges instead of the calibration set's
-# min and max, which collapsed fine-tuned hard-swish networks (lcnet_075, mobilenetv3_small_100: 1-2% of images
-# drive the last layers 30-60 times past the rest, and a range that holds them leaves the others a step or two:
-# 13-22% top-1 where fp32 has 75-83%); calibrated 32 images an inference, statistics still per image.
-OPENVINO_CPU_PRESET = QuantPreset(quantizer="nncf", target_device="CPU", preset="performance", activation_ranges="nncf",
+# Version 2 (2026-11-26, tools/bench_int8_presets.py): activation ranges chosen per model ("choose": min/max or NNCF's
+# averaged extremes, whichever int8 agrees more with the float model on the calibration images). Min/max alone
+# collapsed fine-tuned hard-swish networks (lcnet_075, mobilenetv3_small_100: 1-2% of images drive the last layers
+# 30-60 times past the rest, and a range that holds them leaves the others a step or two: 13-22% top-1 where fp32
+# has 75-83%); NNCF's ranges alone cost dense digits models 2-4 pp. Calibrated 32 images an inference, statistics
+# still per image.
+OPENVINO_CPU_PRESET = QuantPreset(quantizer="nncf", target_device="CPU", preset="performance", activation_ranges="choose",
                                   calibration_batch=32, version=2)
 
 
@@ -47,7 +52,12 @@ class OpenVinoRuntime(RunnerRuntime):
     name = "openvino"
     artifact_name = "model.xml"
     bundle_examples = ("infer_openvino.py",)
-    verified_in = "openvino"
+
+    @property
+    def verified_in(self) -> str:
+        """Where verify ran, with the precision the CPU plugin gave float layers: bf16 on CPUs that have it, unless
+        told otherwise, which is also what the artifact gets where it is deployed on such a CPU with defaults."""
+        return f"openvino (CPU plugin; float layers in {cpu_inference_precision()}, its default on this CPU)"
 
     @staticmethod
     def version() -> str:
@@ -70,6 +80,7 @@ class OpenVinoRuntime(RunnerRuntime):
         return OPENVINO_CPU_PRESET
 
     def quantize(self, artifact: Path, calib_images, out_dir: Path, control: AccuracyControl | None = None) -> Path:
+        import dataclasses
         import json
 
         import openvino as ov
@@ -78,11 +89,29 @@ class OpenVinoRuntime(RunnerRuntime):
             hits = [float(compiled(x)[0].argmax() == y) for x, y in items]
             return float(np.mean(hits)), hits
 
-        model = openvino_core().read_model(str(artifact))
         preset = self.quant_preset()
-        # Calibrated on a copy with a batch of calibration_batch images (NNCF's statistics cost per inference),
-        # saved at static batch 1 as it is deployed (the CPU plugin's batch-1 fault with dynamic int8 IRs: export).
-        batch = preset.calibration_batch if control is None else 1
+        record = {**preset.record(), "key": preset.key()}
+        ranges, quantized = preset.activation_ranges, None
+        if ranges == "choose":
+            ranges, record["range_agreement"], quantized = self._choose_ranges(artifact, calib_images, preset)
+            record["activation_ranges_chosen"] = ranges
+        if quantized is None or control is not None:
+            # Calibrated on a copy with a batch of calibration_batch images (NNCF's statistics cost per inference),
+            # saved at static batch 1 as deployed (the CPU plugin's batch-1 fault with dynamic int8 IRs: export).
+            # Accuracy control validates image by image: batch 1 throughout.
+            batch = preset.calibration_batch if control is None else 1
+            quantized = self._nncf(artifact, calib_images, dataclasses.replace(preset, activation_ranges=ranges), batch,
+                                   control, top1)
+        record["made_by"] = "nncf" if control is None else "nncf accuracy control"
+        quantized.set_rt_info(json.dumps(record, sort_keys=True), ["edgecompress", "quant_preset"])
+        dst = out_dir / self.artifact_name
+        ov.save_model(quantized, str(dst), compress_to_fp16=False)
+        return dst
+
+    def _nncf(self, artifact: Path, calib_images, preset: QuantPreset, batch: int, control=None, top1=None):
+        """NNCF's int8 of the IR at ``artifact`` by ``preset`` (concrete ranges), calibrated ``batch`` images an
+        inference, returned at static batch 1."""
+        model = openvino_core().read_model(str(artifact))
         if batch > 1:
             _set_batch(model, batch)
         quantized = quantize_with_control(model, calib_images, control, to_input=lambda x: x, top1=top1,
@@ -90,12 +119,38 @@ class OpenVinoRuntime(RunnerRuntime):
                                           attention=has_attention(op.get_type_name() for op in model.get_ordered_ops()))
         if batch > 1:
             _set_batch(quantized, 1)
-        made_by = "nncf" if control is None else "nncf accuracy control"
-        quantized.set_rt_info(json.dumps({**preset.record(), "key": preset.key(), "made_by": made_by}, sort_keys=True),
-                              ["edgecompress", "quant_preset"])
-        dst = out_dir / self.artifact_name
-        ov.save_model(quantized, str(dst), compress_to_fp16=False)
-        return dst
+        return quantized
+
+    def _choose_ranges(self, artifact: Path, calib_images, preset: QuantPreset) -> tuple[str, dict, object]:
+        """activation_ranges="choose": int8 with each of RANGE_CHOICES, compared with the float IR on the calibration
+        images (agreement); the closer one's name, each one's share of images with the float model's top-1, and the
+        closer one's quantized model (static batch 1).
+
+        Neither range rule holds everywhere: min/max collapsed fine-tuned hard-swish networks whose few outlier
+        images set the range; NNCF's averaged extremes cost dense digits models 2-4 pp (tools/bench_int8_presets.py).
+        """
+        import dataclasses
+
+        batch = max(preset.calibration_batch, 1)
+        images = calibration_batches(calib_images, batch)
+
+        def logits(model) -> np.ndarray:
+            _set_batch(model, batch)
+            request = openvino_core().compile_model(model, "CPU").create_infer_request()
+            out = []
+            for x in images:
+                request.infer({0: x})
+                out.append(request.get_output_tensor(0).data.copy())
+            return np.concatenate(out)[:len(calib_images)]
+
+        reference = logits(openvino_core().read_model(str(artifact)))
+        models, scores = {}, {}
+        for r in RANGE_CHOICES:
+            models[r] = self._nncf(artifact, calib_images, dataclasses.replace(preset, activation_ranges=r), batch)
+            scores[r] = agreement(reference, logits(models[r]))
+            _set_batch(models[r], 1)  # logits() made it batch-sized
+        chosen = max(RANGE_CHOICES, key=lambda r: scores[r])  # max keeps the first of equals: RANGE_CHOICES' order
+        return chosen, {r: round(v[0], 4) for r, v in scores.items()}, models[chosen]
 
     def session(self, artifact: Path):
         compiled = openvino_core().compile_model(str(artifact), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
