@@ -18,7 +18,7 @@ split, one image at a time, in OpenVINO's CPU plugin:
   tool              the openvino-cpu runtime's own quantize() as `build` makes int8 (preset version 2:
                     min/max or NNCF's ranges, whichever agrees more with fp32 on the calibration images)
 
-    python tools/bench_int8_presets.py --schemes sym_minmax sym_default_b32 tool --json
+    python tools/bench_int8_presets.py --schemes sym_minmax sym_default_b32 tool --cases 0,1,2,11,12,13,14 --json
 
 The default cases: the six Fashion-MNIST rows of meta-dataset v2 with the largest int8 loss (all over 15 pp), five
 rows drawn from the other Fashion-MNIST rows (seed 0), and the four dense digits models where min/max ranges had
@@ -156,11 +156,13 @@ def run_case(case, datasets, schemes) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--cases", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                    help="comma-separated indices into CASES (default: all)")
     ap.add_argument("--schemes", nargs="+", default=[*SCHEMES, "tool"], choices=[*SCHEMES, "tool"])
     args = ap.parse_args()
     datasets: dict = {}
     rows = []
-    for case in CASES:
+    for case in [CASES[i] for i in args.cases] if args.cases else CASES:
         rows.append(run_case(case, datasets, args.schemes))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     names = ["fp32", *args.schemes]

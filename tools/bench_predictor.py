@@ -25,6 +25,10 @@ VARIANTS = {
     "headroom, 300 trees": {"target": "headroom", "n_estimators": 300, "learning_rate": 0.05},
     "absolute, 100 trees": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15},
     "headroom, 100 trees": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15},
+    "absolute, 100 trees, bound 40": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
+                                      "upper": {"n_estimators": 40, "learning_rate": 0.3}},
+    "absolute, 60 trees, bound 40": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
+                                     "upper": {"n_estimators": 40, "learning_rate": 0.3}},
 }
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
         "win_rate_vs_static_erm", "recommendation_feasible_share")
@@ -40,15 +44,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = current_rows(read_rows(args.data))
-    shipped = dict(predictor.LGBM_PARAMS)
+    shipped, shipped_upper = dict(predictor.LGBM_PARAMS), dict(predictor.UPPER_LGBM_OVERRIDES)
     out = []
     for name in args.variants:
         variant = VARIANTS[name]
-        predictor.LGBM_PARAMS.update({k: v for k, v in variant.items() if k != "target"})
+        predictor.LGBM_PARAMS.update({k: v for k, v in variant.items() if k not in ("target", "upper")})
+        predictor.UPPER_LGBM_OVERRIDES.update(variant.get("upper", {}))
         started = time.time()
         result = predictor.evaluate(rows, variant["target"])
         predictor.LGBM_PARAMS.clear()
         predictor.LGBM_PARAMS.update(shipped)
+        predictor.UPPER_LGBM_OVERRIDES.clear()
+        predictor.UPPER_LGBM_OVERRIDES.update(shipped_upper)
         entry = {"variant": name, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
         for kind in (*predictor.REGRESSORS, predictor.NEAREST):

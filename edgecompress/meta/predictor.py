@@ -41,6 +41,11 @@ LGBM_PARAMS = {"n_estimators": 100, "learning_rate": 0.15, "num_leaves": 15, "mi
                "n_jobs": 1}
 
 
+# What the upper-bound (quantile) model changes of LGBM_PARAMS: its raw bound is shifted by the conformal margin
+# anyway, so it can be coarser than the mean's (tools/bench_predictor.py's variants).
+UPPER_LGBM_OVERRIDES: dict = {}
+
+
 def feature_names(rows: list[dict]) -> list[str]:
     return [f for f in FEATURE_DOCS if f in rows[0]]
 
@@ -111,7 +116,10 @@ class Predictor:
             # model, the most depthwise one), where constant leaves extrapolate flat and linear ones follow the trend.
             mean = lgb.LGBMRegressor(objective="huber", alpha=HUBER_DELTA, linear_tree=True, linear_lambda=1.0,
                                      **LGBM_PARAMS).fit(x, y)
-            upper = lgb.LGBMRegressor(objective="quantile", alpha=UPPER_QUANTILE, **LGBM_PARAMS).fit(x, y)
+            upper = lgb.LGBMRegressor(objective="quantile", alpha=UPPER_QUANTILE,
+                                      **{**LGBM_PARAMS, **UPPER_LGBM_OVERRIDES}).fit(x, y)
+            # The boosters alone, as load() gives them: scikit-learn's wrapper checks its input on every call.
+            mean, upper = _Booster(mean.booster_), _Booster(upper.booster_)
         elif kind == "ridge":
             from sklearn.linear_model import Ridge
             from sklearn.pipeline import make_pipeline
