@@ -152,9 +152,20 @@ class Predictor:
         """
         x, scale = matrix(rows, self.features), target_scale(rows, self.target)
         mean = np.clip(self.mean.predict(x), 0.0, None) * scale
-        margin = np.asarray([self.group_margins.get(margin_group(r), self.margin) for r in rows]) if self.group_margins \
-            else self.margin
+        margin = self._margins(rows, x) if self.group_margins else self.margin
         return mean, np.maximum((self.upper.predict(x) + margin) * scale, mean)
+
+    def _margins(self, rows: list[dict], x: np.ndarray) -> np.ndarray:
+        """Each row's conformal margin (margin_group's), read off the feature matrix where it holds the two features."""
+        if "f_ratio" not in self.features or "f_precision_bits" not in self.features:
+            return np.asarray([self.group_margins.get(margin_group(r), self.margin) for r in rows])
+        dense = x[:, self.features.index("f_ratio")] == 0.0
+        bits = x[:, self.features.index("f_precision_bits")].astype(int)
+        out = np.full(len(rows), self.margin)
+        for group, value in self.group_margins.items():
+            kind, group_bits = group.split("/")
+            out[(dense == (kind == "dense")) & (bits == int(group_bits))] = value
+        return out
 
     def save(self, directory: Path) -> None:
         """LightGBM boosters as their text files, ridge as its coefficients in JSON: no pickles to load."""
