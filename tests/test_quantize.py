@@ -113,24 +113,26 @@ def test_accuracy_aware_int8_restores_what_plain_int8_loses(digits, tmp_path, mo
 RUNTIME_TARGETS = ("ort-cpu", "openvino-cpu", "jetson-orin-nx")
 
 
-class _HardSwishNet(nn.Module):
-    """Conv + HardSwish, the block of lcnet and the MobileNetV3s: where NNCF's QDQ and ONNX Runtime disagree."""
+class _TwoConvNet(nn.Module):
+    """Two 3x3 convolutions, each followed by ``activation``, global pooling and a linear head. With hard-swish (the
+    default), the block of lcnet and the MobileNetV3s: where NNCF's QDQ and ONNX Runtime disagree."""
 
-    def __init__(self):
+    def __init__(self, activation=nn.functional.hardswish, classes: int = 4):
         super().__init__()
         torch.manual_seed(0)
+        self.activation = activation
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Linear(16, 4)
+        self.head = nn.Linear(16, classes)
 
     def forward(self, x):
-        x = nn.functional.hardswish(self.conv2(nn.functional.hardswish(self.conv1(x))))
+        x = self.activation(self.conv2(self.activation(self.conv1(x))))
         return self.head(x.mean((2, 3)))
 
 
 def _quantized(target: str, tmp_path, model=None):
     runtime = get_target(target).runtime()
-    path = export_onnx((model or _HardSwishNet()).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
+    path = export_onnx((model or _TwoConvNet()).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
     (tmp_path / "fp32").mkdir()
     (tmp_path / "int8").mkdir()
     calib = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
@@ -173,24 +175,10 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     assert {k: record[k] for k in preset.record()} == preset.record()
 
 
-class _Outliers(nn.Module):
-    """A conv net whose activations scale with its input: calibration images 200 times brighter than the rest set a
-    min/max range that leaves the ordinary images a step or two."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)))
-
-
 def test_openvino_chooses_the_ranges_that_keep_the_float_answers(tmp_path):
     """activation_ranges="choose" (the openvino-cpu preset): min/max on calibration images with a few outliers
-    collapses int8, NNCF's averaged extremes do not; the runtime keeps the latter, and the artifact says so."""
+    collapses int8, NNCF's averaged extremes do not; the runtime keeps the latter, and the artifact says so. A ReLU
+    net whose activations scale with its input: images 200 times brighter than the rest set the min/max range."""
     from edgecompress.runtimes.base import read_quant_record
 
     runtime = get_target("openvino-cpu").runtime()
@@ -198,7 +186,7 @@ def test_openvino_chooses_the_ranges_that_keep_the_float_answers(tmp_path):
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((96, 3, 16, 16)).astype(np.float32)
     calib[:3] *= 200.0
-    onnx_path = export_onnx(_Outliers().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+    onnx_path = export_onnx(_TwoConvNet(torch.relu, classes=10).eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
     (tmp_path / "fp32").mkdir()
     (tmp_path / "int8").mkdir()
     fp32 = runtime.export(onnx_path, "fp32", tmp_path / "fp32")

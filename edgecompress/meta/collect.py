@@ -239,10 +239,9 @@ def pending(jobs: list[CollectJob], done_keys: set, dataset_key: str, model_name
     quant = {p: quant_settings(p) for p in PRECISIONS}
     inference = eval_inference_precision()
     for job in jobs:
-        settings = get_method(job.method).settings_hash()
-        missing = tuple(p for p in job.precisions if (dataset_key, model_names[job.model_spec], job.method, settings,
-                                                       job.ratio, p, spec_hash(job.finetune), quant[p], inference)
-                        not in done_keys)
+        head = (dataset_key, model_names[job.model_spec], job.method, get_method(job.method).settings_hash(), job.ratio)
+        recipe = spec_hash(job.finetune)
+        missing = tuple(p for p in job.precisions if (*head, p, recipe, quant[p], inference) not in done_keys)
         if missing:
             # Only the precisions without a row: a new int8 preset recollects int8, not the float rows beside it.
             out.append(dataclasses.replace(job, precisions=missing))

@@ -203,7 +203,7 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
     validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. ``preset``
     (an NNCF one; default ``NNCF_DEFAULT``) gives the device, symmetry and bias correction; ``attention`` says the
-    graph has attention (``has_attention``). Activation ranges are the calibration set's min and max. Convolutions
+    graph has attention (``has_attention``) and its ``activation_ranges`` (one of RANGE_CHOICES). Convolutions
     in ``gain_outliers`` stay in float. ``batch``: images per calibration inference (the model's batch axis must
     take it); accuracy control validates image by image, so it is only for ``control=None``.
     """
