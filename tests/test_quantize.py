@@ -155,11 +155,11 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     preset = runtime.quant_preset()
     from edgecompress.runtimes.base import RANGE_CHOICES
 
-    choices = RANGE_CHOICES if preset.activation_ranges == "choose" else (preset.activation_ranges,)
-    assert [c[0] for c in calls] == [preset.quantizer] * (len(choices) if preset.quantizer == "nncf" else 1)
+    choices = RANGE_CHOICES[preset.quantizer] if preset.activation_ranges == "choose" else (preset.activation_ranges,)
+    assert [c[0] for c in calls] == [preset.quantizer] * len(choices)  # "choose" makes each of RANGE_CHOICES
     kwargs = calls[0][1]
     if preset.quantizer == "nncf":
-        for (_, call), ranges in zip(calls, choices):  # "choose" makes each of RANGE_CHOICES
+        for (_, call), ranges in zip(calls, choices):
             estimator = call["advanced_parameters"].activations_range_estimator_params
             assert (estimator.max.aggregator_type is None) == (ranges == "nncf")  # None: NNCF's own ranges
             assert call["advanced_parameters"].batchwise_statistics == (preset.calibration_batch > 1)
@@ -170,9 +170,40 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
         assert kwargs["per_channel"] == preset.per_channel
         assert kwargs["activation_type"] == {"u8": ortq.QuantType.QUInt8, "s8": ortq.QuantType.QInt8}[preset.activation_type]
         assert kwargs["extra_options"]["ActivationSymmetric"] == preset.symmetric_activations
+        methods = {"minmax": ortq.CalibrationMethod.MinMax, "percentile": ortq.CalibrationMethod.Percentile}
+        assert [call["calibrate_method"] for _, call in calls] == [methods[r] for r in choices]
+        assert kwargs["extra_options"]["CalibPercentile"] == preset.percentile
     record = read_quant_record(artifact)
     assert record["key"] == preset.key() and record["quantizer"] == preset.quantizer
     assert {k: record[k] for k in preset.record()} == preset.record()
+
+
+@pytest.mark.parametrize("target", ("ort-cpu", "jetson-orin-nx"))
+def test_onnx_runtimes_choose_the_ranges_that_keep_the_float_answers(target, tmp_path):
+    """activation_ranges="choose" with ONNX Runtime's quantizer (each ONNX runtime's preset, its percentile set to
+    95 so that the 3 outlier images of 96 fall outside): images 200 times brighter than the rest set the min/max
+    range and collapse int8, the percentile range leaves them out; the closer one is kept, and the artifact says
+    so. A ReLU net without biases, whose logits scale with its input (collapsed, they are all zero)."""
+    from edgecompress.runtimes.base import read_quant_record
+
+    preset = get_target(target).runtime().quant_preset()
+    assert preset.activation_ranges == "choose"
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((96, 3, 16, 16)).astype(np.float32)
+    calib[:3] *= 200.0
+    net = _TwoConvNet(torch.relu, classes=10).eval()
+    with torch.no_grad():
+        for layer in (net.conv1, net.conv2, net.head):
+            layer.bias.zero_()
+    onnx_path = export_onnx(net, (1, 3, 16, 16), tmp_path / "m.onnx")
+    int8 = quantize_onnx(onnx_path, calib, tmp_path / "q.onnx", preset=dataclasses.replace(preset, percentile=95.0))
+    record = read_quant_record(int8)
+    assert record["activation_ranges_chosen"] == "percentile", record
+    assert record["range_agreement"]["percentile"] > record["range_agreement"]["minmax"]
+    x = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    runtime = get_target(target).runtime()
+    same = run_session(runtime.session(int8), x, 1).argmax(1) == run_session(runtime.session(onnx_path), x, 1).argmax(1)
+    assert same.mean() >= 0.8
 
 
 def test_openvino_chooses_the_ranges_that_keep_the_float_answers(tmp_path):
@@ -259,10 +290,16 @@ def test_tensorrt_preset_writes_symmetric_int8_qdq(tmp_path):
 
 @pytest.mark.parametrize("target", ("ort-cpu", "jetson-orin-nx"))
 def test_gain_outliers_stay_float_with_onnxruntime_presets(target, tmp_path):
+    """ONNX Runtime's nodes_to_exclude leaves a convolution float but still quantizes its input where the producer
+    is quantized; the amplifying depthwise convolution needs its input float (float_input_chains), as NNCF gives:
+    the pointwise convolution before it stays float too."""
     import onnx
 
     from edgecompress.runtimes.base import float_convs
 
     _, artifact = _quantized(target, tmp_path, _DeadChannel())
-    floats = float_convs(onnx.load(str(artifact)))
-    assert len(floats) == 1 and "dw" in floats[0]
+    graph = onnx.load(str(artifact)).graph
+    assert sorted(n.split("/")[-2] for n in float_convs(onnx.load(str(artifact)))) == ["dw", "pw"]
+    producers = {o: n for n in graph.node for o in n.output}
+    dw = next(n for n in graph.node if n.op_type == "Conv" and "dw" in n.name)
+    assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in dw.input)

@@ -20,14 +20,27 @@ split, one image at a time, in OpenVINO's CPU plugin:
 
     python tools/bench_int8_presets.py --schemes sym_minmax sym_default_b32 tool --cases 0,1,2,11,12,13,14 --json
 
+With ``--target ort-cpu`` or ``--target jetson-orin`` the same cases go through that runtime's ONNX Runtime
+quantizer (its preset: u8 asymmetric activations for ONNX Runtime's CPU kernels, s8 symmetric for TensorRT) and
+top-1 is measured in ONNX Runtime (the QDQ graph TensorRT builds from runs there with the same int8 arithmetic):
+
+  minmax            the calibration set's min and max (the preset of version 1)
+  percentile        the range holding the preset's percentile of each tensor's values (99.999 ort-cpu, 99.9 TensorRT)
+  tool              the runtime's own quantize() (preset version 2: whichever of the two agrees more with fp32)
+
+    python tools/bench_int8_presets.py --target ort-cpu --json > docs/bench_int8_presets_ort-cpu.json
+
 The default cases: the six Fashion-MNIST rows of meta-dataset v2 with the largest int8 loss (all over 15 pp), five
-rows drawn from the other Fashion-MNIST rows (seed 0), and the four dense digits models where min/max ranges had
-beaten NNCF's default by 2-4 pp (docs/bench_int8.json).
+rows drawn from the other Fashion-MNIST rows (seed 0), the four dense digits models where min/max ranges had
+beaten NNCF's default by 2-4 pp (docs/bench_int8.json), and the dense digits mobilenetv2_050 (layers kept float).
+
+    python tools/bench_int8_presets.py --target ort-cpu --cases 0,1,2,11,12,13,14,15 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -44,6 +57,7 @@ SCHEMES = {  # name: (NNCF preset, activation ranges, images per calibration inf
     "sym_default_b32": ("performance", "default", 32),
     "asym_default_b32": ("mixed", "default", 32),
 }
+ONNX_SCHEMES = ("minmax", "percentile")  # ONNX Runtime's range rules (runtimes.base.RANGE_CHOICES["onnxruntime"])
 # The digits models where min/max ranges beat NNCF's default by 2-4 pp (docs/bench_int8.json).
 DIGITS_DENSE = ("lcnet_050", "mnasnet_050", "mobilenetv3_small_100", "regnetx_002")
 # NNCF's default ("default"): per-tensor activations from each inference's extremes averaged, per-channel ones
@@ -66,6 +80,9 @@ CASES = (
     ("fashion-mnist", "mobilenetv3_small_050", "none", 0.0),
     ("fashion-mnist", "tf_mobilenetv3_small_minimal_100", "torch_pruning.l1", 0.5),
     *(("digits", m, "none", 0.0) for m in DIGITS_DENSE),
+    # Its depthwise convolutions amplify near-dead channels (gain_outliers): int8 on ONNX Runtime kept their inputs
+    # quantized until float_input_chains (10% top-1, fp32 80%).
+    ("digits", "mobilenetv2_050", "none", 0.0),
 )
 
 
@@ -98,6 +115,13 @@ def quantize(fp32_xml: Path, calib: np.ndarray, preset: str, ranges: str, batch:
     return quantized
 
 
+def onnx_top1(path: Path, x, y) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float(np.mean([session.run(None, {"input": x[i:i + 1]})[0].argmax() == y[i] for i in range(len(x))]))
+
+
 def top1(model, x, y) -> float:
     import openvino as ov
 
@@ -109,8 +133,9 @@ def top1(model, x, y) -> float:
     return float((np.array(out) == y).mean())
 
 
-def run_case(case, datasets, schemes) -> dict:
-    import openvino as ov
+def compressed_case(case, data, work: Path):
+    """The case's compressed model as `build` makes it, kept under ``work`` so that other targets' runs reuse it."""
+    import pickle
 
     from edgecompress import pipeline
     from edgecompress.compress.methods import (
@@ -119,35 +144,55 @@ def run_case(case, datasets, schemes) -> dict:
         PruneSpec,
         QuantSpec,
     )
-    from edgecompress.data.datasets import load_dataset
     from edgecompress.models import parse_model_spec
-    from edgecompress.runtimes.base import read_quant_record
+
+    task, model, method, ratio = case
+    out = work / f"{task}_{model}_{method}_{ratio}"
+    done = out / "compressed.pkl"
+    if not done.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        entry = parse_model_spec(model, task=task)
+        cand = Candidate(model=entry.name, prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec())
+        (out / "c").mkdir(exist_ok=True)
+        done.with_suffix(".tmp").write_bytes(pickle.dumps(pipeline.compress(cand, entry, data, FinetuneSpec(), out / "c")))
+        done.with_suffix(".tmp").rename(done)
+    return pickle.loads(done.read_bytes())
+
+
+def run_case(case, datasets, schemes, target_name: str = "openvino-cpu", work: Path = Path("tools/.bench_int8_presets")) -> dict:
+    import openvino as ov
+
+    from edgecompress import pipeline
+    from edgecompress.data.datasets import load_dataset
+    from edgecompress.runtimes.base import quantize_onnx, read_quant_record
     from edgecompress.targets import get_target
 
     task, model, method, ratio = case
     if task not in datasets:
         datasets[task] = load_dataset(None if task == "digits" else task, 32)
     data = datasets[task]
-    entry = parse_model_spec(model, task=task)
-    target = get_target("openvino-cpu")
+    target = get_target(target_name)
+    runtime = target.runtime()
+    onnx_target = runtime.artifact_name.endswith(".onnx")
     x, y = data.split("test")
     calib = data.split("calib")[0]
     row = {"task": task, "model": model, "method": method, "ratio": ratio}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cand = Candidate(model=entry.name, prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec())
-        (tmp / "c").mkdir()
-        compressed = pipeline.compress(cand, entry, data, FinetuneSpec(), tmp / "c")
+        compressed = compressed_case(case, data, work)
         for sub in ("fp32", "int8"):
             (tmp / sub).mkdir()
         fp32 = pipeline.at_precision(compressed, "fp32", target, data, tmp / "fp32")
-        row["fp32"] = top1(ov.Core().read_model(str(fp32.artifact)), x, y)
+        row["fp32"] = onnx_top1(fp32.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(fp32.artifact)), x, y)
         for name in schemes:
             if name == "tool":
                 tool = pipeline.at_precision(compressed, "int8", target, data, tmp / "int8")
                 record = read_quant_record(tool.artifact)
                 row["tool_ranges"] = record.get("activation_ranges_chosen", record["activation_ranges"])
-                row[name] = top1(ov.Core().read_model(str(tool.artifact)), x, y)
+                row[name] = onnx_top1(tool.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(tool.artifact)), x, y)
+            elif onnx_target:
+                preset = dataclasses.replace(runtime.quant_preset(), activation_ranges=name)
+                row[name] = onnx_top1(quantize_onnx(fp32.artifact, calib, tmp / f"{name}.onnx", preset=preset), x, y)
             else:
                 row[name] = top1(quantize(fp32.artifact, calib, *SCHEMES[name]), x, y)
     return row
@@ -158,12 +203,21 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--cases", type=lambda v: [int(i) for i in v.split(",")], default=None,
                     help="comma-separated indices into CASES (default: all)")
-    ap.add_argument("--schemes", nargs="+", default=[*SCHEMES, "tool"], choices=[*SCHEMES, "tool"])
+    ap.add_argument("--target", default="openvino-cpu", choices=("openvino-cpu", "ort-cpu", "jetson-orin"),
+                    help="whose int8: OpenVINO's NNCF schemes, or an ONNX Runtime quantizer preset's")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / ".bench_int8_presets",
+                    help="compressed cases kept here, reused by later runs (other targets)")
+    ap.add_argument("--schemes", nargs="+", default=None, choices=[*SCHEMES, *ONNX_SCHEMES, "tool"],
+                    help="default: every scheme of the target's quantizer, and the tool's own")
     args = ap.parse_args()
+    onnx_target = args.target != "openvino-cpu"
+    args.schemes = args.schemes or [*(ONNX_SCHEMES if onnx_target else SCHEMES), "tool"]
+    if any(s != "tool" and (s in SCHEMES) == onnx_target for s in args.schemes):
+        ap.error(f"--schemes for {args.target}: {', '.join(ONNX_SCHEMES if onnx_target else SCHEMES)} and tool")
     datasets: dict = {}
     rows = []
     for case in [CASES[i] for i in args.cases] if args.cases else CASES:
-        rows.append(run_case(case, datasets, args.schemes))
+        rows.append(run_case(case, datasets, args.schemes, args.target, args.work))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     names = ["fp32", *args.schemes]
     mean = {n: float(np.mean([r[n] for r in rows])) for n in names}

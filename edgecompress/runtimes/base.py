@@ -141,11 +141,13 @@ class QuantPreset:
     # SmoothQuant and keeps its transformer-unfriendly quantizers out.
     transformer_when_attention: bool = True
     fast_bias_correction: bool = True
-    # NNCF's activation ranges: "minmax", the calibration set's min and max; "nncf", NNCF's default (the extremes
-    # of each calibration image averaged for per-tensor quantizers, min and max for per-channel ones); "choose", both
-    # made and the one whose top-1 agrees more with the float model's on the calibration images kept (a runtime
-    # that can: OpenVINO's; RANGE_CHOICES).
+    # Activation ranges, one of the quantizer's RANGE_CHOICES or "choose". "minmax": the calibration set's min and
+    # max (either quantizer). NNCF's "nncf": its default (the extremes of each calibration image averaged for
+    # per-tensor quantizers, min and max for per-channel ones). ONNX Runtime's "percentile": the range that holds
+    # ``percentile`` % of each tensor's calibration values. "choose": each of the quantizer's RANGE_CHOICES made,
+    # and the one whose top-1 agrees more with the float model's on the calibration images kept (choose_ranges).
     activation_ranges: str = "minmax"
+    percentile: float = 99.999
     # ONNX Runtime's quantize_static (quantizer "onnxruntime"): format, 8-bit types, weight granularity, symmetry.
     quant_format: str = "qdq"  # "qdq" | "qoperator"
     activation_type: str = "u8"  # "u8" | "s8"
@@ -160,7 +162,10 @@ class QuantPreset:
 
     def record(self) -> dict:
         """Everything that decides the artifact, as the report and the artifact's metadata keep it."""
-        return {"type": "QuantPreset", **dataclasses.asdict(self)}
+        record = dataclasses.asdict(self)
+        if self.quantizer != "onnxruntime":  # only ONNX Runtime's ranges take a percentile (and older keys stay)
+            del record["percentile"]
+        return {"type": "QuantPreset", **record}
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
@@ -169,8 +174,8 @@ class QuantPreset:
 # NNCF's post-training quantization as the tool made every runtime's int8 before presets (and as callers that
 # pass no preset still get it): symmetric, per-channel weights, per-tensor activations, no device specifics.
 NNCF_DEFAULT = QuantPreset(quantizer="nncf")
-# What activation_ranges="choose" chooses from, in order of preference at equal agreement.
-RANGE_CHOICES = ("minmax", "nncf")
+# What activation_ranges="choose" chooses from, per quantizer, in order of preference at equal agreement.
+RANGE_CHOICES = {"nncf": ("minmax", "nncf"), "onnxruntime": ("minmax", "percentile")}
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
@@ -179,6 +184,23 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     second."""
     same = float((reference.argmax(1) == logits.argmax(1)).mean())
     return same, -float(np.mean((reference - logits) ** 2))
+
+
+def choose_ranges(choices, make: Callable, logits: Callable, reference: np.ndarray) -> tuple[str, dict, object]:
+    """activation_ranges="choose": ``make(ranges)`` the int8 model with each of ``choices`` and keep the one whose
+    ``logits(model)`` on the calibration images agree more with the float model's ``reference`` (agreement).
+    Returns the chosen name, each choice's share of images with the float top-1, and the chosen model.
+
+    No range rule holds everywhere: min/max collapsed fine-tuned hard-swish networks whose few outlier images set
+    the range; NNCF's averaged extremes and ONNX Runtime's percentiles cost some dense digits models 1-4 pp
+    (tools/bench_int8_presets.py).
+    """
+    models, scores = {}, {}
+    for r in choices:
+        models[r] = make(r)
+        scores[r] = agreement(reference, logits(models[r]))
+    chosen = max(choices, key=lambda r: scores[r])  # max keeps the first of equals: the choices' order
+    return chosen, {r: round(v[0], 4) for r, v in scores.items()}, models[chosen]
 
 QUANT_METADATA_KEY = "edgecompress.quant_preset"  # ONNX metadata_props key; OpenVINO rt_info path edgecompress/...
 
@@ -203,7 +225,7 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
     validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. ``preset``
     (an NNCF one; default ``NNCF_DEFAULT``) gives the device, symmetry and bias correction; ``attention`` says the
-    graph has attention (``has_attention``) and its ``activation_ranges`` (one of RANGE_CHOICES). Convolutions
+    graph has attention (``has_attention``) and its ``activation_ranges`` (one of RANGE_CHOICES["nncf"]). Convolutions
     in ``gain_outliers`` stay in float. ``batch``: images per calibration inference (the model's batch axis must
     take it); accuracy control validates image by image, so it is only for ``control=None``.
     """
@@ -220,8 +242,9 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
         raise EdgecompressError("accuracy-aware int8 calibrates and validates one image at a time (batch 1)")
     calib = calibration_dataset(calib_images, to_input, batch)
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
-    if preset.activation_ranges not in RANGE_CHOICES:  # "choose" is the runtime's to resolve before calling this
-        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: NNCF takes one of {', '.join(RANGE_CHOICES)}")
+    if preset.activation_ranges not in RANGE_CHOICES["nncf"]:  # "choose" is resolved before this (choose_ranges)
+        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: NNCF takes one of "
+                                f"{', '.join(RANGE_CHOICES['nncf'])}")
     # Statistics per image whatever the batch (batchwise_statistics): averaged extremes mean the same at batch 32.
     ranges = (AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
                                              batchwise_statistics=batch > 1)
@@ -276,18 +299,44 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
     quantizer = QUANTIZERS.get(preset.quantizer)
     if quantizer is None:
         raise EdgecompressError(f"unknown quantizer {preset.quantizer!r} (known: {', '.join(sorted(QUANTIZERS))})")
-    quantized, how = quantizer(src, calib_images, control, preset)
-    _set_onnx_record(quantized, preset, how)
+    extra, ranges, quantized = {}, preset.activation_ranges, None
+    if ranges == "choose":
+        images = calibration_batches(calib_images, 1 if _onnx_fixed_batch(src) else 32)
+
+        def logits(model) -> np.ndarray:
+            session = _onnx_session(model)
+            return np.concatenate([session.run(None, {INPUT_NAME: x})[0] for x in images])[:len(calib_images)]
+
+        ranges, extra["range_agreement"], quantized = choose_ranges(
+            RANGE_CHOICES[preset.quantizer], lambda r: quantizer(src, calib_images, None, dataclasses.replace(preset, activation_ranges=r))[0],
+            logits, logits(onnx.load(str(src))))
+        extra["activation_ranges_chosen"] = ranges
+        how = preset.quantizer
+    if quantized is None or control is not None:
+        quantized, how = quantizer(src, calib_images, control, dataclasses.replace(preset, activation_ranges=ranges))
+    _set_onnx_record(quantized, preset, how, extra)
     onnx.save(quantized, str(dst))
     return dst
 
 
-def _onnx_top1(model, items):
+def _onnx_fixed_batch(path: Path) -> bool:
+    """The ONNX graph's input has a fixed batch size (a user's static-batch export): it is fed one image at a time."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.HasField("dim_value")
+
+
+def _onnx_session(model):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_top1(model, items):
+    session = _onnx_session(model)
     hits = [float(session.run(None, {INPUT_NAME: x})[0].argmax() == y) for x, y in items]
     return float(np.mean(hits)), hits
 
@@ -320,6 +369,10 @@ def _ort_static(src: Path, calib_images: np.ndarray, preset: QuantPreset, exclud
 
     types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    if preset.activation_ranges not in methods:  # "choose" is resolved before this (choose_ranges)
+        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: ONNX Runtime's quantizer takes one of "
+                                f"{', '.join(methods)}")
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -337,10 +390,10 @@ def _ort_static(src: Path, calib_images: np.ndarray, preset: QuantPreset, exclud
             out = Path(tmp) / "q.onnx"
             quantize_static(str(src), str(out), Reader(), quant_format=formats[preset.quant_format],
                             per_channel=preset.per_channel, activation_type=types[preset.activation_type],
-                            weight_type=types[preset.weight_type], calibrate_method=CalibrationMethod.MinMax,
+                            weight_type=types[preset.weight_type], calibrate_method=methods[preset.activation_ranges],
                             nodes_to_exclude=exclude,
                             extra_options={"ActivationSymmetric": preset.symmetric_activations, "WeightSymmetric": True,
-                                           "QuantizeBias": preset.quantize_bias})
+                                           "QuantizeBias": preset.quantize_bias, "CalibPercentile": preset.percentile})
             return onnx.load(str(out))
     finally:
         root.setLevel(level)
@@ -353,22 +406,48 @@ def float_convs(model) -> list[str]:
             and not (n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear")]
 
 
+def float_input_chains(model, convs: list[str]) -> list[str]:
+    """``convs`` and the nodes that make their inputs, back to and including the convolution or matrix product
+    before them: what ONNX Runtime's quantizer must leave out to keep a convolution's input float.
+
+    NNCF drops the quantizer on an ignored node's input; ONNX Runtime's ``nodes_to_exclude`` leaves the node float
+    but still quantizes its input wherever the producer is quantized, which is what gain_outliers' convolutions
+    cannot take (their near-dead input channels round to zero): mobilenetv2_050 on the digits, 80% fp32, was 10%
+    in int8 with its 11 outlier depthwise convolutions excluded alone, on ONNX Runtime and TensorRT alike.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    out = []
+    for name in convs:
+        out.append(name)
+        tensor = by_name[name].input[0]
+        while tensor in producers and tensor not in inits:
+            node = producers[tensor]
+            out.append(node.name)
+            if node.op_type in ("Conv", "Gemm", "MatMul") or not node.input:
+                break
+            tensor = node.input[0]
+    return list(dict.fromkeys(out))
+
+
 def _onnxruntime_onnx(src: Path, calib_images: np.ndarray, control: AccuracyControl | None, preset: QuantPreset):
     """ONNX Runtime's quantize_static; with ``control``, kept if the validation drop is within it, else the
     convolutions NNCF's accuracy restorer returns to float are left out of ONNX Runtime's quantization too."""
     import onnx
 
-    exclude = gain_outliers(onnx_conv_weights(onnx.load(str(src))))
+    model = onnx.load(str(src))
+    exclude = float_input_chains(model, gain_outliers(onnx_conv_weights(model)))
     quantized = _ort_static(src, calib_images, preset, exclude)
     if control is None:
         return quantized, "onnxruntime"
     items = [(control.images[i:i + 1], int(control.labels[i])) for i in range(len(control.labels))]
-    reference, _ = _onnx_top1(onnx.load(str(src)), items)
+    reference, _ = _onnx_top1(model, items)
     accuracy, _ = _onnx_top1(quantized, items)
     if accuracy >= reference - control.max_drop:
         return quantized, "onnxruntime"
     restored, _ = _nncf_onnx(src, calib_images, control, NNCF_DEFAULT)
-    exclude = sorted(set(exclude) | set(float_convs(restored)))
+    exclude = sorted(set(exclude) | set(float_input_chains(model, float_convs(restored))))
     return _ort_static(src, calib_images, preset, exclude), "onnxruntime, float layers from nncf accuracy control"
 
 
@@ -376,8 +455,8 @@ def _onnxruntime_onnx(src: Path, calib_images: np.ndarray, control: AccuracyCont
 QUANTIZERS: dict[str, Callable] = {"nncf": _nncf_onnx, "onnxruntime": _onnxruntime_onnx}
 
 
-def _set_onnx_record(model, preset: QuantPreset, how: str) -> None:
-    record = json.dumps({**preset.record(), "key": preset.key(), "made_by": how}, sort_keys=True)
+def _set_onnx_record(model, preset: QuantPreset, how: str, extra: dict | None = None) -> None:
+    record = json.dumps({**preset.record(), "key": preset.key(), "made_by": how, **(extra or {})}, sort_keys=True)
     for prop in list(model.metadata_props):
         if prop.key == QUANT_METADATA_KEY:
             model.metadata_props.remove(prop)

@@ -14,8 +14,12 @@ from edgecompress.runtimes.base import OnnxArtifactRuntime, QuantPreset
 # run as QLinearConv; s8 activations ran 2.8x slower than u8 on resnet10t). NNCF's QDQ places the quantizer after
 # the activation, so ONNX Runtime fuses nothing in HardSwish networks: lcnet_050 int8 0.71-0.87 ms against
 # 0.16 ms with this preset (fp32 0.10 ms). Measured 2026-11-25, docs/bench_peers.md.
+# Version 2 (2026-11-26): activation ranges chosen per model (min/max, or the range holding 99.999% of each
+# tensor's calibration values, whichever int8 agrees more with fp32 on the calibration images): min/max alone
+# lost 12 pp on a fine-tuned lcnet_075 (71% against 83%), percentiles alone up to 3 pp on dense digits models
+# (tools/bench_int8_presets.py --target ort-cpu).
 ORT_CPU_PRESET = QuantPreset(quantizer="onnxruntime", quant_format="qdq", activation_type="u8", weight_type="s8",
-                             per_channel=True)
+                             per_channel=True, activation_ranges="choose", percentile=99.999, version=2)
 
 
 class OnnxRuntime(OnnxArtifactRuntime):

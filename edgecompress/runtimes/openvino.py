@@ -13,8 +13,8 @@ from edgecompress.runtimes.base import (
     AccuracyControl,
     QuantPreset,
     RunnerRuntime,
-    agreement,
     calibration_batches,
+    choose_ranges,
     has_attention,
     quantize_with_control,
 )
@@ -122,13 +122,8 @@ class OpenVinoRuntime(RunnerRuntime):
         return quantized
 
     def _choose_ranges(self, artifact: Path, calib_images, preset: QuantPreset) -> tuple[str, dict, object]:
-        """activation_ranges="choose": int8 with each of RANGE_CHOICES, compared with the float IR on the calibration
-        images (agreement); the closer one's name, each one's share of images with the float model's top-1, and the
-        closer one's quantized model (static batch 1).
-
-        Neither range rule holds everywhere: min/max collapsed fine-tuned hard-swish networks whose few outlier
-        images set the range; NNCF's averaged extremes cost dense digits models 2-4 pp (tools/bench_int8_presets.py).
-        """
+        """activation_ranges="choose" (choose_ranges) with NNCF's range rules, calibrated and compared
+        ``calibration_batch`` images an inference; the chosen model comes back at static batch 1."""
         import dataclasses
 
         batch = max(preset.calibration_batch, 1)
@@ -141,16 +136,12 @@ class OpenVinoRuntime(RunnerRuntime):
             for x in images:
                 request.infer({0: x})
                 out.append(request.get_output_tensor(0).data.copy())
+            _set_batch(model, 1)
             return np.concatenate(out)[:len(calib_images)]
 
-        reference = logits(openvino_core().read_model(str(artifact)))
-        models, scores = {}, {}
-        for r in RANGE_CHOICES:
-            models[r] = self._nncf(artifact, calib_images, dataclasses.replace(preset, activation_ranges=r), batch)
-            scores[r] = agreement(reference, logits(models[r]))
-            _set_batch(models[r], 1)  # logits() made it batch-sized
-        chosen = max(RANGE_CHOICES, key=lambda r: scores[r])  # max keeps the first of equals: RANGE_CHOICES' order
-        return chosen, {r: round(v[0], 4) for r, v in scores.items()}, models[chosen]
+        return choose_ranges(RANGE_CHOICES["nncf"],
+                             lambda r: self._nncf(artifact, calib_images, dataclasses.replace(preset, activation_ranges=r), batch),
+                             logits, logits(openvino_core().read_model(str(artifact))))
 
     def session(self, artifact: Path):
         compiled = openvino_core().compile_model(str(artifact), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
