@@ -137,13 +137,28 @@ def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        m, c = report.measured, report.choice
-        lat = m.latency_ms_median
-        lat_text = f"{lat:.3f} ms measured" if lat is not None else f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
-        click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: "
-                   f"{lat_text}, accuracy {m.accuracy * 100:.2f}% (uncompressed {m.baseline_accuracy * 100:.2f}%)")
+        c = report.choice
+        click.echo(f"chose {c['model']} / {c['prune_method']} {c['prune_ratio']:.2f} / {c['precision']}: {_met_with(report)}")
         click.echo(f"bundle: {Path(report.run_dir) / report.bundle}")
         click.echo(f"report: {Path(report.run_dir) / 'report.html'}")
+
+
+def _met_with(report) -> str:
+    """What the budget was met with, in one line: the figure of the budget's own statistic beside the budget."""
+    m, budget = report.measured, report.budget
+    # trtexec gives no p99: its p90, then its median stand in (Budget.measured_latency_ms)
+    stat, figure = next(((s, getattr(m, f"latency_ms_{s}")) for s in (budget["latency_stat"], "p90", "median")
+                         if getattr(m, f"latency_ms_{s}") is not None), (None, None))
+    if figure is None:
+        latency = f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
+    else:
+        latency = f"{stat} {figure:.3f} ms measured" + (f" (median {m.latency_ms_median:.3f} ms)" if stat != "median" else "")
+    if budget["latency_ms"] is not None:
+        latency += f", budget {budget['latency_ms']:g} ms"
+    accuracy = f"accuracy {m.accuracy * 100:.2f}% (uncompressed {m.baseline_accuracy * 100:.2f}%"
+    if budget["max_accuracy_drop"] is not None:
+        accuracy += f", drop allowed {budget['max_accuracy_drop'] * 100:g} pp"
+    return f"{latency}; {accuracy})"
 
 
 @cli.command()

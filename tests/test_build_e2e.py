@@ -32,6 +32,8 @@ def test_build_openvino_end_to_end(tmp_path, capsys, monkeypatch):
     assert m["latency_ms_median"] <= 5 and m["latency_ms_p90"] >= m["latency_ms_median"]
     assert m["peak_memory_mb"] > 0 and m["model_size_mb"] > 0
     assert any(c["tried"] for c in report["candidates"])
+    chose = [line for line in capsys.readouterr().out.splitlines() if line.startswith("chose ")]
+    assert len(chose) == 1 and f"p90 {m['latency_ms_p90']:.3f} ms measured" in chose[0] and "budget 5 ms" in chose[0], chose
     html = (out / "report.html").read_text()
     assert "<svg" in html and "budget 5 ms" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
 
