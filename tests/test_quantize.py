@@ -153,10 +153,10 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
     monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: calls.append(("onnxruntime", k)) or real_ort(*a, **k))
     runtime, artifact = _quantized(target, tmp_path)
     preset = runtime.quant_preset()
-    from edgecompress.runtimes.base import RANGE_CHOICES
+    from edgecompress.runtimes.base import range_choices
 
-    choices = RANGE_CHOICES[preset.quantizer] if preset.activation_ranges == "choose" else (preset.activation_ranges,)
-    assert [c[0] for c in calls] == [preset.quantizer] * len(choices)  # "choose" makes each of RANGE_CHOICES
+    choices = range_choices(preset) if preset.activation_ranges == "choose" else (preset.activation_ranges,)
+    assert [c[0] for c in calls] == [preset.quantizer] * len(choices)  # "choose" makes each of range_choices
     kwargs = calls[0][1]
     if preset.quantizer == "nncf":
         for (_, call), ranges in zip(calls, choices):
@@ -170,9 +170,8 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
         assert kwargs["per_channel"] == preset.per_channel
         assert kwargs["activation_type"] == {"u8": ortq.QuantType.QUInt8, "s8": ortq.QuantType.QInt8}[preset.activation_type]
         assert kwargs["extra_options"]["ActivationSymmetric"] == preset.symmetric_activations
-        methods = {"minmax": ortq.CalibrationMethod.MinMax, "percentile": ortq.CalibrationMethod.Percentile}
-        assert [call["calibrate_method"] for _, call in calls] == [methods[r] for r in choices]
-        assert kwargs["extra_options"]["CalibPercentile"] == preset.percentile
+        assert [(call["calibrate_method"], call["extra_options"].get("CalibPercentile")) for _, call in calls] == \
+            [(ortq.CalibrationMethod.MinMax, None), *((ortq.CalibrationMethod.Percentile, p) for p in preset.percentiles)]
     record = read_quant_record(artifact)
     assert record["key"] == preset.key() and record["quantizer"] == preset.quantizer
     assert {k: record[k] for k in preset.record()} == preset.record()
@@ -180,7 +179,7 @@ def test_each_runtime_preset_reaches_its_quantizer_and_the_artifact(target, tmp_
 
 @pytest.mark.parametrize("target", ("ort-cpu", "jetson-orin-nx"))
 def test_onnx_runtimes_choose_the_ranges_that_keep_the_float_answers(target, tmp_path):
-    """activation_ranges="choose" with ONNX Runtime's quantizer (each ONNX runtime's preset, its percentile set to
+    """activation_ranges="choose" with ONNX Runtime's quantizer (each ONNX runtime's preset, its percentiles set to
     95 so that the 3 outlier images of 96 fall outside): images 200 times brighter than the rest set the min/max
     range and collapse int8, the percentile range leaves them out; the closer one is kept, and the artifact says
     so. A ReLU net without biases, whose logits scale with its input (collapsed, they are all zero)."""
@@ -196,10 +195,10 @@ def test_onnx_runtimes_choose_the_ranges_that_keep_the_float_answers(target, tmp
         for layer in (net.conv1, net.conv2, net.head):
             layer.bias.zero_()
     onnx_path = export_onnx(net, (1, 3, 16, 16), tmp_path / "m.onnx")
-    int8 = quantize_onnx(onnx_path, calib, tmp_path / "q.onnx", preset=dataclasses.replace(preset, percentile=95.0))
+    int8 = quantize_onnx(onnx_path, calib, tmp_path / "q.onnx", preset=dataclasses.replace(preset, percentiles=(95.0,)))
     record = read_quant_record(int8)
-    assert record["activation_ranges_chosen"] == "percentile", record
-    assert record["range_agreement"]["percentile"] > record["range_agreement"]["minmax"]
+    assert record["activation_ranges_chosen"] == "percentile:95", record
+    assert record["range_agreement"]["percentile:95"] > record["range_agreement"]["minmax"]
     x = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
     runtime = get_target(target).runtime()
     same = run_session(runtime.session(int8), x, 1).argmax(1) == run_session(runtime.session(onnx_path), x, 1).argmax(1)

@@ -25,8 +25,9 @@ quantizer (its preset: u8 asymmetric activations for ONNX Runtime's CPU kernels,
 top-1 is measured in ONNX Runtime (the QDQ graph TensorRT builds from runs there with the same int8 arithmetic):
 
   minmax            the calibration set's min and max (the preset of version 1)
-  percentile        the range holding the preset's percentile of each tensor's values (99.999 ort-cpu, 99.9 TensorRT)
-  tool              the runtime's own quantize() (preset version 2: whichever of the two agrees more with fp32)
+  percentile:P      the range holding P % of each tensor's values, for each of the preset's percentiles
+                    (ort-cpu 99.999; TensorRT 99.9 and 99)
+  tool              the runtime's own quantize() (preset version 2: whichever of those agrees most with fp32)
 
     python tools/bench_int8_presets.py --target ort-cpu --json > docs/bench_int8_presets_ort-cpu.json
 
@@ -57,7 +58,6 @@ SCHEMES = {  # name: (NNCF preset, activation ranges, images per calibration inf
     "sym_default_b32": ("performance", "default", 32),
     "asym_default_b32": ("mixed", "default", 32),
 }
-ONNX_SCHEMES = ("minmax", "percentile")  # ONNX Runtime's range rules (runtimes.base.RANGE_CHOICES["onnxruntime"])
 # The digits models where min/max ranges beat NNCF's default by 2-4 pp (docs/bench_int8.json).
 DIGITS_DENSE = ("lcnet_050", "mnasnet_050", "mobilenetv3_small_100", "regnetx_002")
 # NNCF's default ("default"): per-tensor activations from each inference's extremes averaged, per-channel ones
@@ -207,13 +207,17 @@ def main() -> None:
                     help="whose int8: OpenVINO's NNCF schemes, or an ONNX Runtime quantizer preset's")
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / ".bench_int8_presets",
                     help="compressed cases kept here, reused by later runs (other targets)")
-    ap.add_argument("--schemes", nargs="+", default=None, choices=[*SCHEMES, *ONNX_SCHEMES, "tool"],
+    ap.add_argument("--schemes", nargs="+", default=None,
                     help="default: every scheme of the target's quantizer, and the tool's own")
     args = ap.parse_args()
-    onnx_target = args.target != "openvino-cpu"
-    args.schemes = args.schemes or [*(ONNX_SCHEMES if onnx_target else SCHEMES), "tool"]
-    if any(s != "tool" and (s in SCHEMES) == onnx_target for s in args.schemes):
-        ap.error(f"--schemes for {args.target}: {', '.join(ONNX_SCHEMES if onnx_target else SCHEMES)} and tool")
+    from edgecompress.runtimes.base import range_choices
+    from edgecompress.targets import get_target
+
+    preset = get_target(args.target).runtime().quant_preset()
+    known = [*(range_choices(preset) if preset.quantizer == "onnxruntime" else SCHEMES), "tool"]
+    args.schemes = args.schemes or known
+    if set(args.schemes) - set(known):
+        ap.error(f"--schemes for {args.target}: {', '.join(known)}")
     datasets: dict = {}
     rows = []
     for case in [CASES[i] for i in args.cases] if args.cases else CASES:

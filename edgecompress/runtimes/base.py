@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -141,13 +142,14 @@ class QuantPreset:
     # SmoothQuant and keeps its transformer-unfriendly quantizers out.
     transformer_when_attention: bool = True
     fast_bias_correction: bool = True
-    # Activation ranges, one of the quantizer's RANGE_CHOICES or "choose". "minmax": the calibration set's min and
-    # max (either quantizer). NNCF's "nncf": its default (the extremes of each calibration image averaged for
-    # per-tensor quantizers, min and max for per-channel ones). ONNX Runtime's "percentile": the range that holds
-    # ``percentile`` % of each tensor's calibration values. "choose": each of the quantizer's RANGE_CHOICES made,
-    # and the one whose top-1 agrees more with the float model's on the calibration images kept (choose_ranges).
+    # Activation ranges, one of range_choices(preset) or "choose". "minmax": the calibration set's min and max
+    # (either quantizer). NNCF's "nncf": its default (the extremes of each calibration image averaged for
+    # per-tensor quantizers, min and max for per-channel ones). ONNX Runtime's "percentile:P": the range that
+    # holds P % of each tensor's calibration values, for each P of ``percentiles``. "choose": each of
+    # range_choices(preset) made, and the one whose top-1 agrees more with the float model's on the calibration
+    # images kept (choose_ranges).
     activation_ranges: str = "minmax"
-    percentile: float = 99.999
+    percentiles: tuple[float, ...] = (99.999,)
     # ONNX Runtime's quantize_static (quantizer "onnxruntime"): format, 8-bit types, weight granularity, symmetry.
     quant_format: str = "qdq"  # "qdq" | "qoperator"
     activation_type: str = "u8"  # "u8" | "s8"
@@ -163,8 +165,10 @@ class QuantPreset:
     def record(self) -> dict:
         """Everything that decides the artifact, as the report and the artifact's metadata keep it."""
         record = dataclasses.asdict(self)
-        if self.quantizer != "onnxruntime":  # only ONNX Runtime's ranges take a percentile (and older keys stay)
-            del record["percentile"]
+        if self.quantizer != "onnxruntime":  # only ONNX Runtime's ranges take percentiles (and older keys stay)
+            del record["percentiles"]
+        else:
+            record["percentiles"] = list(self.percentiles)  # as the artifact's JSON gives it back
         return {"type": "QuantPreset", **record}
 
     def key(self) -> str:
@@ -174,8 +178,15 @@ class QuantPreset:
 # NNCF's post-training quantization as the tool made every runtime's int8 before presets (and as callers that
 # pass no preset still get it): symmetric, per-channel weights, per-tensor activations, no device specifics.
 NNCF_DEFAULT = QuantPreset(quantizer="nncf")
-# What activation_ranges="choose" chooses from, per quantizer, in order of preference at equal agreement.
-RANGE_CHOICES = {"nncf": ("minmax", "nncf"), "onnxruntime": ("minmax", "percentile")}
+NNCF_RANGES = ("minmax", "nncf")
+
+
+def range_choices(preset: QuantPreset) -> tuple[str, ...]:
+    """What activation_ranges="choose" chooses from for ``preset``'s quantizer, in order of preference at equal
+    agreement."""
+    if preset.quantizer == "nncf":
+        return NNCF_RANGES
+    return ("minmax", *(f"percentile:{p:g}" for p in preset.percentiles))
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
@@ -192,7 +203,7 @@ def choose_ranges(choices, make: Callable, logits: Callable, reference: np.ndarr
     Returns the chosen name, each choice's share of images with the float top-1, and the chosen model.
 
     No range rule holds everywhere: min/max collapsed fine-tuned hard-swish networks whose few outlier images set
-    the range; NNCF's averaged extremes and ONNX Runtime's percentiles cost some dense digits models 1-4 pp
+    the range; NNCF's averaged extremes and ONNX Runtime's percentiles cost some dense digits models 1-20 pp
     (tools/bench_int8_presets.py).
     """
     models, scores = {}, {}
@@ -225,7 +236,7 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
     ``to_input(x)`` maps an NCHW batch to the model's input; ``top1(model, items)`` is the backend's
     validation function over (image, label) items; ``conv_weights(model)`` the backend's convolutions. ``preset``
     (an NNCF one; default ``NNCF_DEFAULT``) gives the device, symmetry and bias correction; ``attention`` says the
-    graph has attention (``has_attention``) and its ``activation_ranges`` (one of RANGE_CHOICES["nncf"]). Convolutions
+    graph has attention (``has_attention``) and its ``activation_ranges`` (one of NNCF_RANGES). Convolutions
     in ``gain_outliers`` stay in float. ``batch``: images per calibration inference (the model's batch axis must
     take it); accuracy control validates image by image, so it is only for ``control=None``.
     """
@@ -242,9 +253,8 @@ def quantize_with_control(model, calib_images: np.ndarray, control: AccuracyCont
         raise EdgecompressError("accuracy-aware int8 calibrates and validates one image at a time (batch 1)")
     calib = calibration_dataset(calib_images, to_input, batch)
     ignored = nncf.IgnoredScope(names=gain_outliers(conv_weights(model)))
-    if preset.activation_ranges not in RANGE_CHOICES["nncf"]:  # "choose" is resolved before this (choose_ranges)
-        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: NNCF takes one of "
-                                f"{', '.join(RANGE_CHOICES['nncf'])}")
+    if preset.activation_ranges not in NNCF_RANGES:  # "choose" is resolved before this (choose_ranges)
+        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: NNCF takes one of {', '.join(NNCF_RANGES)}")
     # Statistics per image whatever the batch (batchwise_statistics): averaged extremes mean the same at batch 32.
     ranges = (AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
                                              batchwise_statistics=batch > 1)
@@ -308,7 +318,7 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
             return np.concatenate([session.run(None, {INPUT_NAME: x})[0] for x in images])[:len(calib_images)]
 
         ranges, extra["range_agreement"], quantized = choose_ranges(
-            RANGE_CHOICES[preset.quantizer], lambda r: quantizer(src, calib_images, None, dataclasses.replace(preset, activation_ranges=r))[0],
+            range_choices(preset), lambda r: quantizer(src, calib_images, None, dataclasses.replace(preset, activation_ranges=r))[0],
             logits, logits(onnx.load(str(src))))
         extra["activation_ranges_chosen"] = ranges
         how = preset.quantizer
@@ -369,10 +379,11 @@ def _ort_static(src: Path, calib_images: np.ndarray, preset: QuantPreset, exclud
 
     types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-    if preset.activation_ranges not in methods:  # "choose" is resolved before this (choose_ranges)
-        raise EdgecompressError(f"activation_ranges {preset.activation_ranges!r}: ONNX Runtime's quantizer takes one of "
-                                f"{', '.join(methods)}")
+    ranges = preset.activation_ranges  # "choose" is resolved before this (choose_ranges)
+    if ranges != "minmax" and not re.fullmatch(r"percentile:\d+(\.\d+)?", ranges):
+        raise EdgecompressError(f"activation_ranges {ranges!r}: ONNX Runtime's quantizer takes minmax or percentile:P")
+    method, percentile = ((CalibrationMethod.MinMax, {}) if ranges == "minmax" else
+                          (CalibrationMethod.Percentile, {"CalibPercentile": float(ranges.split(":")[1])}))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -390,10 +401,10 @@ def _ort_static(src: Path, calib_images: np.ndarray, preset: QuantPreset, exclud
             out = Path(tmp) / "q.onnx"
             quantize_static(str(src), str(out), Reader(), quant_format=formats[preset.quant_format],
                             per_channel=preset.per_channel, activation_type=types[preset.activation_type],
-                            weight_type=types[preset.weight_type], calibrate_method=methods[preset.activation_ranges],
+                            weight_type=types[preset.weight_type], calibrate_method=method,
                             nodes_to_exclude=exclude,
                             extra_options={"ActivationSymmetric": preset.symmetric_activations, "WeightSymmetric": True,
-                                           "QuantizeBias": preset.quantize_bias, "CalibPercentile": preset.percentile})
+                                           "QuantizeBias": preset.quantize_bias, **percentile})
             return onnx.load(str(out))
     finally:
         root.setLevel(level)

@@ -19,7 +19,7 @@ from edgecompress.runtimes.base import OnnxArtifactRuntime, QuantPreset
 # lost 12 pp on a fine-tuned lcnet_075 (71% against 83%), percentiles alone up to 3 pp on dense digits models
 # (tools/bench_int8_presets.py --target ort-cpu).
 ORT_CPU_PRESET = QuantPreset(quantizer="onnxruntime", quant_format="qdq", activation_type="u8", weight_type="s8",
-                             per_channel=True, activation_ranges="choose", percentile=99.999, version=2)
+                             per_channel=True, activation_ranges="choose", percentiles=(99.999,), version=2)
 
 
 class OnnxRuntime(OnnxArtifactRuntime):

@@ -9,7 +9,7 @@ import numpy as np
 
 from edgecompress.core.sigstack import keep_signal_stack
 from edgecompress.runtimes.base import (
-    RANGE_CHOICES,
+    NNCF_RANGES,
     AccuracyControl,
     QuantPreset,
     RunnerRuntime,
@@ -139,7 +139,7 @@ class OpenVinoRuntime(RunnerRuntime):
             _set_batch(model, 1)
             return np.concatenate(out)[:len(calib_images)]
 
-        return choose_ranges(RANGE_CHOICES["nncf"],
+        return choose_ranges(NNCF_RANGES,
                              lambda r: self._nncf(artifact, calib_images, dataclasses.replace(preset, activation_ranges=r), batch),
                              logits, logits(openvino_core().read_model(str(artifact))))
 

@@ -19,11 +19,13 @@ from edgecompress.runtimes.base import INPUT_NAME, OnnxArtifactRuntime, QuantPre
 # TensorRT's explicit quantization takes INT8 Q/DQ with zero points of 0 only (symmetric; no UINT8 tensors) and
 # fuses the bias itself: s8 symmetric per-tensor activations, s8 symmetric per-channel weights, float bias, QDQ.
 # NNCF's QDQ writes u8 activations after ReLUs, which TensorRT's ONNX parser refuses.
-# Version 2 (2026-11-26): activation ranges chosen per model, min/max or 99.9th percentiles (symmetric ranges
-# kept 99.99 and 99.999 no better than min/max on a fine-tuned lcnet_075: 43-51% against fp32 83%, 99.9 77%).
+# Version 2 (2026-11-26, tools/bench_int8_presets.py --target jetson-orin): activation ranges chosen per model among
+# min/max and the 99.9th and 99th percentiles. Symmetric ranges need the narrower ones on fine-tuned hard-swish
+# networks (lcnet_075 pruned 10%: fp32 83%, min/max 37%, 99.9 46%, 99 80%), and dense digits models lose 2-24 pp
+# with 99 (lcnet_050: min/max 97%, 99.9 94%, 99 77%).
 TENSORRT_PRESET = QuantPreset(quantizer="onnxruntime", quant_format="qdq", activation_type="s8", weight_type="s8",
                               per_channel=True, symmetric_activations=True, quantize_bias=False,
-                              activation_ranges="choose", percentile=99.9, version=2)
+                              activation_ranges="choose", percentiles=(99.9, 99.0), version=2)
 
 
 class TensorRtRuntime(OnnxArtifactRuntime):
