@@ -29,13 +29,13 @@ top-1 is measured in ONNX Runtime (the QDQ graph TensorRT builds from runs there
                     (ort-cpu 99.999; TensorRT 99.9 and 99)
   tool              the runtime's own quantize() (preset version 2: whichever of those agrees most with fp32)
 
-    python tools/bench_int8_presets.py --target ort-cpu --json > docs/bench_int8_presets_ort-cpu.json
+    python tools/bench_int8_presets.py --target ort-cpu --cases 0,1,2,11,12,13,14,15 --json > docs/bench_int8_presets_ort-cpu.json
+    python tools/bench_int8_presets.py --target jetson-orin --cases 0,1,2,11,12,13,14,15 --json > docs/bench_int8_presets_jetson-orin.json
 
 The default cases: the six Fashion-MNIST rows of meta-dataset v2 with the largest int8 loss (all over 15 pp), five
 rows drawn from the other Fashion-MNIST rows (seed 0), the four dense digits models where min/max ranges had
 beaten NNCF's default by 2-4 pp (docs/bench_int8.json), and the dense digits mobilenetv2_050 (layers kept float).
-
-    python tools/bench_int8_presets.py --target ort-cpu --cases 0,1,2,11,12,13,14,15 --json
+Compressed cases are kept under --work and reused by later runs (a run for another target only quantizes).
 """
 
 from __future__ import annotations
