@@ -205,6 +205,30 @@ def test_onnx_runtimes_choose_the_ranges_that_keep_the_float_answers(target, tmp
     assert same.mean() >= 0.8
 
 
+def test_a_range_rule_that_fails_on_a_model_is_no_choice(tmp_path, monkeypatch):
+    """ONNX Runtime's percentile calibration raises on some tensors ("Too many bins for data range", seen on a
+    randomly initialised lcnet_050); the choice goes on without that rule, and the artifact says why."""
+    import onnxruntime.quantization as ortq
+
+    from edgecompress.runtimes.base import read_quant_record
+    from edgecompress.runtimes.tensorrt import TENSORRT_PRESET
+
+    real = ortq.quantize_static
+
+    def no_histograms(*args, **kwargs):
+        if kwargs["calibrate_method"] == ortq.CalibrationMethod.Percentile:
+            raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quantize_static", no_histograms)
+    path = export_onnx(_TwoConvNet(torch.relu).eval(), (1, 3, 8, 8), tmp_path / "m.onnx")
+    calib = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    record = read_quant_record(quantize_onnx(path, calib, tmp_path / "q.onnx", preset=TENSORRT_PRESET))
+    assert record["activation_ranges_chosen"] == "minmax"
+    assert all(record["range_agreement"][r].startswith("failed: ValueError: Too many bins")
+               for r in ("percentile:99.9", "percentile:99"))
+
+
 def test_openvino_chooses_the_ranges_that_keep_the_float_answers(tmp_path):
     """activation_ranges="choose" (the openvino-cpu preset): min/max on calibration images with a few outliers
     collapses int8, NNCF's averaged extremes do not; the runtime keeps the latter, and the artifact says so. A ReLU

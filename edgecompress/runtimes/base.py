@@ -200,18 +200,26 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 def choose_ranges(choices, make: Callable, logits: Callable, reference: np.ndarray) -> tuple[str, dict, object]:
     """activation_ranges="choose": ``make(ranges)`` the int8 model with each of ``choices`` and keep the one whose
     ``logits(model)`` on the calibration images agree more with the float model's ``reference`` (agreement).
-    Returns the chosen name, each choice's share of images with the float top-1, and the chosen model.
+    Returns the chosen name, each choice's share of images with the float top-1 (or why it could not be made), and
+    the chosen model. A rule after the first that fails on this model is not a choice (ONNX Runtime's percentiles
+    need a histogram that some tensors' ranges cannot hold: "Too many bins for data range").
 
     No range rule holds everywhere: min/max collapsed fine-tuned hard-swish networks whose few outlier images set
     the range; NNCF's averaged extremes and ONNX Runtime's percentiles cost some dense digits models 1-20 pp
     (tools/bench_int8_presets.py).
     """
-    models, scores = {}, {}
+    models, scores, failed = {}, {}, {}
     for r in choices:
-        models[r] = make(r)
+        try:
+            models[r] = make(r)
+        except Exception as exc:  # noqa: BLE001 - a rule this model's tensors cannot take is no choice; the first must work
+            if r == choices[0]:
+                raise
+            failed[r] = f"failed: {type(exc).__name__}: {exc}"[:200]
+            continue
         scores[r] = agreement(reference, logits(models[r]))
-    chosen = max(choices, key=lambda r: scores[r])  # max keeps the first of equals: the choices' order
-    return chosen, {r: round(v[0], 4) for r, v in scores.items()}, models[chosen]
+    chosen = max(scores, key=lambda r: scores[r])  # max keeps the first of equals: the choices' order
+    return chosen, {**{r: round(v[0], 4) for r, v in scores.items()}, **failed}, models[chosen]
 
 QUANT_METADATA_KEY = "edgecompress.quant_preset"  # ONNX metadata_props key; OpenVINO rt_info path edgecompress/...
 
