@@ -212,7 +212,7 @@ def choose_ranges(choices, make: Callable, logits: Callable, reference: np.ndarr
     for r in choices:
         try:
             models[r] = make(r)
-        except Exception as exc:  # noqa: BLE001 - a rule this model's tensors cannot take is no choice; the first must work
+        except Exception as exc:  # a rule this model's tensors cannot take is no choice; the first must work
             if r == choices[0]:
                 raise
             failed[r] = f"failed: {type(exc).__name__}: {exc}"[:200]
