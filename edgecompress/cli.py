@@ -6,6 +6,7 @@ input, 1 for anything else. ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -145,10 +146,10 @@ def build(target_name, latency, latency_stat, memory, max_drop, data_dir, models
 
 def _met_with(report) -> str:
     """What the budget was met with, in one line: the figure of the budget's own statistic beside the budget."""
+    from edgecompress.plan.planner import Budget
+
     m, budget = report.measured, report.budget
-    # trtexec gives no p99: its p90, then its median stand in (Budget.measured_latency_ms)
-    stat, figure = next(((s, getattr(m, f"latency_ms_{s}")) for s in (budget["latency_stat"], "p90", "median")
-                         if getattr(m, f"latency_ms_{s}") is not None), (None, None))
+    stat, figure = Budget(**budget).measured_stat(dataclasses.asdict(m))
     if figure is None:
         latency = f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
     else:

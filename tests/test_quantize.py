@@ -321,8 +321,9 @@ def test_gain_outliers_stay_float_with_onnxruntime_presets(target, tmp_path):
     from edgecompress.runtimes.base import float_convs
 
     _, artifact = _quantized(target, tmp_path, _DeadChannel())
-    graph = onnx.load(str(artifact)).graph
-    assert sorted(n.split("/")[-2] for n in float_convs(onnx.load(str(artifact)))) == ["dw", "pw"]
+    model = onnx.load(str(artifact))
+    graph = model.graph
+    assert sorted(n.split("/")[-2] for n in float_convs(model)) == ["dw", "pw"]
     producers = {o: n for n in graph.node for o in n.output}
     dw = next(n for n in graph.node if n.op_type == "Conv" and "dw" in n.name)
     assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in dw.input)

@@ -115,11 +115,11 @@ def quantize(fp32_xml: Path, calib: np.ndarray, preset: str, ranges: str, batch:
     return quantized
 
 
-def onnx_top1(path: Path, x, y) -> float:
-    import onnxruntime as ort
+def onnx_top1(runtime, path: Path, x, y) -> float:
+    """Top-1 of an ONNX artifact in ``runtime``'s own session (ONNX Runtime), one image at a time."""
+    from edgecompress.pipeline import run_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return float(np.mean([session.run(None, {"input": x[i:i + 1]})[0].argmax() == y[i] for i in range(len(x))]))
+    return float((run_session(runtime.session(path), x, batch_size=1).argmax(1) == y).mean())
 
 
 def top1(model, x, y) -> float:
@@ -183,16 +183,16 @@ def run_case(case, datasets, schemes, target_name: str = "openvino-cpu", work: P
         for sub in ("fp32", "int8"):
             (tmp / sub).mkdir()
         fp32 = pipeline.at_precision(compressed, "fp32", target, data, tmp / "fp32")
-        row["fp32"] = onnx_top1(fp32.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(fp32.artifact)), x, y)
+        row["fp32"] = onnx_top1(runtime, fp32.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(fp32.artifact)), x, y)
         for name in schemes:
             if name == "tool":
                 tool = pipeline.at_precision(compressed, "int8", target, data, tmp / "int8")
                 record = read_quant_record(tool.artifact)
                 row["tool_ranges"] = record.get("activation_ranges_chosen", record["activation_ranges"])
-                row[name] = onnx_top1(tool.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(tool.artifact)), x, y)
+                row[name] = onnx_top1(runtime, tool.artifact, x, y) if onnx_target else top1(ov.Core().read_model(str(tool.artifact)), x, y)
             elif onnx_target:
                 preset = dataclasses.replace(runtime.quant_preset(), activation_ranges=name)
-                row[name] = onnx_top1(quantize_onnx(fp32.artifact, calib, tmp / f"{name}.onnx", preset=preset), x, y)
+                row[name] = onnx_top1(runtime, quantize_onnx(fp32.artifact, calib, tmp / f"{name}.onnx", preset=preset), x, y)
             else:
                 row[name] = top1(quantize(fp32.artifact, calib, *SCHEMES[name]), x, y)
     return row

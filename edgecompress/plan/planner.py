@@ -45,10 +45,14 @@ class Budget:
 
     def measured_latency_ms(self, measured: dict) -> float | None:
         """The benchmark's figure for the budget's statistic (trtexec gives no p99: its p90 and then median stand in)."""
+        return self.measured_stat(measured)[1]
+
+    def measured_stat(self, measured: dict) -> tuple[str | None, float | None]:
+        """(statistic, figure) that measured_latency_ms reads: the budget's own, else the first that stands in."""
         for stat in (self.latency_stat, "p90", "median"):
             if measured.get(f"latency_ms_{stat}") is not None:
-                return measured[f"latency_ms_{stat}"]
-        return None
+                return stat, measured[f"latency_ms_{stat}"]
+        return None, None
 
     def violation(self, *, latency_ms: float | None = None, memory_mb: float | None = None,
                   accuracy_drop: float | None = None) -> str | None:

@@ -319,7 +319,9 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
         raise EdgecompressError(f"unknown quantizer {preset.quantizer!r} (known: {', '.join(sorted(QUANTIZERS))})")
     extra, ranges, quantized = {}, preset.activation_ranges, None
     if ranges == "choose":
-        images = calibration_batches(calib_images, 1 if _onnx_fixed_batch(src) else 32)
+        from edgecompress.onnx_model import fixed_batch
+
+        images = calibration_batches(calib_images, 1 if fixed_batch(src) else 32)  # a static-batch graph: one at a time
 
         def logits(model) -> np.ndarray:
             session = _onnx_session(model)
@@ -335,14 +337,6 @@ def quantize_onnx(src: Path, calib_images: np.ndarray, dst: Path, control: Accur
     _set_onnx_record(quantized, preset, how, extra)
     onnx.save(quantized, str(dst))
     return dst
-
-
-def _onnx_fixed_batch(path: Path) -> bool:
-    """The ONNX graph's input has a fixed batch size (a user's static-batch export): it is fed one image at a time."""
-    import onnx
-
-    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.HasField("dim_value")
 
 
 def _onnx_session(model):
