@@ -15,6 +15,7 @@ from edgecompress.data.datasets import (
     Preprocess,
     _normalise,
     _read_image,
+    inference_batch,
     load_dataset,
     load_digits,
     load_fashion_mnist,
@@ -114,6 +115,17 @@ def test_lazy_split_reads_as_the_eager_array(tmp_path):
     assert torch.equal(torch.from_numpy(images[index]), torch.from_numpy(eager[index]))
     np.savez(tmp_path / "split.npz", images=images, labels=labels)
     assert np.array_equal(np.load(tmp_path / "split.npz")["images"], eager)
+    # A subset is still the uint8 store, read as the eager rows.
+    subset = images.subset(index)
+    assert isinstance(subset, NormalisedImages) and subset.pixels is images.pixels
+    assert np.array_equal(np.asarray(subset), eager[index])
+
+
+def test_inference_batches_shrink_with_the_image():
+    """Inference reads 256 small images at once, but fewer at 224x224 (a batch of 256 there took 2 GB)."""
+    assert inference_batch(np.zeros((1, 3, 32, 32))) == 256
+    assert inference_batch(np.zeros((1, 3, 224, 224))) == 64
+    assert inference_batch(np.zeros((1, 3, 4000, 4000))) == 1
 
 
 def test_named_sources_keep_their_fingerprints_and_values(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ VARIANTS = {
 }
 SETTINGS = ("target", "upper", "huber_delta")  # variant keys that are not LightGBM parameters
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
-        "win_rate_vs_static_erm", "recommendation_feasible_share")
+        "regret_vs_oracle_mean_pp", "win_rate_vs_static_erm", "win_rate_vs_static_erm_within_one_test_image",
+        "recommendation_feasible_share")
 
 
 def main() -> None:
@@ -66,9 +67,9 @@ def main() -> None:
         predictor.HUBER_DELTA = shipped_huber
         entry = {"variant": name, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
-        for kind in (*predictor.REGRESSORS, predictor.NEAREST):
+        for kind in (*predictor.REGRESSORS, predictor.NEAREST, predictor.MEASURED):
             for task, figures in result[kind]["per_task"].items():
-                entry["per_task"].setdefault(task, {})[kind] = {k: figures[k] for k in KEYS}
+                entry["per_task"].setdefault(task, {})[kind] = {k: figures[k] for k in KEYS if k in figures}
         for kind, tasks in result.get("leave_one_task_out", {}).items():
             for task, figures in tasks.items():
                 entry["leave_one_task_out"].setdefault(task, {})[kind] = {

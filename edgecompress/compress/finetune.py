@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgecompress.data.datasets import inference_batch
+
 # Normalised value of a black pixel is -1 for the digits; padding with the
 # batch minimum keeps the background for any normalisation.
 _PAD = 3
@@ -46,8 +48,10 @@ def augment(images: torch.Tensor, rng: np.random.Generator, shift: int = _PAD) -
 
 
 @torch.no_grad()
-def predict_torch(model: torch.nn.Module, images, batch_size: int = 256) -> np.ndarray:
+def predict_torch(model: torch.nn.Module, images, batch_size: int | None = None) -> np.ndarray:
+    """Logits of ``images`` in batches of ``batch_size`` (by default as many as datasets.inference_batch allows)."""
     model.eval()
+    batch_size = batch_size or inference_batch(images)
     outs = []
     for i in range(0, len(images), batch_size):
         outs.append(model(torch.from_numpy(np.asarray(images[i:i + batch_size]))).numpy())

@@ -118,11 +118,13 @@ def load_backbone(entry: ModelEntry, num_classes: int):
     return model
 
 
-def _pre_logits(model, images, batch_size: int = 256) -> np.ndarray:
+def _pre_logits(model, images) -> np.ndarray:
     import torch
 
+    from edgecompress.data.datasets import inference_batch
+
     model.eval()
-    out = []
+    batch_size, out = inference_batch(images), []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.asarray(images[i:i + batch_size]))
@@ -132,6 +134,11 @@ def _pre_logits(model, images, batch_size: int = 256) -> np.ndarray:
 
 def _per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
+
+
+def _subset(images, index: np.ndarray):
+    """``images[index]``, left unread where the split reads its images lazily (NormalisedImages)."""
+    return images.subset(index) if hasattr(images, "subset") else images[index]
 
 
 def probe(model, data) -> float:
@@ -144,8 +151,8 @@ def probe(model, data) -> float:
     fit = _per_class(y_train, PROBE_PER_CLASS)
     score = np.arange(len(y_val)) if len(y_val) <= PROBE_VAL_MAX else \
         np.sort(np.random.default_rng(0).choice(len(y_val), PROBE_VAL_MAX, replace=False))
-    f_train = _pre_logits(model, x_train[fit])
-    f_val = _pre_logits(model, x_val[score])
+    f_train = _pre_logits(model, _subset(x_train, fit))
+    f_val = _pre_logits(model, _subset(x_val, score))
     scaler = StandardScaler().fit(f_train)
     clf = RidgeClassifier(alpha=10.0).fit(scaler.transform(f_train), y_train[fit])
     return float((clf.predict(scaler.transform(f_val)) == y_val[score]).mean())
