@@ -210,3 +210,33 @@ def test_timm_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch
     assert entry.weights == file and entry.source == "user"
     assert tr.checkpoint_classes(entry) == 1000  # an ImageNet head: build transfers it
     assert tr.load_backbone(entry, folder_data.num_classes)(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_a_backbone_that_cannot_take_the_image_size_is_skipped(tmp_path):
+    """DLA's trees join branches of different sizes at 48x48 (2x2 against 1x1): that backbone is left out with a
+    line, the others are probed, and none left is a one-line error (a build on such a folder crashed)."""
+    import io
+
+    from rich.console import Console
+
+    from edgecompress.core.errors import DataError
+
+    data = load_dataset(write_digit_folder(tmp_path / "d", per_class=12), 48, mean=NAMED_MEAN, std=NAMED_STD)
+    pool = tr.backbones()
+    out = io.StringIO()
+    probes, graphs = tr.probe_all({n: pool[n] for n in ("dla46_c@fashion-mnist", "lcnet_050@digits")}, data,
+                                  Console(file=out, width=200))
+    assert set(probes) == set(graphs) == {"lcnet_050@digits"}
+    assert "skipped dla46_c@fashion-mnist: it does not run on 48x48 images" in out.getvalue()
+    with pytest.raises(DataError, match="no zoo backbone runs on 48x48"):
+        tr.probe_all({"dla46_c@fashion-mnist": pool["dla46_c@fashion-mnist"]}, data)
+
+
+def test_a_transfer_is_reproducible(folder_data, tmp_path):
+    """The new head's initial weights come from the recipe's seed, not from whatever drew random numbers before."""
+    recipe = tr.recipe_for(folder_data, max_steps=3)
+    first = tr.transfer(get_model("lcnet_050"), folder_data, recipe, tmp_path / "a")
+    torch.rand(1000)  # the process's random state moves on
+    second = tr.transfer(get_model("lcnet_050"), folder_data, recipe, tmp_path / "b")
+    a, b = torch.load(first.weights), torch.load(second.weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

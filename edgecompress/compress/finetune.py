@@ -8,6 +8,7 @@ images and the choice of a recipe (:class:`Augmentation`, the callers' step coun
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import torch
@@ -94,6 +95,10 @@ def finetune(
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    # timm's RandomErasing draws from Python's random, its Mixup from numpy's global generator: seeded too, so that a
+    # fine-tune (a transfer, whose recipe erases) is the same on every run.
+    random.seed(seed)
+    np.random.seed(seed)
     y = torch.from_numpy(np.asarray(labels))
     own = {id(p) for p in regularizer.params} if regularizer is not None else set()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress.core.errors import WeightsError
+from edgecompress.core.errors import DataError, WeightsError
 from edgecompress.core.fsutil import atomic_path, sha256_file, write_json
 from edgecompress.models import (
     ModelEntry,
@@ -180,10 +180,33 @@ def probe_all(entries: dict[str, ModelEntry], data, console=None, *, stop_at: fl
                                   f"{len(entries)} backbones (the smallest)")
                 break
             model = load_backbone(entry, data.num_classes)
-            probes[name] = probe(model, data)
-            graphs[name] = model_graph(model, data.input_shape)
+            why = runs_on(model, data.input_shape)
+            if why is None:
+                probes[name] = probe(model, data)
+                graphs[name] = model_graph(model, data.input_shape)
+            elif console is not None:
+                console.print(f"skipped {name}: it does not run on {data.input_shape[-2]}x{data.input_shape[-1]} "
+                              f"images ({why})")
             progress.advance(bar)
+    if not probes:
+        raise DataError(f"no zoo backbone runs on {data.input_shape[-2]}x{data.input_shape[-1]} images; "
+                        "try --image-size 32 or pass your own --model")
     return probes, graphs
+
+
+def runs_on(model, input_shape) -> str | None:
+    """None where ``model`` runs one image of ``input_shape`` (N, C, H, W), else why not, in one line. Some
+    architectures only take some sizes: DLA's trees join branches whose sizes differ after odd downsamplings
+    (48x48 gives 2x2 and 1x1)."""
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape[1:])))
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 def choose(probes: dict[str, float], graphs: dict, target, budget, top: int, sweep=None, precisions=None) -> list[str]:
@@ -229,7 +252,9 @@ def transfer(entry: ModelEntry, data, recipe: TransferRecipe, out: Path, *, on_s
     marker = out / "transfer.json"
     if marker.is_file() and json.loads(marker.read_text()).get("spec_hash") == key:
         return _transferred(entry, data, out / "model.pth", json.loads(marker.read_text()))
-    model = load_backbone(entry, data.num_classes)
+    with torch.random.fork_rng():  # the new head's initial weights follow the recipe's seed, not the process's past
+        torch.manual_seed(recipe.seed)
+        model = load_backbone(entry, data.num_classes)
     x, y = data.split("train")
     started = time.time()
     model = finetune(model, x, y, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size,
