@@ -324,3 +324,22 @@ def test_collect_pending_reruns_only_the_missing_precisions():
     done = {key("a", p) for p in PRECISIONS} | {key("b", "fp32"), key("b", "fp16"), key("b", "int8", quant="old")}
     todo = pending(jobs, done, "d", {"a": "a", "b": "b"})
     assert [(j.model_spec, j.precisions) for j in todo] == [("b", ("int8",))]
+
+
+def test_a_large_batch_is_fine_tuned_in_slices_with_the_same_step(monkeypatch):
+    """A step's batch over TRAIN_BATCH_PIXELS runs in slices whose gradients add up to the whole batch's: without
+    BatchNorm (whose statistics are per slice) the weights after a step agree to float rounding."""
+    import numpy as np
+
+    from edgecompress.compress import finetune as ft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = np.random.default_rng(0).standard_normal((24, 3, 20, 20)).astype(np.float32)
+    y = np.arange(24) % 3
+    whole = ft.finetune(copy.deepcopy(base), x, y, steps=2, batch_size=24)
+    monkeypatch.setattr(ft, "TRAIN_BATCH_PIXELS", 5 * 20 * 20)  # slices of 5 images: 5, 5, 5, 5, 4
+    sliced = ft.finetune(copy.deepcopy(base), x, y, steps=2, batch_size=24)
+    for a, b in zip(whole.parameters(), sliced.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(base.parameters(), whole.parameters()))

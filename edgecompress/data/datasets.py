@@ -60,10 +60,11 @@ NORMALISE_CHUNK = 1024  # images normalised at once where a whole split is read 
 INFERENCE_BATCH_PIXELS = 64 * 224 * 224
 
 
-def inference_batch(images, most: int = 256) -> int:
-    """Images per inference batch for ``images`` (anything with an NCHW ``shape``): INFERENCE_BATCH_PIXELS."""
+def inference_batch(images, most: int = 256, pixels: int = INFERENCE_BATCH_PIXELS) -> int:
+    """Images per inference batch for ``images`` (anything with an NCHW ``shape``): ``pixels`` per channel at most,
+    ``most`` images at most, one at least."""
     height, width = images.shape[-2:]
-    return int(max(1, min(most, INFERENCE_BATCH_PIXELS // (height * width))))
+    return int(max(1, min(most, pixels // (height * width))))
 
 
 @dataclasses.dataclass(frozen=True)
