@@ -82,6 +82,12 @@ def test_user_data_and_weights(tmp_path, capsys, weights_file):
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"]["image_size"] == 24 and report["choice"]["model"].startswith("lcnet_050@")
+    # The architecture's pretrained_cfg normalisation reaches what the bundle tells a device to do.
+    from edgecompress.data.datasets import preprocess_for_model
+
+    cfg, pre = preprocess_for_model("lcnet_050"), json.loads((out / "bundle" / "preprocess.json").read_text())
+    assert pre["mean"] == pytest.approx(cfg.mean) and pre["std"] == pytest.approx(cfg.std) and pre["image_size"] == 24
+    assert pre["interpolation"] == cfg.interpolation
 
 
 def test_nothing_fits_exit_2_names_fastest(tmp_path, capsys):
