@@ -86,7 +86,7 @@ def test_refresh_features_keeps_measurements(tmp_path):
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",
-        "--ratios", "0.3,0.5,0.7", "--precisions", "fp32", "--finetune-steps", "2"]
+        "--ratios", "0.1,0.3,0.5,0.7,0.9", "--precisions", "fp32", "--finetune-steps", "2"]
 
 
 @pytest.mark.slow
@@ -101,14 +101,15 @@ def test_collect_resumes_after_ctrl_c(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     proc.wait(timeout=120)
     first = read_rows(out)  # a complete, readable file, never a half-written one
-    assert 1 <= len(first) < 4
+    # Short jobs can still finish and be written while Ctrl-C reaches the driver and its Ray workers (all 4 of a
+    # smaller set once did): six leave room to see the interruption.
+    assert 1 <= len(first) < 6
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out)
-    assert len(rows) == 4
-    assert sorted((r["method"], r["ratio"]) for r in rows) == [("none", 0.0), ("torch_pruning.l1", 0.3),
-                                                               ("torch_pruning.l1", 0.5), ("torch_pruning.l1", 0.7)]
+    assert sorted((r["method"], r["ratio"]) for r in rows) == [("none", 0.0)] + [
+        ("torch_pruning.l1", r) for r in (0.1, 0.3, 0.5, 0.7, 0.9)]
     # The rows from before the interruption were kept, not recomputed.
     kept = {(r["method"], r["ratio"]): r["wall_seconds"] for r in rows}
     assert all(kept[(r["method"], r["ratio"])] == r["wall_seconds"] for r in first)
