@@ -86,14 +86,18 @@ def test_refresh_features_keeps_measurements(tmp_path):
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",
-        "--ratios", "0.1,0.3,0.5,0.7,0.9", "--precisions", "fp32", "--finetune-steps", "2"]
+        "--ratios", "0.3,0.5,0.7", "--precisions", "fp32", "--finetune-steps", "2"]
 
 
 @pytest.mark.slow
 def test_collect_resumes_after_ctrl_c(tmp_path):
     out = tmp_path / "meta.parquet"
     cmd = [sys.executable, "-m", "edgecompress.cli", *ARGS, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Ctrl-C as a terminal sends it: SIGINT at its default in the child, whatever this process inherited (a shell
+    # starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt: the collection ran
+    # to its end and this test failed when the suite ran in the background).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not out.exists():
         time.sleep(0.05)
@@ -101,15 +105,14 @@ def test_collect_resumes_after_ctrl_c(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     proc.wait(timeout=120)
     first = read_rows(out)  # a complete, readable file, never a half-written one
-    # Short jobs can still finish and be written while Ctrl-C reaches the driver and its Ray workers (all 4 of a
-    # smaller set once did): six leave room to see the interruption.
-    assert 1 <= len(first) < 6
+    assert 1 <= len(first) < 4
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out)
-    assert sorted((r["method"], r["ratio"]) for r in rows) == [("none", 0.0)] + [
-        ("torch_pruning.l1", r) for r in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert len(rows) == 4
+    assert sorted((r["method"], r["ratio"]) for r in rows) == [("none", 0.0), ("torch_pruning.l1", 0.3),
+                                                               ("torch_pruning.l1", 0.5), ("torch_pruning.l1", 0.7)]
     # The rows from before the interruption were kept, not recomputed.
     kept = {(r["method"], r["ratio"]): r["wall_seconds"] for r in rows}
     assert all(kept[(r["method"], r["ratio"])] == r["wall_seconds"] for r in first)
