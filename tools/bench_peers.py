@@ -297,7 +297,7 @@ def tool_builds(model: str, target_name: str, work: Path, peer_ms: float) -> tup
                "--latency-stat", "median", "--out", str(run), "--force"]
         _log(f"{model} {target_name}: {' '.join(cmd[3:])}")
         started = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)  # exit 2 is a result
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
         info[name] = {"budget_ms": round(budget, 4), "exit_code": proc.returncode, "wall_s": round(time.time() - started, 1),
                       "last_line": lines[-1] if lines else ""}
@@ -319,27 +319,30 @@ def run_case(model: str, target_name: str, work: Path, data, olive: Path, repeat
     runtime = get_target(target_name).runtime()
     artifacts, failed = build_variants(model, target_name, work, data, olive)
     names = [v for v in VARIANTS if v in artifacts]
-    variants = {v: {"top1": top1(runtime, artifacts[v], data), "median_ms": [], "p90_ms": [],
-                    "size_mb": sum(f.stat().st_size for f in runtime.artifact_files(artifacts[v])) / 1e6} for v in names}
+    def entry(artifact: Path) -> dict:
+        return {"top1": top1(runtime, artifact, data), "median_ms": [], "p90_ms": [],
+                "size_mb": sum(f.stat().st_size for f in runtime.artifact_files(artifact)) / 1e6}
+
+    variants = {v: entry(artifacts[v]) for v in names}
     record = read_quant_record(artifacts["edgecompress"]) if "edgecompress" in artifacts else None
     build_info = {}
     if builds:
-        # A pilot timing of the variants sets the builds' budgets; the builds' artifacts are then timed with them.
+        # A pilot timing of the variants sets the builds' budgets (the best peer as summarize_case picks it); the
+        # builds' artifacts are then timed with them.
         pilot = runtime.benchmark_interleaved([artifacts[v] for v in names], warmup=WARMUP, runs=RUNS, rounds=ROUNDS)
-        best = max(variants[v]["top1"] for v in names)
-        inside = [v for v, res in zip(names, pilot, strict=True)
-                  if v in PEERS and variants[v]["top1"] >= best - tolerance_pp / 100 - 1e-9]
-        pilot_ms = {v: res["latency_ms_median"] for v, res in zip(names, pilot, strict=True)}
-        if inside:
-            peer = min(inside, key=pilot_ms.get)
-            made, why, build_info = tool_builds(model, target_name, work, pilot_ms[peer])
-            build_info = {"pilot_best_peer": peer, "pilot_best_peer_ms": round(pilot_ms[peer], 4), **build_info}
+        pilot_case = {"model": model, "target": target_name,
+                      "variants": {v: {**variants[v], "pilot_ms": res["latency_ms_median"]}
+                                   for v, res in zip(names, pilot, strict=True)}}
+        peer = summarize_case(pilot_case, tolerance_pp, stat="pilot_ms")["best_peer_inside"]
+        if peer is not None:
+            peer_ms = pilot_case["variants"][peer]["pilot_ms"]
+            made, why, build_info = tool_builds(model, target_name, work, peer_ms)
+            build_info = {"pilot_best_peer": peer, "pilot_best_peer_ms": round(peer_ms, 4), **build_info}
             failed.update(why)
             for name, artifact in made.items():
                 artifacts[name] = artifact
                 names.append(name)
-                variants[name] = {"top1": top1(runtime, artifact, data), "median_ms": [], "p90_ms": [],
-                                  "size_mb": sum(f.stat().st_size for f in runtime.artifact_files(artifact)) / 1e6}
+                variants[name] = entry(artifact)
     for r in range(repeats):
         _log(f"{model} {target_name}: timing {len(names)} artifacts, interleaved (repeat {r + 1}/{repeats})")
         results = runtime.benchmark_interleaved([artifacts[v] for v in names], warmup=WARMUP, runs=RUNS, rounds=ROUNDS)

@@ -219,12 +219,12 @@ def calibrate(target, *, force: bool = False, console=None, references: tuple[Re
                                  measurements=(), seconds=0.0, load_average_1m=None, cache_path=None)
     path = calibration_path(target, machine_hash, model_id, references)
     if not force:
-        cached = read_calibration(path)
-        if cached is not None and not (busy(cached.load_average_1m) and not busy(load_average())):
+        cached, now = read_calibration(path), load_average()
+        if cached is not None and not (busy(cached.load_average_1m) and not busy(now)):
             return cached
         if cached is not None and console is not None:
             console.print(f"the cached calibration of {target.name} was measured on a busy machine (load average "
-                          f"{cached.load_average_1m:.1f}); measuring again now that it is quieter ({load_average():.1f})",
+                          f"{cached.load_average_1m:.1f}); measuring again now that it is quieter ({now:.1f})",
                           markup=False, soft_wrap=True)
     if console is not None:
         console.print(f"calibrating {target.name}'s latency model to this machine (first time, about {TIME_BOX_S:.0f} s; "

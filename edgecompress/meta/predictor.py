@@ -517,25 +517,24 @@ def evaluate(rows: list[dict], target: str = DEFAULT_TARGET) -> dict:
     predictions = {kind: loao_predictions(rows, kind, target) for kind in REGRESSORS}
     predictions[NEAREST] = nearest_architecture_predictions(rows)
     measured = np.asarray([r["accuracy_drop"] for r in rows])
+    # Each task's row indices, rows and costs (candidates compete within one task).
+    by_task = {}
+    for task in tasks:
+        idx = np.asarray([i for i, r in enumerate(rows) if row_task(r) == task])
+        by_task[task] = (idx, [rows[i] for i in idx], {t: [cost[i] for i in idx] for t, cost in costs.items()})
     result = {}
     for kind, (mean, upper) in predictions.items():
         per_task = {}
-        for task in tasks:
-            idx = np.asarray([i for i, r in enumerate(rows) if row_task(r) == task])
-            sub = [rows[i] for i in idx]
+        for task, (idx, sub, sub_costs) in by_task.items():
             preds = (mean[idx], upper[idx])
-            per_task[task] = {**leave_one_architecture_out(sub, kind, preds),
-                              **scenario_eval(sub, preds, {t: [cost[i] for i in idx] for t, cost in costs.items()})}
+            per_task[task] = {**leave_one_architecture_out(sub, kind, preds), **scenario_eval(sub, preds, sub_costs)}
         result[kind] = {**per_task[headline], "per_task": per_task}
     # The planner's rule fed the measured drops: what perfect predictions would recommend. The rule gives up to one
     # test image of accuracy for speed, so even these lose to static ERM by that image where static ERM's choice is
     # the most accurate; predictions that seldom land within one image of each other can score a higher strict win
     # rate (read win_rate_vs_static_erm_within_one_test_image beside it).
-    result[MEASURED] = {"per_task": {}}
-    for task in tasks:
-        idx = np.asarray([i for i, r in enumerate(rows) if row_task(r) == task])
-        result[MEASURED]["per_task"][task] = scenario_eval([rows[i] for i in idx], (measured[idx], measured[idx]),
-                                                           {t: [cost[i] for i in idx] for t, cost in costs.items()})
+    result[MEASURED] = {"per_task": {task: scenario_eval(sub, (measured[idx], measured[idx]), sub_costs)
+                                     for task, (idx, sub, sub_costs) in by_task.items()}}
     best = best_regressor(result)
     summary = {k: result[best][k] for k in ("loao_mae_pp", "loao_spearman", "regret_vs_oracle_pp", "win_rate_vs_static_erm")}
     summary["recommend_ms_median"] = recommend_ms(Predictor.fit(rows, best, target=target), rows)
