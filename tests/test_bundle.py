@@ -122,8 +122,12 @@ def test_verify_catches_a_model_that_does_not_load(run, tmp_path, capsys):
 
 def test_cpp_example_compiles(run):
     bundle = run / "bundle"
-    if not (bundle / "infer_onnxruntime.cpp").exists():
-        pytest.skip("this runtime's bundle has no C++ example (OpenVINO bundles ship the Python one)")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest["runtime"] != "onnxruntime":
+        # Not an absence to skip over: OpenVINO bundles ship the Python example and no C++ one.
+        assert not any(name.endswith(".cpp") for name in manifest["files"]) and "infer_openvino.py" in manifest["files"]
+        return
+    assert "infer_onnxruntime.cpp" in manifest["files"]
     root = os.environ.get("ONNXRUNTIME_ROOT")
     if not root or not (Path(root) / "include" / "onnxruntime_cxx_api.h").exists():
         pytest.skip("ONNX Runtime's C++ headers are not here: they ship in its release archives, which no "
