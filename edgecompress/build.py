@@ -313,7 +313,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
 
         accuracy_model = DropPrior.shipped(accuracies)
     else:
-        accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
+        accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console, finetune=options.finetune,
+                                               target=target)
     t_plan = time.perf_counter()
     the_plan = plan(target, options.budget, graphs, accuracies, sweep=options.sweep, accuracy_model=accuracy_model,
                     precisions=options.precisions or None, accuracy_resolution=1.0 / len(data.split("test")[1]))

@@ -194,7 +194,7 @@ def plan(target_name, latency, latency_stat, memory, max_drop, models, methods, 
     console = Console(stderr=True)
     entries = resolve_models(tuple(models), data)  # a user's checkpoint is read once
     graphs, accuracies = model_facts(entries, data)
-    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
+    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console, target=target)
     start = time.perf_counter()
     the_plan = make_plan(target, budget, graphs, accuracies, sweep=sweep_for(methods), accuracy_model=accuracy_model,
                          precisions=tuple(precisions) or None, accuracy_resolution=1.0 / len(data.split("test")[1]))

@@ -188,3 +188,49 @@ def test_faster_leads_among_accuracies_the_test_split_cannot_tell_apart():
     ranked = rank(estimates, budget, accuracy_resolution=1 / 360)
     assert [(e.candidate.quant.precision, e.candidate.prune.method) for e in ranked] == [
         ("fp16", "none"), ("fp32", "none"), ("fp16", "torch_pruning.l1")]
+
+
+def test_a_candidate_the_meta_dataset_measured_exactly_is_planned_with_its_measurement(facts):
+    """The plan reads the meta-dataset's measured accuracy where a row measured exactly what the build would make:
+    same data, zoo checkpoint, method settings and fine-tuning recipe, and for int8 the target's own preset. Anything
+    else is predicted."""
+    import dataclasses
+
+    from edgecompress.build import resolve_models
+    from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec
+    from edgecompress.data.datasets import load_digits
+    from edgecompress.meta.collect import current_rows, read_rows
+    from edgecompress.meta.predictor import MEASURED_REBUILD_MARGIN, AccuracyModel, shipped_meta_dataset
+
+    data = load_digits(32)
+    entries, accuracies = resolve_models((), data), facts[1]
+    fingerprint = data.fingerprint()
+    rows = [r for r in current_rows(read_rows(shipped_meta_dataset())) if r["dataset"] == fingerprint
+            and r["method"] == "torch_pruning.l1" and r["model"] == "resnet10t" and r["ratio"] == 0.5]
+    by_precision = {r["precision"]: r for r in rows}
+    assert {"fp32", "int8"} <= set(by_precision), "the shipped meta-dataset measures resnet10t L1 0.5 on the digits"
+    cand = lambda precision: Candidate(model="resnet10t", prune=PruneSpec(method="torch_pruning.l1", ratio=0.5),  # noqa: E731
+                                       quant=QuantSpec(precision=precision))
+    parent = accuracies["resnet10t"]
+
+    openvino = AccuracyModel.shipped(entries, data, accuracies, target=get_target("openvino-cpu"))
+    assert openvino.measured(cand("fp32")) == min(by_precision["fp32"]["accuracy"], parent)
+    assert openvino.measured(cand("int8")) == min(by_precision["int8"]["accuracy"], parent)  # the row's preset
+    expected, lower = openvino([cand("fp32")])
+    assert expected[0] == openvino.measured(cand("fp32"))
+    assert lower[0] == pytest.approx(expected[0] - MEASURED_REBUILD_MARGIN)
+    assert "1 of 1 candidates measured exactly" in openvino.basis
+
+    # Not the same build: another int8 preset (ONNX Runtime's), another recipe, a user's copy of the checkpoint.
+    ort = AccuracyModel.shipped(entries, data, accuracies, target=get_target("ort-cpu"))
+    assert ort.measured(cand("fp32")) is not None and ort.measured(cand("int8")) is None
+    short = AccuracyModel.shipped(entries, data, accuracies, finetune=FinetuneSpec(steps=10),
+                                  target=get_target("openvino-cpu"))
+    assert short.measured(cand("fp32")) is None
+    short([cand("fp32")])
+    assert "measured exactly" not in short.basis
+    user = {**entries, "resnet10t": dataclasses.replace(entries["resnet10t"], source="user")}
+    assert AccuracyModel.shipped(user, data, accuracies, target=get_target("openvino-cpu")).measured(cand("fp32")) is None
+    # Another checkpoint under the zoo's name: its parent accuracy is not the row's.
+    other = {**accuracies, "resnet10t": parent - 0.01}
+    assert AccuracyModel.shipped(entries, data, other, target=get_target("openvino-cpu")).measured(cand("fp32")) is None

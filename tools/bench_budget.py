@@ -160,7 +160,7 @@ def plan_as_build(target, spec: str, data, console):
 
     entries = resolve_models((spec,), data)
     graphs, accuracies = model_facts(entries, data)
-    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console)
+    accuracy_model = AccuracyModel.shipped(entries, data, accuracies, console, target=target)
     timed = _TimedAccuracyModel(accuracy_model) if accuracy_model is not None else None
     ensure_calibrated(target, console)
     placeholder = Budget(latency_ms=1e9, max_accuracy_drop=MAX_DROP, latency_stat=LATENCY_STAT)

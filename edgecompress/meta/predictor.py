@@ -22,6 +22,11 @@ from edgecompress.core.fsutil import atomic_path
 from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
+# A candidate the meta-dataset measured exactly (AccuracyModel.measured) is bounded this far below its measurement:
+# what rebuilding it moves the verified accuracy. Builds of 40 such candidates found on this machine (session 12,
+# docs/benchmarks.md) matched their rows to the image at 150 fine-tuning steps in float, and within 3 of 360 test
+# images (0.8 pp) across code versions.
+MEASURED_REBUILD_MARGIN = 0.01
 # The conformal margin is calibrated over this many folds of architectures (each predicted by a model fitted without
 # its fold): one fold per architecture costs a fit per architecture, and the meta-dataset has dozens.
 CONFORMAL_FOLDS = 5
@@ -567,7 +572,10 @@ class AccuracyModel:
     """
 
     def __init__(self, predictor: Predictor, entries: dict, data, accuracies: dict[str, float], *,
-                 meta_rows: list[dict] | None = None, console=None, source: str = "shipped"):
+                 meta_rows: list[dict] | None = None, console=None, source: str = "shipped",
+                 finetune=None, int8_preset: str | None = None):
+        from edgecompress.compress.methods import FinetuneSpec, spec_hash
+
         self.predictor, self.entries, self.data, self.accuracies = predictor, entries, data, accuracies
         self.console = console
         fingerprint = data.fingerprint()
@@ -575,20 +583,55 @@ class AccuracyModel:
         self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
                        for r in (meta_rows or []) if r["dataset"] == fingerprint
                        and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
+        # The rows that can stand for a build's result (measured): one per key of collect.KEY_COLUMNS that a build
+        # fixes, so that an int8 row of another preset is not read for this target's.
+        self._recipe = spec_hash(finetune if finetune is not None else FinetuneSpec())
+        self._int8_preset = int8_preset
+        self._measured_rows = {(r["model"], r["method"], r["ratio"], r["precision"], r.get("quant_settings") or ""): r
+                               for r in (meta_rows or []) if r["dataset"] == fingerprint and r.get("recipe") == self._recipe
+                               and r["method"] in METHODS
+                               and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
         self._prior = DropPrior(meta_rows or [], accuracies)  # the drops measured on any data, for graphs only
-        self.basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
-                      f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
+        self._predicted_basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
+                                 f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")
+        self.basis = self._predicted_basis
 
     @classmethod
-    def shipped(cls, entries, data, accuracies, console=None) -> "AccuracyModel | None":
-        """The predictor and meta-dataset that ship with the zoo; None where they are missing."""
+    def shipped(cls, entries, data, accuracies, console=None, *, finetune=None,
+                target=None) -> "AccuracyModel | None":
+        """The predictor and meta-dataset that ship with the zoo; None where they are missing. ``finetune`` (the
+        build's recipe; default FinetuneSpec()) and ``target`` (for its int8 preset) say which rows measured exactly
+        what the build would make (measured)."""
         from edgecompress.meta.collect import read_rows
 
         directory = shipped_predictor_dir()
         if not (directory / "predictor.json").is_file():
             return None
-        return cls(Predictor.load(directory), entries, data, accuracies,
-                   meta_rows=read_rows(shipped_meta_dataset()), console=console)
+        preset = target.runtime().quant_preset().key() if target is not None else None
+        return cls(Predictor.load(directory), entries, data, accuracies, meta_rows=read_rows(shipped_meta_dataset()),
+                   console=console, finetune=finetune, int8_preset=preset)
+
+    def measured(self, candidate) -> float | None:
+        """The accuracy the meta-dataset measured for exactly this candidate, or None.
+
+        Exactly: the same data (fingerprint), a zoo checkpoint whose parent accuracy the row recorded (so the same
+        weights), the method at today's settings, the build's fine-tuning recipe, and for int8 the target's own
+        quantization preset (float rows hold on any runtime: OpenVINO, ONNX Runtime and TensorRT's float kernels
+        agreed to the image in the builds checked). Such a row is no prediction but the build's own result, measured
+        on the same test split: the plan reads it (capped at the parent, so that a lucky image is no promised gain),
+        and the build verifies its artifact again all the same.
+        """
+        int8 = candidate.quant.precision == "int8"
+        if int8 and self._int8_preset is None:
+            return None
+        row = self._measured_rows.get((candidate.model, candidate.prune.method, candidate.prune.ratio,
+                                       candidate.quant.precision, self._int8_preset if int8 else ""))
+        entry, parent = self.entries.get(candidate.model), self.accuracies.get(candidate.model)
+        if row is None or entry is None or entry.source != "zoo" or parent is None:
+            return None
+        if abs(row["parent_accuracy"] - parent) > 1e-6:
+            return None
+        return min(float(row["accuracy"]), parent)
 
     def _features(self, candidates) -> list[dict]:
         from edgecompress.meta.features import FEATURE_DOCS, Featurizer
@@ -644,7 +687,17 @@ class AccuracyModel:
         for i, only in enumerate(graph_only):
             if only:
                 mean[i], upper[i] = self.dense_drop(candidates[i].quant.precision)
-        return accuracies_from_drops(candidates, mean, upper, self.accuracies)
+        expected, lower = accuracies_from_drops(candidates, mean, upper, self.accuracies)
+        measured = [(i, self.measured(c)) for i, c in enumerate(candidates)]
+        measured = [(i, acc) for i, acc in measured if acc is not None]
+        for i, acc in measured:
+            expected[i], lower[i] = acc, max(0.0, acc - MEASURED_REBUILD_MARGIN)
+        self.basis = self._predicted_basis
+        if measured:
+            self.basis += (f"; {len(measured)} of {len(candidates)} candidates measured exactly by the meta-dataset "
+                           f"(same data, checkpoint, settings and recipe): that accuracy, bound "
+                           f"{MEASURED_REBUILD_MARGIN * 100:g} pp below")
+        return expected, lower
 
 
 class DropPrior:
