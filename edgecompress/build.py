@@ -366,7 +366,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
             cand = est.candidate
             task = progress.add_task(f"[{attempt + 1}/{options.max_tries}] {cand.id}", total=options.finetune.steps)
             try:
-                stages = pipeline.run_candidate(cand, progress=lambda step: progress.update(task, completed=step + 1))
+                stages = pipeline.run_candidate(cand, progress=lambda step: progress.update(task, completed=step + 1),
+                                                threads=est.threads)
             except NumericalError as exc:
                 outcomes[cand.id] = f"rejected: {exc}"
                 console.print(f"[red]{cand.id}: rejected, {exc}[/]")
@@ -463,7 +464,9 @@ def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, e
         compressed, calibrated, verified, benched = chosen.stages
         original_logits = predict(entries[est.candidate.model], x, data.num_classes)
         fields = {
-            "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
+            # threads: the runtime's inference threads the artifact was timed and is shipped to run on (None: its own)
+            "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate),
+                       "threads": benched.threads},
             "choice_id": est.candidate.id,
             "artifact": f"{BUNDLE_DIR}/{calibrated.artifact.name}",
             "bundle": BUNDLE_DIR,
@@ -502,7 +505,7 @@ def make_bundle_for(report: BuildReport, chosen: Built, data, options, run_dir: 
         run_dir / report.bundle, artifact=calibrated.artifact, runtime_name=report.runtime,
         runtime_version=report.runtime_version, target_name=report.target, precision=report.choice["precision"],
         class_names=data.class_names, preprocess=data.preprocess.to_dict(), command=report.command,
-        deploy_notes=report.deploy, archive=options.archive,
+        deploy_notes=report.deploy, archive=options.archive, threads=report.choice.get("threads"),
     )
 
 

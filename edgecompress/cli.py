@@ -154,6 +154,9 @@ def _met_with(report) -> str:
         latency = f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
     else:
         latency = f"{stat} {figure:.3f} ms measured" + (f" (median {m.latency_ms_median:.3f} ms)" if stat != "median" else "")
+        threads = (report.choice or {}).get("threads")
+        if threads:
+            latency += f" on {threads} inference thread{'s' if threads > 1 else ''}"
     if budget["latency_ms"] is not None:
         latency += f", budget {budget['latency_ms']:g} ms"
     accuracy = f"accuracy {m.accuracy * 100:.2f}% (uncompressed {m.baseline_accuracy * 100:.2f}%"

@@ -72,6 +72,7 @@ class BenchmarkResult:
     artifact: Path
     measured: dict | None  # runner output; None when nothing could be measured
     where: str
+    threads: int | None = None  # the runtime's inference threads it was timed on (None: the runtime's own choice)
 
 
 def _to_json(obj, run_dir: Path):
@@ -95,6 +96,8 @@ def _candidate_from(d: dict) -> Candidate:
 def _from_json(cls, data: dict, run_dir: Path):
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name not in data and f.default is not dataclasses.MISSING:
+            continue  # a field added since that stage ran: its default
         value = data[f.name]
         if f.name == "candidate":
             value = _candidate_from(value)
@@ -257,8 +260,9 @@ def verify(calibrated: CalibratedModel, target: Target, data: Dataset, batch_siz
 
 
 def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = None, out: Path | None = None,
-              device=None) -> BenchmarkResult:
-    """Time the artifact here, or on ``device`` (a (DeviceSpec, SshOptions) pair) over SSH.
+              device=None, threads: int | None = None) -> BenchmarkResult:
+    """Time the artifact here, or on ``device`` (a (DeviceSpec, SshOptions) pair) over SSH; here, on ``threads``
+    inference threads (None: the runtime's own choice; pre-measurement picks them).
 
     On a device, the test split goes along and the runner measures the artifact's accuracy there too.
     """
@@ -268,9 +272,10 @@ def benchmark(verified: VerifiedModel, target: Target, data: Dataset | None = No
             return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=None,
                                    where="not measured: no device; latency is the target model's prediction")
         measured = with_statistics(runtime.benchmark(verified.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS,
-                                                     rounds=BENCH_ROUNDS))
+                                                     rounds=BENCH_ROUNDS, threads=threads))
         where = "this machine" + (f" ({measured['gpu']}, {runtime.name} {measured['runtime_version']})" if "gpu" in measured else "")
-        return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where)
+        return BenchmarkResult(candidate=verified.candidate, artifact=verified.artifact, measured=measured, where=where,
+                               threads=threads)
     from edgecompress.deploy.remote import remote_benchmark
 
     spec, ssh = device
@@ -299,7 +304,8 @@ def retimed(benched: BenchmarkResult, target: Target, device=None) -> dict:
     """The same artifact timed once more in a fresh process, here or on the device, merged with the first timing."""
     runtime = target.runtime()
     if device is None:
-        again = runtime.benchmark(benched.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS)
+        again = runtime.benchmark(benched.artifact, warmup=BENCH_WARMUP, runs=BENCH_RUNS, rounds=BENCH_ROUNDS,
+                                  threads=benched.threads)
     else:
         from edgecompress.deploy.remote import remote_benchmark
 
@@ -368,7 +374,9 @@ class Pipeline:
             })
         return artifact
 
-    def run_candidate(self, candidate: Candidate, *, progress=None) -> tuple[CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult]:
+    def run_candidate(self, candidate: Candidate, *, progress=None,
+                      threads: int | None = None) -> tuple[CompressedModel, CalibratedModel, VerifiedModel, BenchmarkResult]:
+        """Every stage of one candidate (reusing finished ones); ``threads``: what its benchmark runs on (benchmark)."""
         entry = self.entries[candidate.model]
         data_key = self.data.fingerprint()
         k_compress = spec_hash("compress", candidate, get_method(candidate.prune.method).settings_hash(), self.finetune_spec,
@@ -388,7 +396,9 @@ class Pipeline:
         k_verify = spec_hash("verify", k_calib)
         verified = self._stage(candidate, "verify", k_verify, VerifiedModel,
                                lambda out: verify(calibrated, self.target, self.data, _verify_batch(exported)))
-        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, BENCH_ROUNDS, str(self.device[0]) if self.device else "local")
+        threads = None if self.device else threads  # a remote device runs the runtime's own choice
+        k_bench = spec_hash("benchmark", k_verify, BENCH_RUNS, BENCH_ROUNDS, str(self.device[0]) if self.device else "local",
+                            *([f"threads={threads}"] if threads else []))
         benched = self._stage(candidate, "benchmark", k_bench, BenchmarkResult,
-                              lambda out: benchmark(verified, self.target, self.data, out, self.device))
+                              lambda out: benchmark(verified, self.target, self.data, out, self.device, threads))
         return compressed, calibrated, verified, benched

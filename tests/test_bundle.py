@@ -62,6 +62,11 @@ def test_bundle_contents(run):
     assert (bundle / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     pre = json.loads((bundle / "preprocess.json").read_text())
     assert pre["image_size"] == 32 and pre["layout"] == "NCHW" and pre["color_order"] == "RGB"
+    # The inference threads the latency was measured on ship with the artifact.
+    threads = json.loads((bundle / "runtime.json").read_text())["threads"]
+    chosen = next(c for c in report["candidates"] if c["id"] == report["choice_id"])
+    assert threads == report["choice"]["threads"] == chosen["predicted"]["premeasured_threads"]
+    assert threads in (None, 1)
     with tarfile.open(run / "bundle.tar.gz") as tar:
         assert "bundle/manifest.json" in tar.getnames()
 
@@ -82,6 +87,23 @@ def test_predict_and_python_example_agree_from_a_copy(run, test_images, tmp_path
     example_labels = [line.split("\t")[1] for line in proc.stdout.splitlines()]
     assert example_labels == predicted
     assert "edgecompress" not in example.read_text().split('"""', 2)[2]  # the example imports nothing of ours
+
+
+def test_python_example_runs_on_the_threads_of_runtime_json(run, test_images, tmp_path):
+    """The example reads runtime.json's threads, and one thread gives the same answers as the runtime's own choice
+    (that the setting reaches the runtime: test_premeasure's runner test)."""
+    paths, _ = test_images
+    outputs = {}
+    for threads in (None, 1):
+        copy = tmp_path / f"bundle-{threads}"
+        shutil.copytree(run / "bundle", copy)
+        (copy / "runtime.json").write_text(json.dumps({"threads": threads}))
+        example = next(copy.glob("infer_*.py"))
+        proc = subprocess.run([sys.executable, str(example), *map(str, paths[:3])], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        outputs[threads] = proc
+    assert outputs[None].returncode == 0 and outputs[1].returncode == 0, outputs[1].stderr
+    assert outputs[1].stdout == outputs[None].stdout and outputs[1].stdout.count("\n") == 3
 
 
 def test_verify_ok(run, capsys):

@@ -200,7 +200,7 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
     _log(f"{target.name} {label}: timing all {len({e.candidate.id for e in the_plan.ranked})} candidates' distinct "
          f"structures (planned in {timings['plan_ms']:.0f} ms)")
     with _every_structure():
-        latencies = premeasure(the_plan, target, entries, data, directory / "premeasure", console)
+        latencies = premeasure(the_plan, target, entries, data, directory / "premeasure", console).latency_ms
     dense = [ms for key, ms in latencies.items() if key[1] == "dense" and key[3] == "fp32"]
     if not dense or dense[0] is None:
         raise RuntimeError(f"{target.name} {label}: the dense fp32 structure was not timed")
@@ -275,13 +275,14 @@ def run_build_cli(argv: list[str]) -> tuple[str, str | None]:
     return "delivered", None
 
 
-def retime(target, artifact: Path, reference: Path, budget_ms: float, dense_ms: float) -> dict:
-    """The delivered artifact timed again in a fresh process, rounds interleaved with the dense fp32 reference."""
+def retime(target, artifact: Path, reference: Path, budget_ms: float, dense_ms: float, threads: int | None = None) -> dict:
+    """The delivered artifact timed again in a fresh process, rounds interleaved with the dense fp32 reference, on
+    the inference threads it ships with (the bundle's runtime.json; the reference runs on them too)."""
     from edgecompress.deploy.timing import with_statistics
     from edgecompress.plan.planner import Budget
 
     results = target.runtime().benchmark_interleaved([artifact, reference], warmup=RETIME_WARMUP, runs=RETIME_RUNS,
-                                                     rounds=RETIME_ROUNDS)
+                                                     rounds=RETIME_ROUNDS, threads=threads)
     mine, ref = (with_statistics(r) for r in results)
     budget = Budget(latency_ms=budget_ms, latency_stat=LATENCY_STAT)
     value = budget.measured_latency_ms(mine)
@@ -336,7 +337,7 @@ def run_case(case: dict, target, spec: str, ex: dict, work: Path, finetune_steps
     }
     if record["delivered"] and report.artifact:
         record["retime"] = retime(target, out / report.artifact, Path(ex["reference_artifact"]), budget_ms,
-                                  ex["dense_fp32_ms"])
+                                  ex["dense_fp32_ms"], (report.choice or {}).get("threads"))
     return record
 
 

@@ -26,12 +26,16 @@ from edgecompress.targets import known_runtimes, runtime_class
 
 TEMPLATES = Path(__file__).parent / "bundle_templates"
 MANIFEST = "manifest.json"
+RUNTIME_SETTINGS = "runtime.json"
 
 
 def make_bundle(out: Path, *, artifact: Path, runtime_name: str, runtime_version: str, target_name: str,
                 precision: str, class_names, preprocess: dict, command: str, deploy_notes: dict,
-                archive: bool = False) -> Path:
-    """Write ``out`` (atomically): artifact, labels, preprocessing, examples, manifest."""
+                archive: bool = False, threads: int | None = None) -> Path:
+    """Write ``out`` (atomically): artifact, labels, preprocessing, runtime settings, examples, manifest.
+
+    ``threads``: the runtime's inference threads the artifact was timed on (None: the runtime's own choice), in
+    runtime.json, which the examples apply."""
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for f in artifact.parent.iterdir():  # model.onnx, or model.xml + model.bin
@@ -39,6 +43,9 @@ def make_bundle(out: Path, *, artifact: Path, runtime_name: str, runtime_version
                 shutil.copy2(f, tmp / f.name)
         (tmp / "labels.txt").write_text("".join(f"{name}\n" for name in class_names))
         write_json(tmp / "preprocess.json", {**preprocess, "input_name": "input", "output_name": "logits"})
+        write_json(tmp / RUNTIME_SETTINGS, {"threads": threads,
+                                            "threads_note": "inference threads the latency was measured with; null: "
+                                                            "the runtime's own choice (a thread per core)"})
         for example in runtime_class(runtime_name).bundle_examples:
             shutil.copy2(TEMPLATES / example, tmp / example)
         if "build_command" in deploy_notes:

@@ -23,9 +23,9 @@ from edgecompress.meta.features import FEATURE_DOCS
 
 UPPER_QUANTILE = 0.9
 # A candidate the meta-dataset measured exactly (AccuracyModel.measured) is bounded this far below its measurement:
-# what rebuilding it moves the verified accuracy. Builds of 40 such candidates found on this machine (session 12,
-# docs/benchmarks.md) matched their rows to the image at 150 fine-tuning steps in float, and within 3 of 360 test
-# images (0.8 pp) across code versions.
+# what rebuilding it moves the verified accuracy. The float builds of such candidates found in this machine's run
+# directories (session 12, docs/benchmarks.md) matched their rows within one of 360 test images at the default
+# recipe, and within 3 (0.8 pp) across code versions.
 MEASURED_REBUILD_MARGIN = 0.01
 # The conformal margin is calibrated over this many folds of architectures (each predicted by a model fitted without
 # its fold): one fold per architecture costs a fit per architecture, and the meta-dataset has dozens.

@@ -86,6 +86,7 @@ class Estimate:
     accuracy_low: float | None = None
     parent_accuracy: float | None = None
     premeasured_ms: float | None = None  # the artifact's structure timed on the device before any fine-tuning
+    threads: int | None = None  # the runtime's inference threads it was fastest on there (None: the runtime's choice)
 
     @property
     def latency_ms(self) -> float:
@@ -95,6 +96,7 @@ class Estimate:
     def predicted_dict(self) -> dict:
         return {
             "premeasured_latency_ms": self.premeasured_ms,
+            "premeasured_threads": self.threads,
             "latency_ms": self.cost.latency_ms,
             "memory_mb": self.cost.memory_mb,
             "accuracy": self.accuracy,
@@ -119,10 +121,15 @@ class Plan:
     def fastest(self) -> Estimate:
         return min(self.ranked, key=lambda e: e.latency_ms)
 
-    def with_premeasured(self, latencies: dict, target: Target) -> "Plan":
-        """The plan re-ranked with pre-measured latencies (``speed_key`` -> ms) in place of the predictions."""
-        estimates = [dataclasses.replace(e, premeasured_ms=latencies.get(speed_key(e.candidate, target), e.premeasured_ms))
-                     for e in self.ranked]
+    def with_premeasured(self, premeasured, target: Target) -> "Plan":
+        """The plan re-ranked with pre-measured latencies (a premeasure.Premeasured: ``speed_key`` -> ms, and the
+        thread count each was timed at) in place of the predictions."""
+        estimates = []
+        for e in self.ranked:
+            key = speed_key(e.candidate, target)
+            if key in premeasured.latency_ms:
+                e = dataclasses.replace(e, premeasured_ms=premeasured.latency_ms[key], threads=premeasured.threads.get(key))
+            estimates.append(e)
         return dataclasses.replace(self, ranked=rank(estimates, self.budget, self.accuracy_resolution))
 
 

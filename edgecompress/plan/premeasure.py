@@ -6,10 +6,15 @@ run. So before anything is trained, the plan's most promising structures are bui
 processes, a few to a process in interleaved rounds; the plan is re-ranked on those figures, and only what already
 fits is fine-tuned. Predictions narrow the space first (only candidates predicted within ``SLACK`` times the budget are
 timed) and stand alone where the device cannot be reached from here.
+
+Each structure is timed at each of the runtime's thread counts (``thread_choices``: its own choice, and one thread on
+a machine with more cores) and runs on the fewest threads among the fastest (fastest_threads): how many threads an
+artifact runs on is part of what is built, timed and shipped (the bundle's runtime.json), like its precision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,6 +32,32 @@ WARMUP, RUNS, ROUNDS = 5, 60, 6
 # slower than the same structures built and timed alone (mobilenetv3_small_100 L1 0.60 fp16: 0.402 against 0.244 ms
 # p90), which turned the plan away from candidates that fit; a few per process keep the comparison fair.
 INTERLEAVE = 4
+# Thread counts whose figures are within this share of the fastest count as equally fast, and the fewest threads win
+# among them: the same latency with the other cores free. On 2 cores here, processes running a small network on the
+# runtimes' default two threads ran in one of two speeds, 1x or 1.5-2.2x (ONNX Runtime: 0.062 or 0.134 ms, one
+# thread 0.063 every time): a pre-measurement that drew the fast one saw a tie, and the shipped default then ran at
+# the slow one in later processes.
+THREADS_GAIN = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Premeasured:
+    """What pre-measurement found, per ``speed_key``: the budget statistic in ms at the fastest thread count, and that
+    count (None: the runtime's own choice)."""
+
+    latency_ms: dict
+    threads: dict
+
+    def __bool__(self) -> bool:
+        return bool(self.latency_ms)
+
+
+def fastest_threads(figures: dict) -> int | None:
+    """The thread count of ``figures`` (threads -> ms; None is the runtime's own choice, a thread per core) to run
+    with: the fewest threads within THREADS_GAIN of the fastest."""
+    best = min(figures.values())
+    by_threads = sorted(figures, key=lambda t: float("inf") if t is None else t)
+    return next(t for t in by_threads if figures[t] <= (1 + THREADS_GAIN) * best)
 
 
 def can_premeasure(target: Target, device) -> str | None:
@@ -83,8 +114,8 @@ def _exported_torch(cand, entry, data, out: Path) -> Path:
     return export_onnx(model.eval(), data.input_shape, out / "model_fp32.onnx")
 
 
-def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Path, console=None) -> dict:
-    """Time the plan's promising structures here: ``speed_key`` -> the budget statistic in ms.
+def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Path, console=None) -> Premeasured:
+    """Time the plan's promising structures here, at each of the runtime's thread counts (module docstring).
 
     Results are kept in ``workdir/latencies.json``; a resumed build reuses them.
     """
@@ -92,16 +123,19 @@ def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Pat
 
     estimates = to_time(the_plan, target)
     if not estimates:
-        return {}
+        return Premeasured({}, {})
     saved = json.loads((workdir / "latencies.json").read_text()) if (workdir / "latencies.json").is_file() else {}
     wanted = {repr(speed_key(e.candidate, target)): e for e in estimates}
-    if set(wanted) <= set(saved.get("measured", {})):
-        return {speed_key(e.candidate, target): saved["measured"][k] for k, e in wanted.items()}
+    if set(wanted) <= set(saved.get("measured", {})) and set(wanted) <= set(saved.get("threads", {})):
+        return Premeasured({speed_key(e.candidate, target): saved["measured"][k] for k, e in wanted.items()},
+                           {speed_key(e.candidate, target): saved["threads"][k] for k, e in wanted.items()})
     started = time.time()
     structures: dict[tuple, list] = {}  # (model, structure) -> its estimates, one per precision
     for est in estimates:
         structures.setdefault(speed_key(est.candidate, target)[:3], []).append(est)
     artifacts, ordered = [], []
+    runtime = target.runtime()
+    choices = runtime.thread_choices()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as progress:
         task = progress.add_task("pre-measuring: making artifacts", total=len(estimates))
@@ -114,15 +148,29 @@ def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Pat
             progress.advance(task, len(group))
         estimates = ordered
         progress.update(task, description=f"pre-measuring: timing {len(artifacts)} artifacts in interleaved rounds")
-        runtime = target.runtime()
-        results = [r for i in range(0, len(artifacts), INTERLEAVE)
-                   for r in runtime.benchmark_interleaved(artifacts[i:i + INTERLEAVE], warmup=WARMUP, runs=RUNS, rounds=ROUNDS)]
-    measured = {}
-    for est, result in zip(estimates, results):
-        measured[repr(speed_key(est.candidate, target))] = the_plan.budget.measured_latency_ms(with_statistics(result))
-    write_json(workdir / "latencies.json", {"measured": measured, "seconds": round(time.time() - started, 1),
+        # One process per thread count and few artifacts, the counts of one group timed one after the other, so a slow
+        # spell of the machine lands on both.
+        results: dict = {t: [] for t in choices}
+        for i in range(0, len(artifacts), INTERLEAVE):
+            for t in choices:
+                results[t] += runtime.benchmark_interleaved(artifacts[i:i + INTERLEAVE], warmup=WARMUP, runs=RUNS,
+                                                            rounds=ROUNDS, threads=t)
+    measured, threads = {}, {}
+    for j, est in enumerate(estimates):
+        figures = {t: the_plan.budget.measured_latency_ms(with_statistics(results[t][j])) for t in choices}
+        key = repr(speed_key(est.candidate, target))
+        threads[key] = fastest_threads(figures)
+        measured[key] = figures[threads[key]]
+    write_json(workdir / "latencies.json", {"measured": measured, "threads": threads,
+                                             "all_threads": {repr(t): [the_plan.budget.measured_latency_ms(with_statistics(r))
+                                                                       for r in results[t]] for t in choices},
+                                             "seconds": round(time.time() - started, 1),
                                              "statistic": the_plan.budget.latency_stat})
     if console is not None:
+        single = sum(t is not None for t in threads.values())
         console.print(f"pre-measured {len(artifacts)} candidate structures on this machine in "
-                      f"{time.time() - started:.0f} s before fine-tuning")
-    return {speed_key(e.candidate, target): measured[k] for k, e in wanted.items()}
+                      f"{time.time() - started:.0f} s before fine-tuning"
+                      + (f" ({single} of them as fast or faster on {min(t for t in choices if t)} thread, and run on it)"
+                         if single else ""))
+    return Premeasured({speed_key(e.candidate, target): measured[k] for k, e in wanted.items()},
+                       {speed_key(e.candidate, target): threads[k] for k, e in wanted.items()})

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -515,8 +516,10 @@ class Runtime(Protocol):
     def session(self, artifact: Path) -> Callable[[np.ndarray], np.ndarray]: ...
     def artifact_files(self, artifact: Path) -> list[Path]: ...
     def unavailable_here(self) -> str | None: ...
-    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict: ...
-    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]: ...
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10, threads: int | None = None) -> dict: ...
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int,
+                              threads: int | None = None) -> list[dict]: ...
+    def thread_choices(self) -> tuple[int | None, ...]: ...
     def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict: ...
     def node_times(self, artifact: Path, input_shape, runs: int = 40) -> dict[str, float]: ...
     def deploy_notes(self, artifact: Path, precision: str, input_shape: tuple[int, ...], *, sparse: bool = False) -> dict: ...
@@ -536,12 +539,21 @@ class RunnerRuntime:
     def unavailable_here(self) -> str | None:
         return None
 
-    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict:
-        return run_local_benchmark(self.name, [artifact], warmup=warmup, runs=runs, rounds=rounds)[0]
+    def thread_choices(self) -> tuple[int | None, ...]:
+        """The inference thread counts that pre-measurement compares on this machine: the runtime's own choice
+        (None: a thread per core), and one thread where there are more. Batch-1 inference of a small network can run
+        faster on one: on 2 cores, resnet10t L1 0.70 ran in 0.062 ms on one ONNX Runtime thread against 0.136 ms on
+        its default two, and in 0.108 ms on one OpenVINO thread against 0.122 ms, whose two-thread processes also
+        ran 1.5x slower in about one of six (docs/benchmarks.md, session 12)."""
+        return (None, 1) if (os.cpu_count() or 1) > 1 else (None,)
 
-    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]:
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10, threads: int | None = None) -> dict:
+        return run_local_benchmark(self.name, [artifact], warmup=warmup, runs=runs, rounds=rounds, threads=threads)[0]
+
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int,
+                              threads: int | None = None) -> list[dict]:
         """Several artifacts in one fresh process, their rounds interleaved (for comparing them)."""
-        return run_local_benchmark(self.name, artifacts, warmup=warmup, runs=runs, rounds=rounds)
+        return run_local_benchmark(self.name, artifacts, warmup=warmup, runs=runs, rounds=rounds, threads=threads)
 
     def benchmark_on_device(self, conn, workdir: str, remote_artifact: str, job) -> dict:
         from edgecompress.deploy.remote import run_runner_on_device
@@ -603,12 +615,14 @@ def _ahead_of_the_builder() -> None:
         pass
 
 
-def run_local_benchmark(runtime_name: str, artifacts: list[Path], *, warmup: int, runs: int, rounds: int = 10) -> list[dict]:
+def run_local_benchmark(runtime_name: str, artifacts: list[Path], *, warmup: int, runs: int, rounds: int = 10,
+                        threads: int | None = None) -> list[dict]:
     """Time artifacts in a fresh process (the stand-alone runner), so peak memory is the model's own; several
-    artifacts are timed in interleaved rounds, so a slow spell of the machine lands on all of them alike."""
+    artifacts are timed in interleaved rounds, so a slow spell of the machine lands on all of them alike.
+    ``threads``: the runtime's inference threads (None: its own choice)."""
     cmd = [sys.executable, "-m", "edgecompress.runtimes.runner", "--runtime", runtime_name,
            *[arg for a in artifacts for arg in ("--artifact", str(a))],
-           "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)]
+           "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds), "--threads", str(threads or 0)]
     keep_signal_stack()  # its SIGCHLD is handled on that stack when torch's DataLoader has set a handler
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ahead_of_the_builder)
     if proc.returncode != 0:

@@ -3,7 +3,7 @@
 It imports nothing from edgecompress, so it can be copied to a device and run
 there with only numpy and the runtime installed:
 
-    python runner.py --runtime openvino --artifact model.xml --runs 200 [--rounds 10]
+    python runner.py --runtime openvino --artifact model.xml --runs 200 [--rounds 10] [--threads 1]
 
 It times in rounds and prints one JSON line: the per-round times (``rounds_ms``,
 which edgecompress.deploy.timing turns into statistics with confidence intervals), the
@@ -37,17 +37,22 @@ def _warm_runtime(runtime):
         openvino_core().get_property("CPU", "FULL_DEVICE_NAME")
 
 
-def _load(runtime, artifact):
+def _load(runtime, artifact, threads=None):
+    """(infer, input shape, runtime version, the threads the runtime says it runs on (None where it does not say));
+    ``threads``: the runtime's inference threads (None: its own choice)."""
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         session = ort.InferenceSession(artifact, options, providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         shape = [1 if not isinstance(d, int) else d for d in inp.shape]
         shape[0] = 1
-        return (lambda x: session.run(None, {inp.name: x})[0]), shape, ort.__version__
+        said = session.get_session_options().intra_op_num_threads or None  # 0: its own choice, not said
+        return (lambda x: session.run(None, {inp.name: x})[0]), shape, ort.__version__, said
     if runtime == "openvino":
         import openvino as ov
 
@@ -57,14 +62,15 @@ def _load(runtime, artifact):
         model = core.read_model(artifact)
         pshape = model.inputs[0].get_partial_shape()
         shape = [1] + [d.get_length() for d in list(pshape)[1:]]
-        compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        config = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        compiled = core.compile_model(model, "CPU", config)
         request = compiled.create_infer_request()
 
         def infer(x):
             request.infer({0: x})
             return request.get_output_tensor(0).data.copy()
 
-        return infer, shape, ov.get_version()
+        return infer, shape, ov.get_version(), int(compiled.get_property("INFERENCE_NUM_THREADS"))
     raise SystemExit(f"runner: unknown runtime {runtime!r}")
 
 
@@ -87,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--round-warmup", type=int, default=5,
                         help="untimed runs at the start of each round when several artifacts alternate")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the runtime's inference threads (0: its own choice, one per core)")
     parser.add_argument("--eval-npz", help="npz with 'images' (N,C,H,W float32) and 'labels' (first artifact)")
     args = parser.parse_args(argv)
 
@@ -95,12 +103,13 @@ def main(argv=None):
     for artifact in args.artifact:
         rss_before = _rss_bytes()
         load_start = time.perf_counter()
-        infer, shape, version = _load(args.runtime, artifact)
+        infer, shape, version, runtime_threads = _load(args.runtime, artifact, args.threads or None)
         load_ms = (time.perf_counter() - load_start) * 1e3
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         for _ in range(args.warmup):
             infer(x)
         models.append({"artifact": artifact, "infer": infer, "x": x, "shape": shape, "version": version,
+                       "runtime_threads": runtime_threads,
                        "load_ms": load_ms, "rss_before": rss_before, "rss_loaded": _rss_bytes(), "rounds_ms": []})
     rounds = max(1, min(args.rounds, args.runs))
     per_round = max(1, -(-args.runs // rounds))
@@ -124,6 +133,8 @@ def main(argv=None):
         results.append({
             "runtime": args.runtime,
             "runtime_version": m["version"],
+            "threads": args.threads or None,  # as asked (None: the runtime's own choice)
+            "runtime_threads": m["runtime_threads"],  # as the runtime says it runs (None where it does not say)
             "artifact": os.path.basename(m["artifact"]),
             "runs": len(times),
             "warmup": args.warmup,

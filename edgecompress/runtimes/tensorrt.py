@@ -51,12 +51,17 @@ class TensorRtRuntime(OnnxArtifactRuntime):
     def unavailable_here(self) -> str | None:
         return local_tensorrt_missing()
 
-    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10) -> dict:
-        """Build and time the engine on this machine's GPU (check ``unavailable_here`` first)."""
+    def thread_choices(self) -> tuple[int | None, ...]:
+        return (None,)  # an engine's speed is the GPU's
+
+    def benchmark(self, artifact: Path, *, warmup: int, runs: int, rounds: int = 10, threads: int | None = None) -> dict:
+        """Build and time the engine on this machine's GPU (check ``unavailable_here`` first); ``threads`` is the CPU
+        runtimes' setting, nothing to a GPU engine."""
         return time_engine_locally(artifact, onnx_precision(artifact), onnx_input_shape(artifact), warmup=warmup, runs=runs,
                                    rounds=rounds)
 
-    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int) -> list[dict]:
+    def benchmark_interleaved(self, artifacts: list[Path], *, warmup: int, runs: int, rounds: int,
+                              threads: int | None = None) -> list[dict]:
         # Each engine is built and timed on its own; the GPU is not shared with anything else here.
         return [self.benchmark(a, warmup=warmup, runs=runs, rounds=rounds) for a in artifacts]
 

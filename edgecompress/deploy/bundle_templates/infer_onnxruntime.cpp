@@ -3,7 +3,10 @@
 //
 //   g++ -std=c++17 infer_onnxruntime.cpp -I$ORT/include -L$ORT/lib -lonnxruntime -o infer
 //   python -c "..." > input.f32   # or your own preprocessing, per preprocess.json
-//   ./infer model.onnx labels.txt input.f32 3 32 32
+//   ./infer model.onnx labels.txt input.f32 3 32 32 [THREADS]
+//
+// THREADS: the "threads" of runtime.json, the inference threads the latency was measured on (omit it where that is
+// null: ONNX Runtime's own choice).
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -14,8 +17,8 @@
 #include <vector>
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::cerr << "usage: infer model.onnx labels.txt input.f32 C H W\n";
+  if (argc != 7 && argc != 8) {
+    std::cerr << "usage: infer model.onnx labels.txt input.f32 C H W [THREADS]\n";
     return 2;
   }
   const int64_t c = std::stoll(argv[4]), h = std::stoll(argv[5]), w = std::stoll(argv[6]);
@@ -31,6 +34,7 @@ int main(int argc, char** argv) {
 
   Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "edgecompress");
   Ort::SessionOptions options;
+  if (argc == 8) options.SetIntraOpNumThreads(std::stoi(argv[7]));
   Ort::Session session(env, argv[1], options);
   std::array<int64_t, 4> shape{1, c, h, w};
   auto memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);

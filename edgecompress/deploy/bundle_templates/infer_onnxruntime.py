@@ -3,7 +3,7 @@
     pip install onnxruntime numpy pillow
     python infer_onnxruntime.py image.png [more.png ...]
 
-Needs only this directory: model.onnx, preprocess.json, labels.txt.
+Needs only this directory: model.onnx, preprocess.json, runtime.json, labels.txt.
 """
 
 import json
@@ -42,7 +42,11 @@ def preprocess(path, spec):
 def main(paths):
     spec = json.loads((HERE / "preprocess.json").read_text())
     labels = (HERE / "labels.txt").read_text().splitlines()
-    session = ort.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    threads = json.loads((HERE / "runtime.json").read_text()).get("threads")  # what the latency was measured on
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(HERE / "model.onnx"), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for path in paths:
         logits = session.run(None, {name: preprocess(path, spec)})[0][0]

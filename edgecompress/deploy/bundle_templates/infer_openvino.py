@@ -3,7 +3,7 @@
     pip install openvino numpy pillow
     python infer_openvino.py image.png [more.png ...]
 
-Needs only this directory: model.xml, model.bin, preprocess.json, labels.txt.
+Needs only this directory: model.xml, model.bin, preprocess.json, runtime.json, labels.txt.
 """
 
 import json
@@ -42,7 +42,11 @@ def preprocess(path, spec):
 def main(paths):
     spec = json.loads((HERE / "preprocess.json").read_text())
     labels = (HERE / "labels.txt").read_text().splitlines()
-    compiled = ov.Core().compile_model(str(HERE / "model.xml"), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    threads = json.loads((HERE / "runtime.json").read_text()).get("threads")  # what the latency was measured on
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(HERE / "model.xml"), "CPU", config)
     for path in paths:
         logits = compiled(preprocess(path, spec))[0][0]
         probs = np.exp(logits - logits.max())
