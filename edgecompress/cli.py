@@ -353,9 +353,12 @@ def targets_refit(target_name, run_dirs, out, force):
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(0, 100000))
 @click.option("--eval-npz", type=click.Path(path_type=Path), help="npz with 'images' and 'labels': also measure top-1 there.")
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep the device's raw log here (with --device).")
+@click.option("--threads", type=click.IntRange(1, 1024),
+              help="The runtime's inference threads, here (default: its own choice; a bundle's runtime.json says "
+                   "what its latency was measured on).")
 @_device_options
-def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identity, known_hosts, accept_new_host_key,
-          remote_python, remote_trtexec):
+def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, threads, device, identity, known_hosts,
+          accept_new_host_key, remote_python, remote_trtexec):
     """Time ARTIFACT in TARGET's runtime (batch 1), here or on --device, and print JSON."""
     from edgecompress.deploy.timing import with_statistics
     from edgecompress.targets import get_target
@@ -365,6 +368,8 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         raise UsageError(f"artifact {artifact} does not exist")
     if eval_npz is not None and not eval_npz.is_file():
         raise UsageError(f"--eval-npz {eval_npz} does not exist")
+    if threads is not None and device is not None:
+        raise UsageError("--threads sets the runtime here; with --device the device's runtime chooses its own")
     remote = _device(device, identity, known_hosts, accept_new_host_key, remote_python, remote_trtexec)
     runtime = target.runtime()
     if artifact.suffix.lower() == ".onnx":
@@ -393,7 +398,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, device, identi
         reason = runtime.unavailable_here()
         if reason is not None:
             raise UsageError(f"{target.name} cannot be measured on this machine ({reason}); pass --device USER@HOST")
-        result = runtime.benchmark(artifact, warmup=warmup, runs=runs)
+        result = runtime.benchmark(artifact, warmup=warmup, runs=runs, threads=threads)
     click.echo(json.dumps(with_statistics(result), indent=2))
 
 

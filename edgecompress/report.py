@@ -244,6 +244,11 @@ def render_html(report: BuildReport) -> str:
             f'<td>{html.escape(c.outcome or "")}</td></tr>'
         )
     latency_note = html.escape(report.measured_where or "")
+
+    def _threads(n):
+        return (f"{n} (timed before training as fast as or faster than the runtime's own choice; the bundle's "
+                "runtime.json sets it)") if n else "the runtime's own choice"
+
     per_class = report.per_class_accuracy or {}
     class_rows = "".join(
         f"<tr><td>{html.escape(str(name))}</td><td>{_fmt(a, 3)}</td><td>{_fmt(b, 3)}</td></tr>"
@@ -264,6 +269,7 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>pruning</th><td>{html.escape(str(choice.get("prune_method")))} at ratio {_fmt(choice.get("prune_ratio"), 2)}</td></tr>
 <tr><th>precision</th><td>{html.escape(str(choice.get("precision")))}</td></tr>
 <tr><th>artifact</th><td><code>{html.escape(str(report.artifact))}</code></td></tr>
+<tr><th>inference threads</th><td>{_threads(choice.get("threads"))}</td></tr>
 </table>
 {_transfer_html(report.transfer)}<h2>Budget, predicted and measured</h2>
 <table><tr><th></th><th>budget</th><th>predicted</th><th>measured</th></tr>

@@ -158,3 +158,17 @@ def test_bench_of_a_file_that_is_not_a_model_is_one_line(tmp_path, target):
                           capture_output=True, text=True, timeout=300)
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "is not an ONNX model" in lines[0], proc.stderr
+
+
+def test_bench_runs_on_the_threads_asked_for(tmp_path, capsys, digits):
+    """--threads reaches the runtime (as it reports it); with --device it is refused in one line."""
+    from edgecompress.models import get_model, load_model
+    from edgecompress.runtimes.base import export_onnx
+
+    onnx_path = export_onnx(load_model(get_model("lcnet_050"), 10).eval(), digits.input_shape, tmp_path / "m.onnx")
+    code, out, _ = run_cli(capsys, "bench", str(onnx_path), "--target", "ort-cpu", "--runs", "20", "--threads", "1")
+    result = json.loads(out)
+    assert code == 0 and result["threads"] == 1 and result["runtime_threads"] == 1
+    code, _, err = run_cli(capsys, "bench", str(onnx_path), "--target", "ort-cpu", "--threads", "1",
+                           "--device", "me@127.0.0.1:1")
+    assert code == 2 and "--threads" in err and len(err.strip().splitlines()) == 1

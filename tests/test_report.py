@@ -48,6 +48,16 @@ def test_report_round_trip(tmp_path):
     assert "lcnet_050" in html and "rejected: latency 0.400 ms" in html
 
 
+def test_report_says_the_inference_threads_of_the_choice(tmp_path):
+    import dataclasses
+
+    report = _report(tmp_path)
+    write_report(tmp_path, dataclasses.replace(report, choice={**report.choice, "threads": 1}))
+    assert "<th>inference threads</th><td>1 (" in (tmp_path / "report.html").read_text()
+    write_report(tmp_path, report)  # a report from before threads were chosen: the runtime's own
+    assert "<th>inference threads</th><td>the runtime's own choice</td>" in (tmp_path / "report.html").read_text()
+
+
 def test_report_without_a_choice_renders(tmp_path):
     import dataclasses
 

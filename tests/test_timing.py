@@ -122,3 +122,29 @@ def test_a_timing_that_contradicts_the_premeasurement_is_taken_again(monkeypatch
     # Agreeing figures: no re-timing.
     assert build._settled(first, Budget(latency_ms=1.5, latency_stat="median"), target=None, device=None,
                           console=console, premeasured_ms=1.9).get("timings", 1) == 1
+
+
+def test_the_next_try_is_one_that_can_keep_the_allowed_drop():
+    """A candidate expected to break the allowed drop comes after one that keeps it and that a timing's noise can still
+    let in (within NEAR_BUDGET of the budget); without such a one, the plan's first inside the budget."""
+    from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
+    from edgecompress.costmodel.cost import CostPrediction
+    from edgecompress.plan.planner import Estimate, Plan
+
+    def est(name, ms, accuracy):
+        cand = Candidate(model="m", prune=PruneSpec(method="torch_pruning.l1", ratio=name), quant=QuantSpec(precision="fp32"))
+        return Estimate(cand, CostPrediction(latency_ms=ms, memory_mb=1.0, weights_mb=0.1, macs=1, params=1), accuracy,
+                        False, accuracy - 0.01, 0.98, premeasured_ms=ms)
+
+    collapsed, near, far = est(0.7, 0.19, 0.85), est(0.5, 0.22, 0.965), est(0.3, 0.30, 0.975)
+    budget = Budget(latency_ms=0.2168, max_accuracy_drop=0.02)
+    the_plan = Plan(target="t", budget=budget, ranked=(collapsed, near, far))
+    assert build._next_candidate(the_plan, set(), 1.0) is near  # 0.22 ms is within NEAR_BUDGET of 0.2168
+    assert build._next_candidate(the_plan, {near.candidate.id}, 1.0) is collapsed  # the far one is hopeless
+    assert build._next_candidate(the_plan, {near.candidate.id, collapsed.candidate.id}, 1.0) is far
+    # Inside the budget and keeping the drop: first, whatever comes before it in the plan.
+    inside = est(0.1, 0.15, 0.975)
+    assert build._next_candidate(Plan(target="t", budget=budget, ranked=(collapsed, near, inside)), set(), 1.0) is inside
+    # No allowed drop: the plan's order inside the budget.
+    loose = Plan(target="t", budget=Budget(latency_ms=0.2168), ranked=(collapsed, near, far))
+    assert build._next_candidate(loose, set(), 1.0) is collapsed
