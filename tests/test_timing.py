@@ -137,10 +137,15 @@ def test_the_next_try_is_one_that_can_keep_the_allowed_drop():
                         False, accuracy - 0.01, 0.98, premeasured_ms=ms)
 
     collapsed, near, far = est(0.7, 0.19, 0.85), est(0.5, 0.22, 0.965), est(0.3, 0.30, 0.975)
+    nearer = est(0.4, 0.218, 0.97)
     budget = Budget(latency_ms=0.2168, max_accuracy_drop=0.02)
     the_plan = Plan(target="t", budget=budget, ranked=(collapsed, near, far))
     assert build._next_candidate(the_plan, set(), 1.0) is near  # 0.22 ms is within NEAR_BUDGET of 0.2168
     assert build._next_candidate(the_plan, {near.candidate.id}, 1.0) is collapsed  # the far one is hopeless
+    # One near-budget try per build: after it, the candidate inside the budget.
+    with_nearer = Plan(target="t", budget=budget, ranked=(collapsed, near, nearer, far))
+    assert build._next_candidate(with_nearer, set(), 1.0) is nearer
+    assert build._next_candidate(with_nearer, {nearer.candidate.id}, 1.0) is collapsed
     assert build._next_candidate(the_plan, {near.candidate.id, collapsed.candidate.id}, 1.0) is far
     # Inside the budget and keeping the drop: first, whatever comes before it in the plan.
     inside = est(0.1, 0.15, 0.975)
