@@ -579,18 +579,17 @@ class AccuracyModel:
         self.predictor, self.entries, self.data, self.accuracies = predictor, entries, data, accuracies
         self.console = console
         fingerprint = data.fingerprint()
-        # Features of rows measured with today's method settings; the one-shot proxies depend on them.
-        self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r
-                       for r in (meta_rows or []) if r["dataset"] == fingerprint
-                       and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
-        # The rows that can stand for a build's result (measured): one per key of collect.KEY_COLUMNS that a build
-        # fixes, so that an int8 row of another preset is not read for this target's.
-        self._recipe = spec_hash(finetune if finetune is not None else FinetuneSpec())
+        # Rows of this data measured with today's method settings: their features (the one-shot proxies depend on
+        # the settings), and, at the build's recipe, their accuracies (measured).
+        today = [r for r in (meta_rows or []) if r["dataset"] == fingerprint
+                 and r["method"] in METHODS and r.get("method_settings") == METHODS[r["method"]].settings_hash()]
+        self._known = {(r["model"], r["method"], r["ratio"], r["precision"]): r for r in today}
+        # The rows that can stand for a build's result: one per key of collect.KEY_COLUMNS that a build fixes, so that
+        # an int8 row of another preset is not read for this target's.
+        recipe = spec_hash(finetune if finetune is not None else FinetuneSpec())
         self._int8_preset = int8_preset
         self._measured_rows = {(r["model"], r["method"], r["ratio"], r["precision"], r.get("quant_settings") or ""): r
-                               for r in (meta_rows or []) if r["dataset"] == fingerprint and r.get("recipe") == self._recipe
-                               and r["method"] in METHODS
-                               and r.get("method_settings") == METHODS[r["method"]].settings_hash()}
+                               for r in today if r.get("recipe") == recipe}
         self._prior = DropPrior(meta_rows or [], accuracies)  # the drops measured on any data, for graphs only
         self._predicted_basis = (f"meta-predictor ({source}, {self.predictor.describe()}): expected accuracy; "
                                  f"lower bound from the {UPPER_QUANTILE:.0%} quantile of the drop")

@@ -48,9 +48,6 @@ class Premeasured:
     latency_ms: dict
     threads: dict
 
-    def __bool__(self) -> bool:
-        return bool(self.latency_ms)
-
 
 def fastest_threads(figures: dict) -> int | None:
     """The thread count of ``figures`` (threads -> ms; None is the runtime's own choice, a thread per core) to run
@@ -124,11 +121,14 @@ def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Pat
     estimates = to_time(the_plan, target)
     if not estimates:
         return Premeasured({}, {})
+    wanted = {speed_key(e.candidate, target) for e in estimates}
+
+    def found(measured: dict, threads: dict) -> Premeasured:  # latencies.json's maps, keyed by repr(speed_key)
+        return Premeasured({k: measured[repr(k)] for k in wanted}, {k: threads[repr(k)] for k in wanted})
+
     saved = json.loads((workdir / "latencies.json").read_text()) if (workdir / "latencies.json").is_file() else {}
-    wanted = {repr(speed_key(e.candidate, target)): e for e in estimates}
-    if set(wanted) <= set(saved.get("measured", {})) and set(wanted) <= set(saved.get("threads", {})):
-        return Premeasured({speed_key(e.candidate, target): saved["measured"][k] for k, e in wanted.items()},
-                           {speed_key(e.candidate, target): saved["threads"][k] for k, e in wanted.items()})
+    if all(repr(k) in saved.get("measured", {}) and repr(k) in saved.get("threads", {}) for k in wanted):
+        return found(saved["measured"], saved["threads"])
     started = time.time()
     structures: dict[tuple, list] = {}  # (model, structure) -> its estimates, one per precision
     for est in estimates:
@@ -155,15 +155,15 @@ def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Pat
             for t in choices:
                 results[t] += runtime.benchmark_interleaved(artifacts[i:i + INTERLEAVE], warmup=WARMUP, runs=RUNS,
                                                             rounds=ROUNDS, threads=t)
+    # The budget statistic of every timing, per thread count (with_statistics bootstraps: once each).
+    figures = {t: [the_plan.budget.measured_latency_ms(with_statistics(r)) for r in results[t]] for t in choices}
     measured, threads = {}, {}
     for j, est in enumerate(estimates):
-        figures = {t: the_plan.budget.measured_latency_ms(with_statistics(results[t][j])) for t in choices}
         key = repr(speed_key(est.candidate, target))
-        threads[key] = fastest_threads(figures)
-        measured[key] = figures[threads[key]]
+        threads[key] = fastest_threads({t: figures[t][j] for t in choices})
+        measured[key] = figures[threads[key]][j]
     write_json(workdir / "latencies.json", {"measured": measured, "threads": threads,
-                                             "all_threads": {repr(t): [the_plan.budget.measured_latency_ms(with_statistics(r))
-                                                                       for r in results[t]] for t in choices},
+                                             "all_threads": {repr(t): figures[t] for t in choices},
                                              "seconds": round(time.time() - started, 1),
                                              "statistic": the_plan.budget.latency_stat})
     if console is not None:
@@ -172,5 +172,4 @@ def premeasure(the_plan: Plan, target: Target, entries: dict, data, workdir: Pat
                       f"{time.time() - started:.0f} s before fine-tuning"
                       + (f" ({single} of them as fast or faster on {min(t for t in choices if t)} thread, and run on it)"
                          if single else ""))
-    return Premeasured({speed_key(e.candidate, target): measured[k] for k, e in wanted.items()},
-                       {speed_key(e.candidate, target): threads[k] for k, e in wanted.items()})
+    return found(measured, threads)
