@@ -409,7 +409,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
                 timings=bench.get("timings", 1), peak_memory_mb=bench.get("peak_memory_mb"),
                 model_size_mb=bench.get("model_size_mb"), accuracy=verified.accuracy,
                 accuracy_ci=accuracy_interval(verified.accuracy, len(data.split("test")[1])),
-                baseline_accuracy=compressed.baseline_accuracy)
+                baseline_accuracy=compressed.baseline_accuracy, threads=benched.threads)
             latency = budget.measured_latency_ms(bench) if bench else None
             if latency is None:
                 latency = est.cost.latency_ms
@@ -490,9 +490,7 @@ def make_report(options, the_plan, outcomes: dict, chosen: Built | None, data, e
         compressed, calibrated, verified, benched = chosen.stages
         original_logits = predict(entries[est.candidate.model], x, data.num_classes)
         fields = {
-            # threads: the runtime's inference threads the artifact was timed and is shipped to run on (None: its own)
-            "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate),
-                       "threads": benched.threads},
+            "choice": {**est.candidate.to_dict(), "method_description": _method_description(est.candidate)},
             "choice_id": est.candidate.id,
             "artifact": f"{BUNDLE_DIR}/{calibrated.artifact.name}",
             "bundle": BUNDLE_DIR,
@@ -531,7 +529,7 @@ def make_bundle_for(report: BuildReport, chosen: Built, data, options, run_dir: 
         run_dir / report.bundle, artifact=calibrated.artifact, runtime_name=report.runtime,
         runtime_version=report.runtime_version, target_name=report.target, precision=report.choice["precision"],
         class_names=data.class_names, preprocess=data.preprocess.to_dict(), command=report.command,
-        deploy_notes=report.deploy, archive=options.archive, threads=report.choice.get("threads"),
+        deploy_notes=report.deploy, archive=options.archive, threads=chosen.measured.threads,
     )
 
 

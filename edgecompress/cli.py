@@ -154,7 +154,7 @@ def _met_with(report) -> str:
         latency = f"{report.predicted['latency_ms']:.3f} ms predicted (not measured)"
     else:
         latency = f"{stat} {figure:.3f} ms measured" + (f" (median {m.latency_ms_median:.3f} ms)" if stat != "median" else "")
-        threads = (report.choice or {}).get("threads")
+        threads = m.threads
         if threads:
             latency += f" on {threads} inference thread{'s' if threads > 1 else ''}"
     if budget["latency_ms"] is not None:

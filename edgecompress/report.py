@@ -33,6 +33,8 @@ class Measured:
     accuracy: float | None = None
     accuracy_ci: tuple[float, float] | None = None  # 95% Wilson interval for the test split's size
     baseline_accuracy: float | None = None
+    # The runtime's inference threads the latency was measured on, and the bundle runs on (None: its own choice).
+    threads: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,7 +271,7 @@ th {{ background: #f3f3f3; }} code {{ background: #f3f3f3; padding: 2px 4px; }} 
 <tr><th>pruning</th><td>{html.escape(str(choice.get("prune_method")))} at ratio {_fmt(choice.get("prune_ratio"), 2)}</td></tr>
 <tr><th>precision</th><td>{html.escape(str(choice.get("precision")))}</td></tr>
 <tr><th>artifact</th><td><code>{html.escape(str(report.artifact))}</code></td></tr>
-<tr><th>inference threads</th><td>{_threads(choice.get("threads"))}</td></tr>
+<tr><th>inference threads</th><td>{_threads(measured.threads)}</td></tr>
 </table>
 {_transfer_html(report.transfer)}<h2>Budget, predicted and measured</h2>
 <table><tr><th></th><th>budget</th><th>predicted</th><th>measured</th></tr>

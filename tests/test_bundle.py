@@ -65,7 +65,7 @@ def test_bundle_contents(run):
     # The inference threads the latency was measured on ship with the artifact.
     threads = json.loads((bundle / "runtime.json").read_text())["threads"]
     chosen = next(c for c in report["candidates"] if c["id"] == report["choice_id"])
-    assert threads == report["choice"]["threads"] == chosen["predicted"]["premeasured_threads"]
+    assert threads == report["measured"]["threads"] == chosen["measured"]["threads"] == chosen["predicted"]["premeasured_threads"]
     assert threads in (None, 1)
     with tarfile.open(run / "bundle.tar.gz") as tar:
         assert "bundle/manifest.json" in tar.getnames()

@@ -52,7 +52,7 @@ def test_report_says_the_inference_threads_of_the_choice(tmp_path):
     import dataclasses
 
     report = _report(tmp_path)
-    write_report(tmp_path, dataclasses.replace(report, choice={**report.choice, "threads": 1}))
+    write_report(tmp_path, dataclasses.replace(report, measured=dataclasses.replace(report.measured, threads=1)))
     assert "<th>inference threads</th><td>1 (" in (tmp_path / "report.html").read_text()
     write_report(tmp_path, report)  # a report from before threads were chosen: the runtime's own
     assert "<th>inference threads</th><td>the runtime's own choice</td>" in (tmp_path / "report.html").read_text()

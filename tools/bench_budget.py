@@ -337,7 +337,7 @@ def run_case(case: dict, target, spec: str, ex: dict, work: Path, finetune_steps
     }
     if record["delivered"] and report.artifact:
         record["retime"] = retime(target, out / report.artifact, Path(ex["reference_artifact"]), budget_ms,
-                                  ex["dense_fp32_ms"], (report.choice or {}).get("threads"))
+                                  ex["dense_fp32_ms"], report.measured.threads)
     return record
 
 

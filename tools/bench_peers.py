@@ -306,7 +306,7 @@ def tool_builds(model: str, target_name: str, work: Path, peer_ms: float) -> tup
             r = json.loads(report.read_text())
             artifacts[name] = run / r["artifact"]
             info[name]["choice"] = r.get("choice_id")
-            info[name]["threads"] = (r.get("choice") or {}).get("threads")  # what its bundle runs on
+            info[name]["threads"] = (r.get("measured") or {}).get("threads")  # what its bundle runs on
         else:
             failed[name] = info[name]["last_line"]
     return artifacts, failed, info
