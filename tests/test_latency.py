@@ -1,6 +1,7 @@
 """Kernel extraction from exported graphs, the kernel-level latency models, and `targets profile`."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ from edgecompress.cli import main
 from edgecompress.core.errors import EdgecompressError
 from edgecompress.costmodel.cost import predict_cost
 from edgecompress.costmodel.kernels import Kernel, ModelGraph, model_graph
-from edgecompress.costmodel.latency import KernelLatencyModel, fit, kernel_features, profile_target, random_network
+from edgecompress.costmodel.latency import (
+    KernelLatencyModel,
+    fit,
+    kernel_features,
+    profile_target,
+    random_network,
+)
 from edgecompress.costmodel.layers import profile_layers
 from edgecompress.models import get_model, list_models, load_model
 from edgecompress.targets import get_target, load_target_file
@@ -134,12 +141,58 @@ def test_runtime_node_names_are_attributed_to_kernels():
     assert per_kernel == {0: 13.0, 1: 5.0} and unattributed == 0.5
 
 
+def test_gelu_is_one_kernel_and_its_fused_node_is_attributed(tmp_path):
+    """GELU exported below opset 20 is five nodes; the runtimes run one (ONNX Runtime names it ``Gelu``,
+    ``Gelu_token_0``): one kernel, and the fused node's time goes to it."""
+    from edgecompress.costmodel.kernels import graph_kernels
+    from edgecompress.costmodel.latency import attribute
+    from edgecompress.runtimes.base import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 1), nn.GELU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    members: dict = {}
+    graph = graph_kernels(export_onnx(model, (1, 3, 8, 8), tmp_path / "m.onnx"), members=members)
+    assert [(k.kind, k.act) for k in graph.kernels] == [
+        ("conv", ""), ("eltwise", "gelu"), ("pointwise", ""), ("eltwise", "gelu"), ("linear", "")]
+    assert sorted(n.split("/")[-1] for n, k in members.items() if k == 1) == ["Add", "Div", "Erf", "Mul", "Mul_1"]
+    times = {"/0/Conv_output_0_nchwc": 3.0, "Gelu": 2.0, "/2/Conv_output_0_nchwc": 1.0, "Gelu_token_0": 4.0,
+             "/5/Gemm": 1.0, "ReorderOutput": 0.5}
+    per_kernel, unattributed = attribute(times, members, {}, {"Gelu": [1, 3]})
+    assert per_kernel == {0: 3.0, 1: 2.0, 2: 1.0, 3: 4.0, 4: 1.0} and unattributed == 0.5
+
+
+def test_reparameterizable_models_export_as_they_deploy(tmp_path):
+    """MobileOne's training branches are fused before export; the exported graph computes what the model does."""
+    import onnxruntime as ort
+    import timm
+
+    from edgecompress.runtimes.base import export_onnx
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobileone_s0", pretrained=False, num_classes=10).eval()
+    graph = model_graph(model, (1, 3, 32, 32))
+    trained_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len([k for k in graph.kernels if k.kind in ("conv", "depthwise", "pointwise")]) < trained_convs / 2
+    x = torch.randn(2, 3, 32, 32)
+    path = export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")
+    out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-3, atol=1e-3)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == trained_convs  # the caller's model is untouched
+
+
 def test_random_networks_are_deterministic_and_varied():
     a, shape_a = random_network(3)
     b, shape_b = random_network(3)
     assert shape_a == shape_b and str(a) == str(b)
     sizes = {random_network(s)[1][-1] for s in range(12)}
     assert len(sizes) >= 3
+    # the kernels of the architectures outside the zoo: GELU, channel LayerNorm, concatenation, grouped
+    # convolutions, SE with a SiLU and VoVNet's eSE
+    text = "".join(str(random_network(s)[0]) for s in range(30))
+    for module in ("GELU", "LayerNorm2d", "OSA", "ESE", "SiLU", "Hardswish", "Hardsigmoid"):
+        assert module in text, module
+    assert re.search(r"groups=(?!1\b)\d+", text)
     out = a(torch.zeros(shape_a))
     assert out.shape == (1, 10)
 

@@ -31,7 +31,8 @@ ACTIVATIONS = {"Relu": "relu", "Clip": "relu6", "HardSwish": "hardswish", "HardS
                "Gelu": "gelu", "Softplus": "softplus", "Mish": "mish"}
 # Fused activations, and for pool/eltwise kernels the operation (max, avg, add, mul, ...); others share one code.
 ACT_CODES = {"": 0, **{v: i + 1 for i, v in enumerate(sorted(set(ACTIVATIONS.values()) | {
-    "silu", "max", "avg", "add", "mul", "sub", "div", "slice", "concat", "reducemean", "globalaveragepool"}))}}
+    "silu", "max", "avg", "add", "mul", "sub", "div", "slice", "concat", "reducemean", "globalaveragepool",
+    "layernormalization", "softmax", "matmul"}))}}
 NO_KERNEL = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Constant", "Dropout",
              "Cast", "ConstantOfShape", "Transpose"}
 POOLS = {"MaxPool": "max", "AveragePool": "avg"}
@@ -217,6 +218,20 @@ def graph_kernels(onnx_model, members: dict | None = None) -> ModelGraph:
             continue
         in_shape = shapes.get(dyn[0]) if dyn else None
         out_shape = shapes.get(out)
+        chain = _erf_gelu(node, dyn, consumers, consts) if op == "Div" else None
+        if chain:
+            # GELU as exporters write it below opset 20: one kernel, as the runtimes fuse it (ONNX Runtime's
+            # GeluFusion, an OpenVINO Gelu post-op)
+            k = len(kernels)
+            kernels.append(dict(
+                name=node.name, kind="eltwise", in_channels=_channels(in_shape), out_channels=_channels(in_shape),
+                kernel=1, stride=1, groups=1, in_hw=_hw(in_shape), out_hw=_hw(in_shape), macs=0, weights=0,
+                in_elements=_numel(in_shape), out_elements=_numel(in_shape), act="gelu"))
+            for n in chain:
+                absorbed.add(id(n))
+                members[n.name] = k
+                owner[n.output[0]] = k
+            continue
         if op == "Conv":
             w = consts.get(node.input[1]) or shapes.get(node.input[1])
             groups = int(_attr(node, "group", 1))
@@ -293,6 +308,28 @@ def graph_kernels(onnx_model, members: dict | None = None) -> ModelGraph:
             act=POOLS.get(op, ACTIVATIONS.get(op, op.lower() if kind in ("eltwise", "global_pool") else ""))))
         owner[out] = members[node.name] = len(kernels) - 1
     return ModelGraph(tuple(Kernel(**k) for k in kernels), _peak_activation(g, consts, shapes, members, owner))
+
+
+def _erf_gelu(div, dyn: list[str], consumers: dict, consts: dict) -> list | None:
+    """The nodes of ``x * 0.5 * (1 + erf(x / sqrt(2)))`` that start at ``div`` (Div, Erf, Add, Mul[, Mul]), or None."""
+    if len(dyn) != 1 or div.input[0] != dyn[0]:
+        return None
+    x = dyn[0]
+
+    def only(tensor, op_type):
+        users = consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    erf = only(div.output[0], "Erf")
+    add = erf and only(erf.output[0], "Add")
+    mul = add and only(add.output[0], "Mul")
+    if not mul or x not in mul.input or not any(t in consts for t in add.input):
+        return None
+    chain = [div, erf, add, mul]
+    half = only(mul.output[0], "Mul")
+    if half is not None and any(t in consts for t in half.input):
+        chain.append(half)
+    return chain
 
 
 def _peak_activation(g, consts: dict, shapes: dict, members: dict, owner: dict) -> int:

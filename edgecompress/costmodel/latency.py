@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -138,13 +139,14 @@ def compose(kernel_us: np.ndarray, a_ms: float, b_us: float, c: float) -> float:
 
 # --- random networks: what the profile measures -----------------------------------------------------------
 
-ACT_MODULES = ("relu", "relu6", "hardswish", "silu")
+ACT_MODULES = ("relu", "relu6", "hardswish", "silu", "gelu")
 
 
 def _act(name: str):
     from torch import nn
 
-    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU, "": nn.Identity}[name]()
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU,
+            "": nn.Identity}[name]()
 
 
 def _conv(c_in: int, c_out: int, k: int, s: int, groups: int, act: str):
@@ -154,10 +156,13 @@ def _conv(c_in: int, c_out: int, k: int, s: int, groups: int, act: str):
 
 
 def random_network(seed: int):
-    """A random CNN in the style of the zoo (MobileNet/ResNet/RegNet blocks) and its input size.
+    """A random CNN in the style of timm's (MobileNet/ResNet/RegNet, ConvNeXt and VoVNet blocks) and its input size.
 
-    Resolution, widths, block types, kernel sizes, strides, expansion, squeeze-excitation and activations are
-    drawn from ``seed``; BatchNorm and residuals as timm writes them, so the export fuses like a real model's.
+    Resolution, widths, block types, kernel sizes, strides, expansion, grouped convolutions, squeeze-excitation
+    (SE with a ReLU or SiLU and a sigmoid or hard-sigmoid gate; VoVNet's one-convolution eSE), activations
+    (ReLU, ReLU6, HardSwish, SiLU, GELU), channel LayerNorm and concatenation are drawn from ``seed``; BatchNorm
+    and residuals as timm writes them, so the export fuses like a real model's. Re-parameterizable models
+    (RepVGG, MobileOne) export as plain convolutions after ``timm.utils.reparameterize_model``, which these cover.
     """
     import torch
     from torch import nn
@@ -168,14 +173,39 @@ def random_network(seed: int):
     act = rng.choice(ACT_MODULES)
 
     class SE(nn.Module):
-        def __init__(self, c, gate):
+        def __init__(self, c, gate, inner="relu"):
             super().__init__()
             r = max(8, c // 4)
             self.reduce, self.expand = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
-            self.act, self.gate = nn.ReLU(), (nn.Hardsigmoid() if gate == "hard" else nn.Sigmoid())
+            self.act, self.gate = _act(inner), (nn.Hardsigmoid() if gate == "hard" else nn.Sigmoid())
 
         def forward(self, x):
             return x * self.gate(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+    class ESE(nn.Module):  # VoVNet's effective SE: one full-width 1x1 convolution, a hard-sigmoid gate
+        def __init__(self, c):
+            super().__init__()
+            self.fc, self.gate = nn.Conv2d(c, c, 1), nn.Hardsigmoid()
+
+        def forward(self, x):
+            return x * self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+
+    class LayerNorm2d(nn.LayerNorm):  # timm's: normalize over channels, channels last
+        def forward(self, x):
+            return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                            self.eps).permute(0, 3, 1, 2)
+
+    class OSA(nn.Module):  # VoVNet / DenseNet style: convolutions in a chain, all outputs concatenated
+        def __init__(self, convs, project, ese):
+            super().__init__()
+            self.convs, self.project, self.ese = nn.ModuleList(convs), project, ese
+
+        def forward(self, x):
+            outs = [x]
+            for conv in self.convs:
+                outs.append(conv(outs[-1]))
+            y = self.project(torch.cat(outs, 1))
+            return self.ese(y) if self.ese is not None else y
 
     class Block(nn.Module):
         def __init__(self, body, residual):
@@ -188,11 +218,11 @@ def random_network(seed: int):
     layers = [_conv(3, width, 3, 2 if size >= 64 else 1, 1, act)]
     c, hw = width, size // (2 if size >= 64 else 1)
     for _ in range(rng.randint(3, 7)):
-        stride = 2 if hw > 4 and rng.random() < 0.5 else 1
+        stride = 2 if hw > 1 and rng.random() < 0.5 else 1  # down to the 1x1 maps of a 32x32 input
         c_out = min(512, int(c * rng.choice((1, 1.5, 2)) if stride == 2 else c * rng.choice((1, 1, 1.5))))
         for i in range(rng.randint(1, 3)):
             s = stride if i == 0 else 1
-            kind = rng.choice(("mbconv", "mbconv", "basic", "dwsep", "pool"))
+            kind = rng.choice(("mbconv", "mbconv", "basic", "dwsep", "pool", "convnext", "osa"))
             block_act = rng.choice((act, act, "relu"))
             if kind == "pool" and s == 2:
                 layers.append(nn.MaxPool2d(3, 2, 1) if rng.random() < 0.5 else nn.AvgPool2d(2, 2))
@@ -207,8 +237,24 @@ def random_network(seed: int):
                 body = [_conv(c, mid, 1, 1, 1, block_act)] if e > 1 else []
                 body.append(_conv(mid, mid, k, s, mid, block_act))
                 if rng.random() < 0.4:
-                    body.append(SE(mid, rng.choice(("hard", "sigmoid"))))
+                    body.append(SE(mid, rng.choice(("hard", "sigmoid")), rng.choice(("relu", "silu"))))
                 body.append(_conv(mid, c_out, 1, 1, 1, ""))
+            elif kind == "convnext":
+                # ConvNeXt downsamples (and widens) in a layer of its own
+                stem = [_conv(c, c_out, 3 if s == 2 else 1, s, 1, "")] if s == 2 or c != c_out else []
+                body = [*stem, nn.Conv2d(c_out, c_out, 7, 1, 3, groups=c_out), LayerNorm2d(c_out),
+                        nn.Conv2d(c_out, 4 * c_out, 1), _act(rng.choice(("gelu", "gelu", block_act))),
+                        nn.Conv2d(4 * c_out, c_out, 1)]
+            elif kind == "osa":
+                mid, n = max(8, c_out // 2), rng.randint(2, 4)
+                if s == 2:  # VoVNet downsamples by pooling between its stages
+                    layers.append(nn.MaxPool2d(3, 2, 1))
+                    hw = (hw + 1) // 2
+                convs = [_conv(c if i == 0 else mid, mid, 3, 1, 1, block_act) for i in range(n)]
+                layers.append(OSA(convs, _conv(c + n * mid, c_out, 1, 1, 1, block_act),
+                                  ESE(c_out) if rng.random() < 0.5 else None))
+                c = c_out
+                continue
             elif kind == "basic":
                 groups = rng.choice((1, 1, max(1, c_out // 8))) if c_out % 8 == 0 and c % max(1, c_out // 8) == 0 else 1
                 body = [_conv(c, c_out, 3, s, groups if c % groups == 0 else 1, block_act), _conv(c_out, c_out, 3, 1, 1, "")]
@@ -254,15 +300,22 @@ def time_session(infer: Callable, input_shape, *, min_runs: int = 30, max_second
     return float(np.median(times))
 
 
-def attribute(times: dict[str, float], members: dict[str, int], graph_names: dict[str, int]) -> tuple[dict[int, float], float]:
+FUSED_NODE = re.compile(r"^([A-Za-z]+)(?:_token_\d+)?$")
+
+
+def attribute(times: dict[str, float], members: dict[str, int], graph_names: dict[str, int],
+              fused: dict[str, list[int]] | None = None) -> tuple[dict[int, float], float]:
     """Share the runtime's node times out over our kernels.
 
     A runtime node belongs to the kernel whose ONNX node (or output tensor) has the longest name contained in
     the runtime node's name: runtimes keep ONNX names and add to them (``/conv/Conv/WithoutBiases``, a
-    reorder named after the layer it feeds, ``.../Relu_output_0_nchwc`` for a fused conv). What matches
-    nothing (the input's reorder, weight dequantization named after a weight) is returned unattributed.
+    reorder named after the layer it feeds, ``.../Relu_output_0_nchwc`` for a fused conv). A node a fusion
+    named after its operation alone (ONNX Runtime's ``Gelu``, ``Gelu_token_3``) goes to the next kernel of
+    ``fused[op]`` (kernel indices in execution order). What matches nothing (the input's reorder, weight
+    dequantization named after a weight) is returned unattributed.
     """
     names = sorted({**members, **graph_names}.items(), key=lambda kv: -len(kv[0]))
+    queues = {op.lower(): list(ks) for op, ks in (fused or {}).items()}
     per_kernel: dict[int, float] = {}
     unattributed = 0.0
     for node, us in times.items():
@@ -271,7 +324,13 @@ def attribute(times: dict[str, float], members: dict[str, int], graph_names: dic
                 per_kernel[k] = per_kernel.get(k, 0.0) + us
                 break
         else:
-            unattributed += us
+            m = FUSED_NODE.match(node)
+            queue = queues.get(m.group(1).lower()) if m else None
+            if queue:
+                k = queue.pop(0)
+                per_kernel[k] = per_kernel.get(k, 0.0) + us
+            else:
+                unattributed += us
     return per_kernel, unattributed
 
 
@@ -334,7 +393,9 @@ def profile_target(target, workdir: Path, *, networks: int = 60, seed: int = 0,
             artifact = artifact_for_timing(runtime, onnx_path, precision, shape, work)
             tensors = _tensor_owners(onnx_path, members)
             extra = _quantized_names(artifact, members) if precision == "int8" else {}
-            per_kernel, unattributed = attribute(runtime.node_times(artifact, shape), members, {**tensors, **extra})
+            fused = {"Gelu": [i for i, k in enumerate(graph.kernels) if k.kind == "eltwise" and k.act == "gelu"]}
+            per_kernel, unattributed = attribute(runtime.node_times(artifact, shape), members, {**tensors, **extra},
+                                                 fused)
             record = {"key": key, "seed": net_seed, "precision": precision, "input_shape": list(shape),
                       "latency_ms": time_session(runtime.session(artifact), shape),
                       "kernels": [dataclasses.asdict(k) for k in graph.kernels],

@@ -26,10 +26,18 @@ OPSET = 17
 
 
 def export_onnx(model, input_shape: tuple[int, ...], path: Path) -> Path:
-    """fp32 ONNX with a dynamic batch axis (TorchScript exporter: stable for timm CNNs)."""
+    """fp32 ONNX with a dynamic batch axis (TorchScript exporter: stable for timm CNNs).
+
+    A model with re-parameterizable branches (RepVGG, MobileOne, RepGhost, FastViT) is exported as it deploys:
+    its branches fused by ``timm.utils.reparameterize_model`` on a copy (exact in eval mode).
+    """
     import torch
 
     model = model.eval()
+    if any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy")):
+        from timm.utils.model import reparameterize_model
+
+        model = reparameterize_model(model)
     with torch.no_grad():
         torch.onnx.export(
             model,
