@@ -94,3 +94,36 @@ def test_what_cannot_be_timed_here_says_why():
     assert can_premeasure(get_target("ort-cpu"), None) is None
     assert "not on this machine" in can_premeasure(get_target("jetson-orin-agx"), None)
     assert "remote device" in can_premeasure(get_target("ort-cpu"), ("dev", "ssh"))
+
+
+def test_a_structure_the_runtime_refuses_is_left_out_of_the_plan(digits, tmp_path):
+    """A real refusal: NNCF's int8 of tf_mobilenetv3_small_minimal_100 at 32x32 stops in ONNX Runtime (a TF-"same"
+    padded depthwise convolution meets a 1x1 map). Its fp32 is timed; its int8 is left out with the reason, and a
+    resumed pre-measurement remembers it."""
+    import io
+
+    import timm
+    import torch
+    from rich.console import Console
+
+    from edgecompress.models import parse_model_spec
+
+    arch = "tf_mobilenetv3_small_minimal_100"
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model(arch, pretrained=False, num_classes=10).state_dict(), weights)
+    entry = parse_model_spec(f"timm:{arch}={weights}")
+    graph = model_graph(load_model(entry, 10), digits.input_shape)
+    target = get_target("ort-cpu")
+    the_plan = plan(target, Budget(latency_ms=100.0), {entry.name: graph}, {entry.name: 0.9}, sweep={"none": (0.0,)},
+                    precisions=("fp32", "int8"))
+    console = Console(file=io.StringIO(), width=300)
+    found = premeasure(the_plan, target, {entry.name: entry}, digits, tmp_path / "pm", console)
+    [(key, why)] = found.failed.items()
+    assert "int8" in repr(key)
+    assert "INVALID_ARGUMENT" in why or "Invalid" in why
+    assert "left out" in console.file.getvalue() and arch in console.file.getvalue()
+    assert len(found.latency_ms) == 1 and key not in found.latency_ms
+    replanned = the_plan.with_premeasured(found, target)
+    assert [e.candidate.quant.precision for e in replanned.ranked] == ["fp32"]
+    assert premeasure(the_plan, target, {entry.name: entry}, digits, tmp_path / "pm") == found

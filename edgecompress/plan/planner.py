@@ -123,10 +123,12 @@ class Plan:
 
     def with_premeasured(self, premeasured, target: Target) -> "Plan":
         """The plan re-ranked with pre-measured latencies (a premeasure.Premeasured: ``speed_key`` -> ms, and the
-        thread count each was timed at) in place of the predictions."""
+        thread count each was timed at) in place of the predictions, without the structures the runtime refused."""
         estimates = []
         for e in self.ranked:
             key = speed_key(e.candidate, target)
+            if key in premeasured.failed:
+                continue  # the runtime cannot make or run it here: nothing to build
             if key in premeasured.latency_ms:
                 e = dataclasses.replace(e, premeasured_ms=premeasured.latency_ms[key], threads=premeasured.threads.get(key))
             estimates.append(e)
