@@ -317,11 +317,9 @@ def targets_calibrate(target_name, force, as_json):
     if as_json:
         click.echo(json.dumps(calibration.to_json(), indent=2))
         return
-    if calibration.fitted_on_this_machine:
-        click.echo(f"{calibration.target}: its kernel model was fitted on this machine ({calibration.where()}); "
-                   "predictions are used as they are")
-        return
     how = "read from the cache" if calibration.from_cache else "measured"
+    if calibration.fitted_on_this_machine:
+        how += "; its kernel model was fitted on this machine, on random networks, not trained ones"
     load = f", load average {calibration.load_average_1m:.1f}" if calibration.load_average_1m is not None else ""
     click.echo(f"{calibration.target}: calibrated to {calibration.where()} ({how}; {calibration.seconds:.1f} s of "
                f"measuring on {calibration.date}{load})")

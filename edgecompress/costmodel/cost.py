@@ -148,9 +148,8 @@ def _describe_calibration(target: Target, kernel_model, precision: str) -> str:
         machine = kernel_model.info.get("machine")
         fitted_on = f"{machine['cpu']}, {machine['logical_cores']} cores" if isinstance(machine, dict) else "an unknown machine"
         return f"fitted on {fitted_on}; no device calibration applied (`edgecompress targets calibrate {target.name}`)"
-    if calibration.fitted_on_this_machine:
-        return f"fitted on this machine ({calibration.where()})"
     networks = len({m.network for m in calibration.measurements if m.precision == precision})
-    return (f"rescaled x{calibration.scale(precision):.2f} for {precision} by calibration on this machine "
-            f"({calibration.where()}; median measured / predicted over {networks} reference networks "
+    here = "the machine it was fitted on, " if calibration.fitted_on_this_machine else ""
+    return (f"rescaled x{calibration.scale(precision):.2f} for {precision} by calibration on this machine ({here}"
+            f"{calibration.where()}; median measured / predicted over {networks} reference networks "
             f"on {calibration.date}; cached {calibration.cache_path})")

@@ -33,7 +33,7 @@ from pathlib import Path
 from edgecompress.core.errors import UsageError
 from edgecompress.core.fsutil import cache_dir, sha256_file, write_json
 
-FORMAT = 1
+FORMAT = 2  # 2: the references carry the zoo's trained weights
 # CPU features that change which kernels a runtime picks (and so how fast they run): x86 vector widths,
 # int8/bf16 dot products and AMX tiles; NEON/ASIMD on ARM. Fixed and sorted, so the hash is stable.
 ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "asimd", "avx2", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni",
@@ -42,7 +42,7 @@ ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "asimd", "avx2", "avx512_bf16",
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceNetwork:
-    """A zoo architecture (random weights) at an input size: what the planner predicts, timed here."""
+    """A zoo architecture (the digits zoo's trained weights) at an input size: what the planner predicts, timed here."""
 
     architecture: str
     image_size: int
@@ -107,7 +107,7 @@ class ReferenceMeasurement:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeviceCalibration:
-    """How a target's kernel model is rescaled on this machine; scales are 1 where it was fitted here."""
+    """How a target's kernel model is rescaled on this machine (also the one it was fitted on: see calibrate)."""
 
     target: str
     machine: dict  # machine_fingerprint()
@@ -175,11 +175,27 @@ def reference_graph(reference: ReferenceNetwork, workdir: Path):
     from edgecompress.costmodel.kernels import graph_kernels
     from edgecompress.runtimes.base import export_onnx
 
-    torch.manual_seed(0)
-    model = timm.create_model(reference.architecture, pretrained=False, num_classes=NUM_CLASSES).eval()
+    model = _trained(reference.architecture)
+    if model is None:  # a checkout without the zoo's checkpoints
+        torch.manual_seed(0)
+        model = timm.create_model(reference.architecture, pretrained=False, num_classes=NUM_CLASSES).eval()
     shape = (1, 3, reference.image_size, reference.image_size)
     onnx_path = export_onnx(model, shape, workdir / f"{reference.name}.onnx")
     return onnx_path, graph_kernels(onnx_path), shape
+
+
+def _trained(architecture: str):
+    """The digits zoo's trained model of ``architecture``, or None.
+
+    Trained weights, not random ones: timm's initialization (zero-initialized last BatchNorm of residual blocks, tiny
+    layer scales) makes networks that run unlike any trained one. ONNX Runtime's int8 of a random-weight resnet10t ran
+    33x its prediction here, the trained one 0.5x, so a calibration on random weights scaled int8 by 6x.
+    """
+    from edgecompress.models import get_model, list_models, load_model
+
+    if architecture not in list_models():
+        return None
+    return load_model(get_model(architecture), NUM_CLASSES).eval()
 
 
 def measure_artifacts(runtime, onnx_path: Path, precisions, input_shape, workdir: Path) -> dict[str, float]:
@@ -195,7 +211,9 @@ def calibrate(target, *, force: bool = False, console=None, references: tuple[Re
               ) -> DeviceCalibration:
     """``target``'s kernel model calibrated to this machine: read from the cache, or measured (``force``: always).
 
-    Where the model records that it was fitted on this machine, nothing is measured and every scale is 1.
+    Also where the model records that it was fitted on this machine: the random networks it was fitted on are not
+    trained models, and here it over-predicted the trained zoo on OpenVINO by 20-70% (docs/benchmarks.md, session
+    13); the reference networks, trained zoo models, measure that bias as they measure another machine's speed.
     """
     import numpy as np
 
@@ -214,9 +232,7 @@ def calibrate(target, *, force: bool = False, console=None, references: tuple[Re
     precisions = [p for p in target.precisions if p in kernel_model.composition]
     record = {"target": target.name, "machine": fingerprint, "machine_hash": machine_hash, "kernel_model": model_id,
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if _fitted_here(kernel_model, fingerprint):
-        return DeviceCalibration(**record, fitted_on_this_machine=True, scales={p: 1.0 for p in precisions},
-                                 measurements=(), seconds=0.0, load_average_1m=None, cache_path=None)
+    here = _fitted_here(kernel_model, fingerprint)
     path = calibration_path(target, machine_hash, model_id, references)
     if not force:
         cached, now = read_calibration(path), load_average()
@@ -244,7 +260,7 @@ def calibrate(target, *, force: bool = False, console=None, references: tuple[Re
     # The median ratio, not the geometric mean: on a shared machine one network timed while another process ran
     # is slow by a lot, and the median ignores it where the mean of logs would follow it.
     scales = {p: float(np.median([m.ratio for m in measurements if m.precision == p])) for p in precisions}
-    calibration = DeviceCalibration(**record, fitted_on_this_machine=False, scales=scales,
+    calibration = DeviceCalibration(**record, fitted_on_this_machine=here, scales=scales,
                                     measurements=tuple(measurements), seconds=time.perf_counter() - start,
                                     load_average_1m=load_average(), cache_path=path)
     write_json(path, calibration.to_json())
