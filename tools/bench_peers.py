@@ -3,12 +3,14 @@
     python tools/bench_peers.py --json                 # 3 zoo models x {ort-cpu, openvino-cpu}; resumable
     python tools/bench_peers.py --models lcnet_050 --targets ort-cpu --repeats 1 --json
     python tools/bench_peers.py --markdown             # the tables for docs/bench_peers.md, from the cache only
+    python tools/bench_peers.py --data fashion-mnist --models starnet_s100 ghostnet_050 --builds --json  # its zoo
 
 For each (zoo model, CPU target), every variant below is made from the same exported fp32 ONNX and the same
-calibration split of the digits, its top-1 measured on the 360 test images one image at a time in the target's
-runtime, and all variants timed together (batch 1) in one fresh runner process with interleaved rounds, so a slow
-spell of the machine lands on all of them; that is repeated ``--repeats`` times in fresh processes. Run it with
-the machine quiet (../shared/tools/quiet PID -- python tools/bench_peers.py ...).
+calibration split of the data (``--data``: the digits, or Fashion-MNIST with its own zoo), its top-1 measured on
+the test split (360 digits, 5,000 Fashion-MNIST images) one image at a time in the target's runtime, and all
+variants timed together (batch 1) in one fresh runner process with interleaved rounds, so a slow spell of the
+machine lands on all of them; that is repeated ``--repeats`` times in fresh processes. Run it with the machine quiet
+(../shared/tools/quiet PID -- python tools/bench_peers.py ...).
 
   fp32                the target's fp32 artifact
   edgecompress        the runtime's own quantize(): its QuantPreset (runtimes/*.py), what `build` ships
@@ -20,7 +22,7 @@ the machine quiet (../shared/tools/quiet PID -- python tools/bench_peers.py ...)
   ort_qdq_u8s8        the same, QDQ with u8 activations and per-channel s8 weights (ONNX Runtime's x86 advice)
   olive               Olive's OnnxStaticQuantization pass (`olive run`), where Olive runs here (--olive)
   build_1x, build_1.5x  (--builds) what `edgecompress build --target T --latency B --latency-stat median` ships on the
-                      digits, any zoo model, at B = the best peer's median latency (within the tolerance of the best
+                      same data, any model of its zoo, at B = the best peer's median latency (within the tolerance of the best
                       top-1; from a pilot timing of the variants above) divided by 1 and by 1.5: the tool's own
                       choice, timed beside the peers in the same processes
 
@@ -175,7 +177,7 @@ def olive_static(src: Path, dst: Path, calib, olive: Path) -> Path:
 
 # --- one case ------------------------------------------------------------------------------------------------------
 
-def build_variants(model: str, target_name: str, work: Path, data, olive: Path) -> tuple[dict, dict]:
+def build_variants(model: str, target_name: str, work: Path, data, olive: Path, task: str) -> tuple[dict, dict]:
     """{variant: artifact path} and {variant: reason} for those that could not be made; artifacts are reused."""
     from edgecompress.models import get_model, load_model
     from edgecompress.runtimes.base import (
@@ -188,11 +190,11 @@ def build_variants(model: str, target_name: str, work: Path, data, olive: Path) 
 
     runtime = get_target(target_name).runtime()
     calib = data.split("calib")[0]
-    shared = work / model
+    shared = work / task / model
     shared.mkdir(parents=True, exist_ok=True)
     src = shared / "fp32.onnx"
     if not src.exists():
-        export_onnx(load_model(get_model(model), data.num_classes), data.input_shape, src)
+        export_onnx(load_model(get_model(model, task), data.num_classes), data.input_shape, src)
     # Peers' ONNX graphs, shared by both targets.
     onnx_makers = {
         "nncf": lambda p: nncf_onnx(src, p, calib),
@@ -217,7 +219,7 @@ def build_variants(model: str, target_name: str, work: Path, data, olive: Path) 
         else:
             onnx_graphs[name] = path
 
-    case = work / model / target_name
+    case = shared / target_name
     artifacts = {}
 
     def made(name: str, make) -> None:
@@ -285,16 +287,16 @@ def top1(runtime, artifact: Path, data) -> float:
     return float(np.mean([int(session(x[i:i + 1]).argmax(1)[0] == y[i]) for i in range(len(y))]))
 
 
-def tool_builds(model: str, target_name: str, work: Path, peer_ms: float) -> tuple[dict, dict, dict]:
+def tool_builds(model: str, target_name: str, work: Path, peer_ms: float, task: str) -> tuple[dict, dict, dict]:
     """``edgecompress build`` at the best peer's median latency / each of BUILD_SPEEDUPS, in a fresh process each:
     ({variant: artifact}, {variant: why it shipped nothing}, {variant: budget, exit code, choice, wall})."""
     artifacts, failed, info = {}, {}, {}
     for speedup in BUILD_SPEEDUPS:
         name = f"build_{speedup:g}x"
         budget = peer_ms / speedup
-        run = work / model / target_name / name
-        cmd = [sys.executable, "-m", "edgecompress", "build", "--target", target_name, "--latency", f"{budget:.4f}ms",
-               "--latency-stat", "median", "--out", str(run), "--force"]
+        run = work / task / model / target_name / name
+        cmd = [sys.executable, "-m", "edgecompress", "build", "--data", task, "--target", target_name,
+               "--latency", f"{budget:.4f}ms", "--latency-stat", "median", "--out", str(run), "--force"]
         _log(f"{model} {target_name}: {' '.join(cmd[3:])}")
         started = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)  # exit 2 is a result
@@ -313,12 +315,12 @@ def tool_builds(model: str, target_name: str, work: Path, peer_ms: float) -> tup
 
 
 def run_case(model: str, target_name: str, work: Path, data, olive: Path, repeats: int, tolerance_pp: float,
-             builds: bool = False) -> dict:
+             builds: bool = False, task: str = "digits") -> dict:
     from edgecompress.runtimes.base import read_quant_record
     from edgecompress.targets import get_target
 
     runtime = get_target(target_name).runtime()
-    artifacts, failed = build_variants(model, target_name, work, data, olive)
+    artifacts, failed = build_variants(model, target_name, work, data, olive, task)
     names = [v for v in VARIANTS if v in artifacts]
     def entry(artifact: Path) -> dict:
         return {"top1": top1(runtime, artifact, data), "median_ms": [], "p90_ms": [],
@@ -337,7 +339,7 @@ def run_case(model: str, target_name: str, work: Path, data, olive: Path, repeat
         peer = summarize_case(pilot_case, tolerance_pp, stat="pilot_ms")["best_peer_inside"]
         if peer is not None:
             peer_ms = pilot_case["variants"][peer]["pilot_ms"]
-            made, why, build_info = tool_builds(model, target_name, work, peer_ms)
+            made, why, build_info = tool_builds(model, target_name, work, peer_ms, task)
             build_info = {"pilot_best_peer": peer, "pilot_best_peer_ms": round(peer_ms, 4), **build_info}
             failed.update(why)
             for name, artifact in made.items():
@@ -365,7 +367,7 @@ def run_case(model: str, target_name: str, work: Path, data, olive: Path, repeat
         variants[v]["threads_shipped"] = 1 if one_thread else None
         variants[v]["shipped_ms"] = variants[v]["median_ms_1t_all" if one_thread else "median_ms_all"]
         variants[v]["best_threads_ms"] = min(variants[v]["median_ms_all"], variants[v]["median_ms_1t_all"])
-    return {"model": model, "target": target_name, "variants": variants, "failed": failed,
+    return {"data": task, "model": model, "target": target_name, "variants": variants, "failed": failed,
             "edgecompress_preset": record, "builds": build_info, "repeats": repeats, "runs": RUNS, "rounds": ROUNDS,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
@@ -405,7 +407,7 @@ def markdown(cases: list[dict], tolerance_pp: float) -> str:
     lines = []
     for case in cases:
         s = summarize_case(case, tolerance_pp)
-        lines += [(f"**{case['model']} on {case['target']}** ({case['date']}, load {case['load_average']}, "
+        lines += [(f"**{case['model']} on {case['target']}**{_on(case)} ({case['date']}, load {case['load_average']}, "
                    f"{case['repeats']} fresh processes x {case['rounds']} interleaved rounds)"), "",
                   "| variant | top-1 | median ms | p90 ms | median ms, 1 thread | ships on | vs fp32 (as shipped) | size MB |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -427,9 +429,15 @@ def markdown(cases: list[dict], tolerance_pp: float) -> str:
     return "\n".join(lines)
 
 
+def _on(case: dict) -> str:
+    return "" if case.get("data", "digits") == "digits" else f", {case['data']}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--data", default="digits", choices=("digits", "fashion-mnist"),
+                        help="the named data source; the models are its zoo's")
+    parser.add_argument("--models", nargs="+", default=None, help=f"zoo models (digits default: {' '.join(MODELS)})")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--repeats", type=int, default=3, help="fresh timing processes per case")
     parser.add_argument("--tolerance-pp", type=float, default=0.5, help="equal accuracy: within this of the best")
@@ -443,22 +451,28 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print tables from the cache only (runs nothing)")
     args = parser.parse_args(argv)
 
-    key = lambda r: (r["model"], r["target"])
+    if args.models is None:
+        if args.data != "digits":
+            parser.error("--models is required with --data other than the digits")
+        args.models = list(MODELS)
+    key = lambda r: (r.get("data", "digits"), r["model"], r["target"])  # rows from before --data: the digits
     done = read_jsonl(args.cache, key=key)
-    wanted = [(m, t) for m in args.models for t in args.targets]
+    wanted = [(args.data, m, t) for m in args.models for t in args.targets]
     if not args.markdown:
-        from edgecompress.data.datasets import load_digits
+        from edgecompress.data.datasets import load_dataset
 
-        data = load_digits()
-        for model, target in wanted:
-            if (model, target) in done and not args.force:
+        data = load_dataset(args.data)
+        for w in wanted:
+            if w in done and not args.force:
                 continue
+            _, model, target = w
             started = time.time()
-            case = run_case(model, target, args.work, data, args.olive, args.repeats, args.tolerance_pp, args.builds)
+            case = run_case(model, target, args.work, data, args.olive, args.repeats, args.tolerance_pp, args.builds,
+                            task=args.data)
             case["wall_s"] = round(time.time() - started, 1)
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(args.cache, case)
-            done[(model, target)] = case
+            done[w] = case
     cases = [done[w] for w in wanted if w in done]
     if args.markdown:
         print(markdown(cases, args.tolerance_pp))
