@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from edgecompress.core.errors import EdgecompressError, UsageError
+from edgecompress.core.errors import EdgecompressError, UsageError, one_line
 from edgecompress.core.units import parse_duration_s, parse_fraction, parse_latency_ms, parse_size_bytes
 
 
@@ -383,7 +383,7 @@ def bench(artifact, target_name, runs, warmup, eval_npz, log_dir, threads, devic
     try:  # a file the runtime cannot load is the user's mistake, not a failed benchmark
         runtime.session(artifact)
     except Exception as exc:  # the runtimes raise their own types for a file that is not a model
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = one_line(exc)
         raise UsageError(f"{artifact} is not a model {runtime.name} can load: {first}") from exc
     if remote is not None:
         from edgecompress.deploy.remote import DeviceJob, remote_benchmark

@@ -94,3 +94,21 @@ def test_signals_are_handled_after_openvino_plugins_are_freed_in_order():
             "os.kill(os.getpid(), signal.SIGUSR1)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "handled" in proc.stdout, (proc.returncode, proc.stderr[-500:])
+
+
+def test_a_graph_openvino_cannot_convert_is_named_in_one_line(tmp_path):
+    """OpenVINO's converter opens with an assertion's location; the line a user sees names what it could not
+    convert (eSE-VoVNet at 32x32: a 3x3 max-pool meets a 2x2 map)."""
+    import timm
+
+    from edgecompress.core.errors import one_line
+
+    torch.manual_seed(0)
+    model = timm.create_model("ese_vovnet19b_dw", pretrained=False, num_classes=10).eval()
+    onnx_path = export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")
+    (tmp_path / "fp32").mkdir()
+    with pytest.raises(Exception) as info:  # OpenVINO raises its own types
+        get_target("openvino-cpu").runtime().export(onnx_path, "fp32", tmp_path / "fp32")
+    line = one_line(info.value)
+    assert line.startswith("OpenVINO cannot convert ") and "MaxPool" in line and "\n" not in line
+    assert one_line(ValueError("first\nsecond")) == "first" and one_line(KeyError()) == "KeyError"

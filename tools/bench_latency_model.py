@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.compress.methods import get_method  # noqa: E402
+from edgecompress.core.errors import one_line  # noqa: E402
 from edgecompress.core.fsutil import append_jsonl, read_jsonl  # noqa: E402
 from edgecompress.costmodel.cost import predict_cost, roofline_ms  # noqa: E402
 from edgecompress.costmodel.kernels import model_graph  # noqa: E402
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                         try:
                             done[key] = measure(target, v, precision, Path(tmp))
                         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run a variant is a result
-                            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                            reason = one_line(exc)
                             done[key] = {"target": target_name, **v, "precision": precision, "failed": reason}
                     append_jsonl(args.cache, done[key])
                 if "failed" in done[key]:

@@ -80,3 +80,16 @@ class BundleError(UsageError):
 
 class TrtexecParseError(EdgecompressError):
     """A trtexec log without the latency summary (the engine build failed, or the format is unknown)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The line of a foreign exception (a runtime's, a converter's) that says what went wrong.
+
+    Usually its first line; OpenVINO's converter starts with an assertion's location ("Check 'false' failed at
+    ...unconverted_ops_report.cpp") and names what it could not convert in its summary, which is the line kept.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    summary = [line for line in lines if line.startswith("-- Conversion is failed for")]
+    if summary:
+        return ("OpenVINO cannot convert " + summary[-1].split("for", 1)[1].strip(" :"))[:limit]
+    return (lines or [type(exc).__name__])[0][:limit]

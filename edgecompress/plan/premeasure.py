@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from edgecompress.core.errors import one_line
 from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.deploy.timing import with_statistics
 from edgecompress.plan.planner import Plan, speed_key
@@ -114,7 +115,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
         except (TypeError, AttributeError, NameError, KeyError):
             raise  # our own mistakes stay loud
         except Exception as exc:  # noqa: BLE001 - the runtime's refusal, in whatever type it raises
-            failed.append((e, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]))
+            failed.append((e, one_line(exc, 300)))
     return made, failed
 
 
