@@ -93,9 +93,9 @@ def build_variant(v: dict):
     return parent, pruned, shape
 
 
-def measure(target, v: dict, precision: str, workdir: Path) -> dict:
-    """What the device does with the variant's artifact (cached: the models can be refitted without it)."""
-    runtime = target.runtime()
+def variant_artifact(runtime, v: dict, precision: str, workdir: Path) -> Path:
+    """The variant exported and made into the runtime's artifact at ``precision`` as `build` does (int8 calibrated on
+    random images: only its speed counts)."""
     _, model, shape = build_variant(v)
     onnx_path = export_onnx(model, shape, workdir / "model.onnx")
     out = workdir / precision
@@ -107,7 +107,13 @@ def measure(target, v: dict, precision: str, workdir: Path) -> dict:
         qdir.mkdir()
         with nncf_quiet():
             artifact = runtime.quantize(artifact, calib, qdir)
-    measured = runtime.benchmark(artifact, warmup=20, runs=200)
+    return artifact
+
+
+def measure(target, v: dict, precision: str, workdir: Path) -> dict:
+    """What the device does with the variant's artifact (cached: the models can be refitted without it)."""
+    runtime = target.runtime()
+    measured = runtime.benchmark(variant_artifact(runtime, v, precision, workdir), warmup=20, runs=200)
     return {"target": target.name, **v, "precision": precision, "measured_ms": measured["latency_ms_median"],
             "measured_memory_mb": measured["peak_memory_mb"]}
 
@@ -149,10 +155,7 @@ def noise_floor(target, cache: Path, repeats: int = 3, skip=frozenset()) -> dict
             times = [done[k]["measured_ms"] for k in keys]
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                _, model, shape = build_variant(v)
-                onnx_path = export_onnx(model, shape, Path(tmp) / "model.onnx")
-                (Path(tmp) / "fp32").mkdir()
-                artifact = runtime.export(onnx_path, "fp32", Path(tmp) / "fp32")
+                artifact = variant_artifact(runtime, v, "fp32", Path(tmp))
                 times = [runtime.benchmark(artifact, warmup=20, runs=200)["latency_ms_median"] for _ in range(repeats + 1)]
             for i, t in enumerate(times):
                 append_jsonl(cache, {"target": target.name, "model": v["model"], "size": v["size"], "repeat": i,
@@ -201,11 +204,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def summarize_unseen(rows: list[dict]) -> dict:
     """The families outside the zoo and the profiling networks, on their own: by size and by architecture."""
-    def ape(rs):
-        return np.abs(np.array([r["predicted_ms"] / r["measured_ms"] - 1 for r in rs]))
-
     def score(rs):
-        e = ape(rs)
+        e = np.abs(np.array([r["predicted_ms"] / r["measured_ms"] - 1 for r in rs]))
         return {"variants": len(rs), "within_10pct": float((e <= 0.10).mean()), "within_25pct": float((e <= 0.25).mean()),
                 "mape": float(e.mean()), "median_ape": float(np.median(e))}
 
