@@ -73,6 +73,29 @@ def test_build_jetson_produces_qdq_and_command(tmp_path, capsys):
     assert f'"{pre["input_name"]}"' in (out / "bundle" / "infer_tensorrt.cpp").read_text()
 
 
+def test_a_candidate_the_runtime_refuses_is_rejected_not_the_build(tmp_path, capsys):
+    """A real refusal where nothing was timed before training (Jetson without --device): NNCF's int8 of
+    tf_mobilenetv3_small_minimal_100 at 32x32 stops in ONNX Runtime's QLinearConv (a TF-"same" padded depthwise
+    convolution meets a 1x1 map) when the host verifies it. The try is rejected with that line, and the build ends
+    as any build that found nothing: exit 2, a report, no traceback."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=10).state_dict(),
+               weights)
+    code, out = _build(tmp_path, "--target", "jetson-orin", "--latency", "100ms", "--method", "none",
+                       "--precision", "int8", "--max-tries", "1",
+                       "--model", f"timm:tf_mobilenetv3_small_minimal_100={weights}")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "no candidate met the budget after 1 tries" in err and "Traceback" not in err
+    [tried] = [c for c in json.loads((out / "report.json").read_text())["candidates"] if c["tried"]]
+    assert tried["outcome"].startswith("rejected: it could not be made or run: ")
+    assert "QLinearConv" in tried["outcome"]
+
+
 def test_user_data_and_weights(tmp_path, capsys, weights_file):
     from conftest import write_images
 

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from edgecompress.core.errors import one_line
+from edgecompress.core.errors import OWN_MISTAKES, one_line
 from edgecompress.core.fsutil import atomic_path, write_json
 from edgecompress.deploy.timing import with_statistics
 from edgecompress.plan.planner import Plan, speed_key
@@ -112,7 +112,7 @@ def _make_artifacts(estimates: list, entry, data, target: Target, out: Path) -> 
     for e in estimates:
         try:
             made.append((e, make_artifact(runtime, onnx_path, e.candidate.quant.precision, out, calib)))
-        except (TypeError, AttributeError, NameError, KeyError):
+        except OWN_MISTAKES:
             raise  # our own mistakes stay loud
         except Exception as exc:  # noqa: BLE001 - the runtime's refusal, in whatever type it raises
             failed.append((e, one_line(exc, 300)))
