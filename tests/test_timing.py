@@ -153,3 +153,40 @@ def test_the_next_try_is_one_that_can_keep_the_allowed_drop():
     # No allowed drop: the plan's order inside the budget.
     loose = Plan(target="t", budget=Budget(latency_ms=0.2168), ranked=(collapsed, near, far))
     assert build._next_candidate(loose, set(), 1.0) is collapsed
+
+
+def test_the_next_try_learns_the_drop_from_the_tries():
+    """A try that lost more than expected raises the expected drop of its method at its ratio and above, so the next
+    try goes to what can still keep the allowed drop (the budget benchmark's regnety_002: channel pruning 0.1 in
+    int8 lost 6.4 pp against 1.5 expected; 0.3 and 0.5 followed, while the dense model fitted)."""
+    from edgecompress.compress.methods import Candidate, PruneSpec, QuantSpec
+    from edgecompress.costmodel.cost import CostPrediction
+    from edgecompress.plan.planner import Estimate, Plan
+    from edgecompress.report import Measured
+
+    def est(method, ratio, ms, accuracy):
+        cand = Candidate(model="m", prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec(precision="int8"))
+        return Estimate(cand, CostPrediction(latency_ms=ms, memory_mb=1.0, weights_mb=0.1, macs=1, params=1), accuracy,
+                        False, accuracy - 0.01, 0.9556, premeasured_ms=ms)
+
+    l1_01, l1_03, l1_05 = (est("torch_pruning.l1", r, ms, a) for r, ms, a in ((0.1, 0.26, 0.9402), (0.3, 0.29, 0.9365),
+                                                                             (0.5, 0.26, 0.9045)))
+    l1_003 = est("torch_pruning.l1", 0.03, 0.30, 0.95)
+    dense = est("none", 0.0, 0.363, 0.9556)
+    budget = Budget(latency_ms=0.3701, max_accuracy_drop=0.02)
+    the_plan = Plan(target="t", budget=budget, ranked=(l1_01, l1_03, l1_05, l1_003, dense))
+    assert build._next_candidate(the_plan, set(), 1.0) is l1_01
+    measured = Measured(latency_ms_median=0.25, latency_ms_p90=0.26, latency_ms_p99=0.3, peak_memory_mb=1.0,
+                        model_size_mb=0.1, accuracy=0.8917, baseline_accuracy=0.9556)
+    outcomes = {l1_01.candidate.id: build.Built(l1_01, measured, "rejected: accuracy", ())}
+    excess = build._drop_excess(outcomes)
+    assert excess[("m", "torch_pruning.l1")] == [(0.1, pytest.approx(0.0639 - 0.0154))]
+    # 0.3 is now expected to lose 1.9 + 4.85 pp: the next is the lighter 0.03, which the excess at 0.1 does not touch.
+    assert build._next_candidate(the_plan, set(outcomes), 1.0, excess) is l1_003
+    # Without the lighter one, the dense model: the other channel-pruned ones come after it.
+    without = Plan(target="t", budget=budget, ranked=(l1_01, l1_03, l1_05, dense))
+    assert build._next_candidate(without, set(outcomes), 1.0, excess) is dense
+    # A try that lost less than expected changes nothing.
+    better = dataclasses.replace(measured, accuracy=0.95)
+    assert build._next_candidate(the_plan, set(), 1.0, build._drop_excess(
+        {l1_01.candidate.id: build.Built(l1_01, better, "chosen", ())})) is l1_01

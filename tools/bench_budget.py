@@ -25,8 +25,8 @@ Metrics, per target and overall:
   20 warm-up, 10 interleaved rounds of 200 runs, as the build's benchmark), in rounds interleaved with the
   model's dense fp32 artifact as a reference, and kept when the low end of the 95% bootstrap interval of p90
   (edgecompress.deploy.timing.with_statistics) is at most the budget. ``budget_kept_point`` is the share whose p90
-  itself is within budget. The reference's p90 over its p90 at the start (``reference_drift``) shows how much
-  the machine's speed moved between the two. ``budget_kept_steady`` judges each on a re-timing whose reference
+  itself is within budget. The reference's p90 over its own p90 in the exhaustive timing on the same threads
+  (``reference_drift``) shows how much the machine's speed moved between the two. ``budget_kept_steady`` judges each on a re-timing whose reference
   ran within DRIFT_TOLERANCE of its earlier p90 (re-timed up to RETIME_ATTEMPTS times while the reference drifted;
   the first attempt's verdict when none was steady): a slow spell of the machine slows the reference too.
 - ``feasible_found``: of the cases where an exhaustive timing shows a fitting candidate exists, the share where
@@ -196,7 +196,7 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
     directory = work / "exhaustive" / target.name / LATENCY_STAT / _safe(label)
     summary_path = directory / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        return {**json.loads(summary_path.read_text()), "dense_fp32_ms_by_threads": _dense_by_threads(directory)}
     console = _console()
     started = time.time()
     the_plan, entries, timings = plan_as_build(target, spec, data, console)
@@ -228,9 +228,18 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     write_json(summary_path, summary)
+    summary["dense_fp32_ms_by_threads"] = _dense_by_threads(directory)
     _log(f"{target.name} {label}: {len(latencies)} structures timed in {summary['seconds']:.0f} s; dense fp32 "
          f"{LATENCY_STAT} {dense[0]:.3f} ms")
     return summary
+
+
+def _dense_by_threads(directory: Path) -> dict[str, float]:
+    """The dense fp32 structure's p90 on each thread count pre-measurement tried (repr(threads) -> ms): the re-timing's
+    reference runs on the shipped artifact's threads, and its drift is against its own earlier figure on those."""
+    found = json.loads((directory / "premeasure" / "latencies.json").read_text())
+    j = next(i for i, key in enumerate(found["measured"]) if "'dense'" in key and "'fp32'" in key)
+    return {t: figures[j] for t, figures in found["all_threads"].items()}
 
 
 def fitting(ex: dict, budget_ms: float) -> tuple[list[str], list[str]]:
@@ -360,8 +369,9 @@ def run_case(case: dict, target, spec: str, ex: dict, work: Path, finetune_steps
         "retime": None,
     }
     if record["delivered"] and report.artifact:
+        threads = report.measured.threads
         record["retime"] = retime(target, out / report.artifact, Path(ex["reference_artifact"]), budget_ms,
-                                  ex["dense_fp32_ms"], report.measured.threads)
+                                  ex["dense_fp32_ms_by_threads"].get(repr(threads), ex["dense_fp32_ms"]), threads)
     return record
 
 
@@ -439,11 +449,12 @@ def _fmt(value, spec=".3f", none="—") -> str:
 
 
 def _steady_note(rt: dict | None) -> str:
-    """The verdict on a steady re-timing, where it differs from the first's or came after more attempts."""
+    """Every re-timing where there was more than one (the reference drifted): p90 and the reference's drift."""
     if not rt or len(rt.get("attempts", ())) < 2:
         return ""
-    a = rt["attempts"][rt["steady_attempt"]]
-    return f" (attempt {rt['steady_attempt'] + 1}: {a['latency_ms_p90']:.3f}, drift {a['reference_drift']:.2f}, {'yes' if a['kept'] else 'no'})"
+    each = ", ".join(f"{a['latency_ms_p90']:.3f} ({'yes' if a['kept'] else 'no'}, drift {a['reference_drift']:.2f})"
+                     for a in rt["attempts"])
+    return f"; re-timed {len(rt['attempts'])}x: {each}"
 
 
 def markdown(records: list[dict], summary: dict) -> str:
