@@ -23,7 +23,7 @@ from edgecompress.deploy.timing import accuracy_interval, straddles
 from edgecompress.meta.predictor import AccuracyModel
 from edgecompress.models import ModelEntry, list_models, load_model, parse_model_spec, predict, zoo_tasks
 from edgecompress.pipeline import Pipeline, per_class_accuracy, retimed
-from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, validate_budget
+from edgecompress.plan.planner import Budget, Plan, check_reachable, plan, speed_key, validate_budget
 from edgecompress.plan.premeasure import can_premeasure, premeasure
 from edgecompress.report import BuildReport, CandidateRecord, Measured, write_report
 from edgecompress.targets import Target
@@ -283,7 +283,8 @@ def _drop_excess(outcomes: dict) -> dict[tuple, list[tuple[float, float]]]:
     return excess
 
 
-def _next_candidate(the_plan: Plan, tried: set[str], correction: float, excess: dict | None = None):
+def _next_candidate(the_plan: Plan, tried: set[str], correction: float, excess: dict | None = None,
+                    built_ms=None):
     """The next candidate to build, after correcting predictions by what was measured.
 
     In this order: the first untried candidate inside the budget whose expected accuracy keeps the allowed drop (the
@@ -296,7 +297,11 @@ def _next_candidate(the_plan: Plan, tried: set[str], correction: float, excess: 
     ``excess`` (_drop_excess) corrects expected drops by the tries: a candidate's is raised by the largest excess
     measured for its model and method at its ratio or below (pruning more loses no less). In the budget benchmark,
     a user's regnety_002 lost 6.4 pp at channel pruning 0.1 in int8 where 1.5 was expected, and the build spent its
-    three other tries on channel pruning at 0.3 and 0.5 (6.7 pp and more) while the dense int8 model fitted."""
+    three other tries on channel pruning at 0.3 and 0.5 (6.7 pp and more) while the dense int8 model fitted.
+
+    ``built_ms(candidate)``: the latency a built try of the same structure measured (planner.speed_key), or None.
+    It comes before the pre-measured figure: masks run dense on the CPU targets, and a build tried four magnitude
+    masks of one int8 structure that its first try had timed over the budget."""
     budget = the_plan.budget
     excess = excess or {}
     untried = [e for e in the_plan.ranked if e.candidate.id not in tried]
@@ -304,6 +309,9 @@ def _next_candidate(the_plan: Plan, tried: set[str], correction: float, excess: 
         return None
 
     def latency(est):  # a pre-measured latency is the device's own figure; a prediction is corrected by the builds'
+        built = built_ms(est.candidate) if built_ms else None
+        if built is not None:
+            return built
         return est.premeasured_ms if est.premeasured_ms is not None else est.cost.latency_ms * correction
 
     def keeps_drop(est):
@@ -400,6 +408,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
     outcomes: dict[str, Built | str] = {}  # candidate id -> what was built, or why it could not be
     ratios: list[float] = []
     try_seconds: list[float] = []  # wall time of each try's stages
+    structure_ms: dict[tuple, float] = {}  # planner.speed_key -> the budget statistic a built try measured
     chosen = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -412,7 +421,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
                 break
             try_started = time.time()
             correction = statistics.median(ratios) if ratios else 1.0
-            est = _next_candidate(the_plan, set(outcomes), correction, _drop_excess(outcomes))
+            est = _next_candidate(the_plan, set(outcomes), correction, _drop_excess(outcomes),
+                                  lambda c: structure_ms.get(speed_key(c, target)))
             if est is None:
                 break
             cand = est.candidate
@@ -448,6 +458,8 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
             latency = budget.measured_latency_ms(bench) if bench else None
             if latency is None:
                 latency = est.cost.latency_ms
+            elif benched.measured:
+                structure_ms[speed_key(cand, target)] = latency
             if measured.latency_ms_median is not None:
                 ratios.append(measured.latency_ms_median / est.cost.latency_ms)
             # trtexec reports no resident memory: the prediction stands in for it, and the report says measured is null.

@@ -186,6 +186,18 @@ def test_the_next_try_learns_the_drop_from_the_tries():
     # Without the lighter one, the dense model: the other channel-pruned ones come after it.
     without = Plan(target="t", budget=budget, ranked=(l1_01, l1_03, l1_05, dense))
     assert build._next_candidate(without, set(outcomes), 1.0, excess) is dense
+    # A structure a try timed over the budget: its masked copies (the same structure on a CPU) are not inside it.
+    masked = est("nncf.magnitude_global", 0.3, 0.363, 0.9518)
+    same = Plan(target="t", budget=budget, ranked=(dense, masked))
+    assert build._next_candidate(same, set(), 1.0) is dense
+    timed = {("m", 0.0): 0.41}  # what the build's own key function maps both to
+    assert build._next_candidate(same, {dense.candidate.id}, 1.0, {},
+                                 lambda c: timed.get(("m", 0.0) if c.prune.method != "torch_pruning.l1" else None)) \
+        is masked  # over the budget now, so only "the fastest untried", not "inside the budget"
+    with_inside = Plan(target="t", budget=budget, ranked=(dense, masked, l1_003))
+    assert build._next_candidate(with_inside, {dense.candidate.id}, 1.0, {},
+                                 lambda c: timed.get(("m", 0.0) if c.prune.method != "torch_pruning.l1" else None)) \
+        is l1_003
     # A try that lost less than expected changes nothing.
     better = dataclasses.replace(measured, accuracy=0.95)
     assert build._next_candidate(the_plan, set(), 1.0, build._drop_excess(
