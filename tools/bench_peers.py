@@ -177,6 +177,12 @@ def olive_static(src: Path, dst: Path, calib, olive: Path) -> Path:
 
 # --- one case ------------------------------------------------------------------------------------------------------
 
+def model_dir(work: Path, task: str, model: str) -> Path:
+    """One model's work directory: its fp32 export and the peers' graphs (shared by both targets), and under
+    TARGET/ the variants' artifacts and the tool's builds."""
+    return work / task / model
+
+
 def build_variants(model: str, target_name: str, work: Path, data, olive: Path, task: str) -> tuple[dict, dict]:
     """{variant: artifact path} and {variant: reason} for those that could not be made; artifacts are reused."""
     from edgecompress.models import get_model, load_model
@@ -190,7 +196,7 @@ def build_variants(model: str, target_name: str, work: Path, data, olive: Path, 
 
     runtime = get_target(target_name).runtime()
     calib = data.split("calib")[0]
-    shared = work / task / model
+    shared = model_dir(work, task, model)
     shared.mkdir(parents=True, exist_ok=True)
     src = shared / "fp32.onnx"
     if not src.exists():
@@ -294,7 +300,7 @@ def tool_builds(model: str, target_name: str, work: Path, peer_ms: float, task: 
     for speedup in BUILD_SPEEDUPS:
         name = f"build_{speedup:g}x"
         budget = peer_ms / speedup
-        run = work / task / model / target_name / name
+        run = model_dir(work, task, model) / target_name / name
         cmd = [sys.executable, "-m", "edgecompress", "build", "--data", task, "--target", target_name,
                "--latency", f"{budget:.4f}ms", "--latency-stat", "median", "--out", str(run), "--force"]
         _log(f"{model} {target_name}: {' '.join(cmd[3:])}")
