@@ -12,7 +12,7 @@ from pathlib import Path
 from edgecompress import __version__
 from edgecompress.compress.finetune import predict_torch
 from edgecompress.compress.methods import FinetuneSpec, get_method
-from edgecompress.core.errors import OWN_MISTAKES, BudgetError, EdgecompressError, NumericalError, RunDirError, UsageError, one_line
+from edgecompress.core.errors import OWN_MISTAKES, BudgetError, NumericalError, RunDirError, UsageError, one_line
 from edgecompress.core.fsutil import write_json
 from edgecompress.costmodel.cost import describe as describe_cost_model
 from edgecompress.costmodel.devicecal import ensure_calibrated
@@ -434,7 +434,7 @@ def run_build(options: BuildOptions, console=None) -> BuildReport:
                 outcomes[cand.id] = f"rejected: {exc}"
                 console.print(f"[red]{cand.id}: rejected, {exc}[/]")
                 continue
-            except (*OWN_MISTAKES, EdgecompressError):
+            except OWN_MISTAKES:
                 raise
             except Exception as exc:  # noqa: BLE001 - a converter or runtime that refuses this candidate's graph
                 # Pre-measurement leaves out what the runtime refuses among the structures it times; a structure it

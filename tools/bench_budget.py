@@ -60,6 +60,7 @@ each cache line has its own date and load average. The machine may be shared: re
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -205,7 +206,7 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
          f"structures (planned in {timings['plan_ms']:.0f} ms)")
     with _every_structure():
         latencies = premeasure(the_plan, target, entries, data, directory / "premeasure", console).latency_ms
-    dense = [ms for key, ms in latencies.items() if key[1] == "dense" and key[3] == "fp32"]
+    dense = [ms for key, ms in latencies.items() if _dense_fp32(key)]
     if not dense or dense[0] is None:
         raise RuntimeError(f"{target.name} {label}: the dense fp32 structure was not timed")
     # The re-timing's reference: the uncompressed model's fp32 artifact.
@@ -234,11 +235,16 @@ def exhaustive(target, label: str, spec: str, work: Path, data) -> dict:
     return summary
 
 
+def _dense_fp32(key: tuple) -> bool:
+    """Whether a planner.speed_key is the uncompressed model's fp32 structure."""
+    return key[1] == "dense" and key[3] == "fp32"
+
+
 def _dense_by_threads(directory: Path) -> dict[str, float]:
     """The dense fp32 structure's p90 on each thread count pre-measurement tried (repr(threads) -> ms): the re-timing's
     reference runs on the shipped artifact's threads, and its drift is against its own earlier figure on those."""
     found = json.loads((directory / "premeasure" / "latencies.json").read_text())
-    j = next(i for i, key in enumerate(found["measured"]) if "'dense'" in key and "'fp32'" in key)
+    j = next(i for i, key in enumerate(found["measured"]) if _dense_fp32(ast.literal_eval(key)))
     return {t: figures[j] for t, figures in found["all_threads"].items()}
 
 

@@ -82,9 +82,10 @@ class TrtexecParseError(EdgecompressError):
     """A trtexec log without the latency summary (the engine build failed, or the format is unknown)."""
 
 
-# Exceptions that mean a mistake in our own code, never a runtime's refusal: where a runtime's error (in whatever type
-# its bindings raise) leaves one candidate out, these still end the command (pre-measurement, a build's tries).
-OWN_MISTAKES = (TypeError, AttributeError, NameError, KeyError)
+# Exceptions that are never a runtime's refusal: a mistake in our own code, or the tool's own error (a full disk, an
+# unreachable device). Where a runtime's error (in whatever type its bindings raise) leaves one candidate out, these
+# still end the command (pre-measurement, a build's tries).
+OWN_MISTAKES = (TypeError, AttributeError, NameError, KeyError, EdgecompressError)
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
