@@ -488,13 +488,25 @@ def meta():
 @click.option("--address", help="Address of an existing Ray cluster (default: a local Ray instance).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Compressions at a time on the local Ray instance (the cores are shared out among them).")
-def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address, workers):
+@click.option("--refresh-features", is_flag=True,
+              help="Compress nothing: recompute the meta-features of the rows in --out with today's code (after a "
+                   "feature change), keeping what was measured. Resumes where an interrupted refresh stopped.")
+def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address, workers,
+                 refresh_features):
     """Compress every (model, method, ratio, precision) and record the measured accuracy."""
     from rich.console import Console
 
     from edgecompress.compress.methods import FinetuneSpec, list_methods
     from edgecompress.core.units import parse_fraction
     from edgecompress.meta.collect import PRECISIONS, collect, zoo_models_for
+
+    if refresh_features:
+        from edgecompress.meta.collect import refresh_features as refresh
+
+        if not out.is_file():
+            raise UsageError(f"--refresh-features: {out} does not exist")
+        click.echo(json.dumps({"refreshed_rows": refresh(out, console=Console(stderr=True))}))
+        return
 
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in precision_list if p not in PRECISIONS]

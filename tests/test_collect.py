@@ -23,6 +23,7 @@ def test_features_on_every_zoo_model(name, digits):
     assert set(dense) == set(FEATURE_DOCS)  # every feature, each documented
     assert dense["f_params"] == get_model(name).params
     assert dense["f_oneshot_agreement"] == 1.0 and dense["f_oneshot_logit_rel_err"] == 0.0  # nothing changed
+    assert dense["f_kept_weights"] == 1.0 and dense["f_oneshot_output_spread"] == pytest.approx(1.0)
     for method, ratio, precision in [("nncf.magnitude_global", 0.7, "fp32"), ("nncf.magnitude_local", 0.5, "int8"),
                                      ("torch_pruning.l1", 0.5, "fp16")]:
         feats = featurizer.candidate_features(method, ratio, precision)
@@ -30,6 +31,10 @@ def test_features_on_every_zoo_model(name, digits):
         assert 0 < feats["f_mass_below_global"] < ratio  # the pruned weights are the small ones
         assert ratio <= feats["f_max_layer_pruned_global"] <= 1
         assert 0 <= feats["f_oneshot_agreement"] <= 1 and feats["f_oneshot_logit_rel_err"] > 0
+        assert 0 < feats["f_kept_weights"] < 1 and feats["f_oneshot_output_spread"] >= 0
+        assert 0 < feats["f_oneshot_classes"] <= 1
+    # Global magnitude zeroes the asked share of the weights (the classifier's bias and norms are not weights).
+    assert featurizer.candidate_features("nncf.magnitude_global", 0.7, "fp32")["f_kept_weights"] == pytest.approx(0.3, abs=0.02)
 
 
 def test_one_pass_proxies_equal_a_simulated_copy_each(digits):
@@ -46,7 +51,8 @@ def test_one_pass_proxies_equal_a_simulated_copy_each(digits):
             with torch.no_grad():
                 logits = simulate_precision(copy.deepcopy(pruned), precision, featurizer.images)(featurizer.images)
             expected = oneshot_proxies(logits, featurizer.parent_logits)
-            assert featurizer.oneshot_features(method, ratio, precision) == expected, (method, ratio, precision)
+            shared = featurizer.oneshot_features(method, ratio, precision)
+            assert {k: shared[k] for k in expected} == expected, (method, ratio, precision)
 
 
 def test_simulated_int8_changes_outputs_a_little(digits):
@@ -69,6 +75,7 @@ def test_simulated_int8_changes_outputs_a_little(digits):
 def test_refresh_features_keeps_measurements(tmp_path):
 
     from edgecompress.meta.collect import refresh_features
+    from edgecompress.meta.features import FEATURES_VERSION
     from edgecompress.models import ZOO_DIR
 
     rows = [r for r in read_rows(ZOO_DIR / "meta.parquet") if r["model"] == "lcnet_050"][:4]
@@ -76,13 +83,18 @@ def test_refresh_features_keeps_measurements(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "meta.parquet"
-    pq.write_table(pa.Table.from_pylist([{**r, "f_ratio": -1.0} for r in rows]), path)
+    # Rows of an older feature version, one feature missing (a feature added since) and one wrong.
+    stale = [{k: v for k, v in r.items() if k != "f_kept_weights"} | {"f_ratio": -1.0, "features_version": 0}
+             for r in rows]
+    pq.write_table(pa.Table.from_pylist(stale), path)
     assert refresh_features(path) == len(rows)
     fresh = read_rows(path)
-    for old, new in zip(sorted(rows, key=lambda r: (r["method"], r["ratio"])), fresh):
+    for old, new in zip(rows, fresh):
         assert new["accuracy"] == old["accuracy"] and new["wall_seconds"] == old["wall_seconds"]
-        assert new["f_ratio"] == old["ratio"]
+        assert new["f_ratio"] == old["ratio"] and 0 < new["f_kept_weights"] <= 1
+        assert new["features_version"] == FEATURES_VERSION
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert refresh_features(path) == 0  # nothing stale is left: a rerun (or a resumed refresh) has nothing to do
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",

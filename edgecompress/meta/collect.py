@@ -135,52 +135,55 @@ def run_job(job: CollectJob, data=None) -> list[dict]:
 
 
 def refresh_features(path: Path, *, console=None) -> int:
-    """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured.
+    """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured; the number
+    of rows recomputed.
 
     Features are a pure function of (model, task, method, ratio, precision), so after a feature change the
     collected accuracies stay valid; each row's task (its ``task`` column, the digits for rows without one) gives
-    the data and the zoo. Rows are rewritten all at once (atomic rename).
+    the data and the zoo. The file is rewritten (atomic rename) after each parent model, its rows marked with
+    today's FEATURES_VERSION, so an interrupted refresh resumes with the parents not yet done.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
     from rich.progress import Progress
 
     from edgecompress.compress.finetune import evaluate_torch
     from edgecompress.data.datasets import DIGITS_NAME, NAMED_DATASETS, load_dataset
-    from edgecompress.meta.features import FEATURE_DOCS, Featurizer
+    from edgecompress.meta.features import FEATURE_DOCS, FEATURES_VERSION, Featurizer
     from edgecompress.models import get_model, list_models, load_model
 
     rows = read_rows(path)
     if not rows:
         raise UsageError(f"{path} holds no rows to refresh")
-    by_parent: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        by_parent.setdefault((r.get("task") or DIGITS_NAME, r["model"]), []).append(r)
-    for task in sorted({t for t, _ in by_parent}):
+    parent = lambda r: (r.get("task") or DIGITS_NAME, r["model"])  # noqa: E731
+    stale = sorted({parent(r) for r in rows if r.get("features_version") != FEATURES_VERSION})
+    for task in sorted({t for t, _ in stale}):
         if task not in NAMED_DATASETS:
             raise UsageError(f"--refresh-features recomputes rows of the named tasks only; {path} has rows of {task}")
-        unknown = sorted({m for t, m in by_parent if t == task} - set(list_models(task=task)))
+        unknown = sorted({m for t, m in stale if t == task} - set(list_models(task=task)))
         if unknown:
             raise UsageError(f"--refresh-features recomputes zoo models only; {path} also has {', '.join(unknown)} ({task})")
     torch.set_num_threads(os.cpu_count() or 1)
-    out, datasets = [], {}
+    done, datasets = 0, {}
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("refresh features", total=len(rows))
-        for (task, name), model_rows in sorted(by_parent.items()):
+        bar = progress.add_task("refresh features", total=sum(parent(r) in set(stale) for r in rows))
+        for task, name in stale:
             if task not in datasets:
                 datasets = {task: load_dataset(None if task == DIGITS_NAME else task, 32)}
             data = datasets[task]
             model = load_model(get_model(name, task=task), data.num_classes)
             featurizer = Featurizer(model, data, evaluate_torch(model, *data.split("test")))
-            for r in sorted(model_rows, key=lambda r: (r["method"], r["ratio"])):
-                kept = {k: v for k, v in r.items() if not k.startswith("f_")}
+            rows = read_rows(path)  # what is in the file now, this parent's rows as the last write left them
+            mine = sorted((i for i, r in enumerate(rows) if parent(r) == (task, name)),
+                          key=lambda i: (rows[i]["method"], rows[i]["ratio"]))
+            for i in mine:
+                r = rows[i]
                 feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
-                out.append({**kept, **{k: feats[k] for k in FEATURE_DOCS}})
+                rows[i] = {**{k: v for k, v in r.items() if not k.startswith("f_")},
+                           **{k: feats[k] for k in FEATURE_DOCS}, "features_version": FEATURES_VERSION}
                 progress.advance(bar)
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(out), tmp)
-    return len(out)
+            _write_rows(path, rows)
+            done += len(mine)
+    return done
 
 
 def current_rows(rows: list[dict]) -> list[dict]:
@@ -205,13 +208,20 @@ def read_rows(path: Path) -> list[dict]:
 
 def append_rows(path: Path, new_rows: list[dict]) -> int:
     """Rewrite the parquet with the new rows under a temporary name, then rename: all or nothing."""
+    rows = read_rows(path) + new_rows
+    _write_rows(path, rows)
+    return len(rows)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Rewrite the parquet under a temporary name, then rename: all or nothing. Every column any row has is kept (a
+    row without it reads None): pyarrow takes the columns of the first row only."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = read_rows(path) + new_rows
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    return len(rows)
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]), tmp)
 
 
 def plan_jobs(models, methods, ratios, precisions, finetune, data_dir, image_size) -> list[CollectJob]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from edgecompress.costmodel.layers import profile_layers
 
-FEATURES_VERSION = 4
+FEATURES_VERSION = 5
 ONESHOT_SAMPLES = 128
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
@@ -61,9 +61,15 @@ FEATURE_DOCS = {
     "f_max_layer_pruned_global": "largest share of one layer's weights under the global threshold (1 = a layer wiped out)",
     "f_channel_l1_mass_pruned": "mean over layers of the L1-norm share of the ratio's weakest output channels",
     "f_channel_keep_macs": "predicted share of MACs left after channel pruning at the ratio (1 otherwise)",
+    "f_kept_weights": "share of the parent's conv/linear weights left nonzero in the one-shot pruned model (channel "
+                      "pruning of grouped or ghost convolutions keeps a share that does not follow the ratio)",
     "f_precision_bits": "bits of the precision (32, 16, 8)",
     "f_oneshot_agreement": "share of calibration images where the one-shot candidate (mask + simulated precision, no fine-tuning) agrees with the parent's top-1",
     "f_oneshot_logit_rel_err": "relative L2 error of the one-shot candidate's logits against the parent's on the calibration images",
+    "f_oneshot_output_spread": "spread of the one-shot candidate's logits over the calibration images (per-class std, "
+                               "averaged) against the parent's: 0 when a layer on the only path is pruned away and "
+                               "every image gets the same answer, which fine-tuning with fixed masks cannot undo",
+    "f_oneshot_classes": "share of the classes the one-shot candidate predicts for at least one calibration image",
     "f_num_classes": "number of classes in the dataset",
     "f_image_size": "input resolution (square)",
     "f_train_samples": "training samples available for fine-tuning",
@@ -117,6 +123,7 @@ class Featurizer:
         self._channel_cumsum = [
             np.cumsum(np.sort(w.reshape(w.shape[0], -1).sum(1)), dtype=np.float64) for w in weights if w.shape[0] > 1
         ]
+        self._weights = max(nonzero_weights(model), 1)
         self._model_features = None
         self._oneshot = {}  # (method, ratio) -> precision -> proxies; one kept at a time
 
@@ -201,13 +208,14 @@ class Featurizer:
         """The one-shot proxies of every precision of a (method, ratio): one pruning, and one fp32 pass that also
         records the int8 activation ranges; fp16 and int8 are simulated on that copy and undone (no copy each)."""
         model = self._one_shot_pruned(method_name, ratio)
+        kept = {"f_kept_weights": nonzero_weights(model) / self._weights}
         with torch.no_grad():
             ranges = observed_ranges(model)
             with ranges:
-                out = {"fp32": oneshot_proxies(model(self.images), self.parent_logits)}
+                out = {"fp32": {**kept, **oneshot_proxies(model(self.images), self.parent_logits)}}
             for precision in ("fp16", "int8"):
                 with simulated(model, precision, ranges.ranges):
-                    out[precision] = oneshot_proxies(model(self.images), self.parent_logits)
+                    out[precision] = {**kept, **oneshot_proxies(model(self.images), self.parent_logits)}
         return out
 
     def oneshot_features(self, method_name: str, ratio: float, precision: str) -> dict:
@@ -232,11 +240,19 @@ class Featurizer:
 
 def oneshot_proxies(logits: torch.Tensor, parent_logits: torch.Tensor) -> dict:
     """The one-shot features of a candidate's logits against its parent's on the same images."""
+    top1 = logits.argmax(1)
     return {
-        "f_oneshot_agreement": float((logits.argmax(1) == parent_logits.argmax(1)).float().mean()),
+        "f_oneshot_agreement": float((top1 == parent_logits.argmax(1)).float().mean()),
         "f_oneshot_logit_rel_err": float(torch.linalg.norm(logits - parent_logits)
                                          / (torch.linalg.norm(parent_logits) + 1e-12)),
+        "f_oneshot_output_spread": float(logits.std(0).mean() / (parent_logits.std(0).mean() + 1e-12)),
+        "f_oneshot_classes": len(torch.unique(top1)) / logits.shape[1],
     }
+
+
+def nonzero_weights(model: nn.Module) -> int:
+    """Nonzero weights of the model's conv and linear layers (what pruning of any kind leaves)."""
+    return sum(int(torch.count_nonzero(m.weight)) for m in _weighted_layers(model))
 
 
 @torch.no_grad()
