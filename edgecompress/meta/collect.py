@@ -154,7 +154,7 @@ def refresh_features(path: Path, *, console=None) -> int:
     rows = read_rows(path)
     if not rows:
         raise UsageError(f"{path} holds no rows to refresh")
-    parent = lambda r: (r.get("task") or DIGITS_NAME, r["model"])  # noqa: E731
+    parent = lambda r: (r.get("task") or DIGITS_NAME, r["model"])
     stale = sorted({parent(r) for r in rows if r.get("features_version") != FEATURES_VERSION})
     for task in sorted({t for t, _ in stale}):
         if task not in NAMED_DATASETS:
