@@ -59,6 +59,22 @@ def atomic_path(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (through a ``.lock`` file beside it) for a read-modify-write: two processes
+    that rewrite one file (a collection appending rows, a feature refresh) otherwise lose each other's writes."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_text(final: Path, text: str) -> None:
     with atomic_path(final) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
 from edgecompress.core.errors import UsageError
-from edgecompress.core.fsutil import atomic_path, write_json
+from edgecompress.core.fsutil import atomic_path, locked, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_TARGET = "openvino-cpu"  # the runtime whose int8/fp16 arithmetic the accuracies come from
@@ -172,16 +172,21 @@ def refresh_features(path: Path, *, console=None) -> int:
             data = datasets[task]
             model = load_model(get_model(name, task=task), data.num_classes)
             featurizer = Featurizer(model, data, evaluate_torch(model, *data.split("test")))
-            rows = read_rows(path)  # what is in the file now, this parent's rows as the last write left them
-            mine = sorted((i for i, r in enumerate(rows) if parent(r) == (task, name)),
-                          key=lambda i: (rows[i]["method"], rows[i]["ratio"]))
-            for i in mine:
-                r = rows[i]
+            mine = sorted((r for r in read_rows(path) if parent(r) == (task, name)),
+                          key=lambda r: (r["method"], r["ratio"]))
+            fresh = {}
+            for r in mine:
                 feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
-                rows[i] = {**{k: v for k, v in r.items() if not k.startswith("f_")},
-                           **{k: feats[k] for k in FEATURE_DOCS}, "features_version": FEATURES_VERSION}
+                fresh[row_key(r)] = {k: feats[k] for k in FEATURE_DOCS}
                 progress.advance(bar)
-            _write_rows(path, rows)
+            # Read again under the lock: a collection may have appended rows (of any parent) since.
+            with locked(path):
+                rows = read_rows(path)
+                for i, r in enumerate(rows):
+                    if row_key(r) in fresh and parent(r) == (task, name):
+                        rows[i] = {**{k: v for k, v in r.items() if not k.startswith("f_")},
+                                   **fresh[row_key(r)], "features_version": FEATURES_VERSION}
+                _write_rows(path, rows)
             done += len(mine)
     return done
 
@@ -208,8 +213,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def append_rows(path: Path, new_rows: list[dict]) -> int:
     """Rewrite the parquet with the new rows under a temporary name, then rename: all or nothing."""
-    rows = read_rows(path) + new_rows
-    _write_rows(path, rows)
+    with locked(path):
+        rows = read_rows(path) + new_rows
+        _write_rows(path, rows)
     return len(rows)
 
 
