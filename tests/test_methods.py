@@ -151,6 +151,24 @@ def test_second_order_beats_magnitude_one_shot(digits):
     assert evaluate_torch(obs, xt, yt) > evaluate_torch(mag, xt, yt)
 
 
+def test_woodfisher_cache_serves_the_next_ratio(digits):
+    """The inverse Fisher of one parent is computed once for all its ratios (PruneData.cache): a copy pruned at 0.5
+    with the inverse kept from 0.3 gets exactly the weights a fresh computation gives."""
+    model = load_model(get_model("lcnet_050"), 10)
+    x, y = digits.split("train")
+    images, labels = torch.from_numpy(x[:32]), torch.from_numpy(y[:32])
+    settings = get_method("woodfisher").settings
+    cache = {}
+    woodfisher_prune(copy.deepcopy(model), 0.3, images, labels, block=settings.block, dampening=settings.dampening,
+                     cache=cache)
+    assert len(cache) == 1
+    cached, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    woodfisher_prune(cached, 0.5, images, labels, block=settings.block, dampening=settings.dampening, cache=cache)
+    woodfisher_prune(fresh, 0.5, images, labels, block=settings.block, dampening=settings.dampening)
+    for a, b in zip(prunable_layers(cached), prunable_layers(fresh)):
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+
+
 def test_low_rank_factors_are_exact_at_full_rank():
     from edgecompress.compress.lowrank import _factor_linear, _factor_tucker2
 

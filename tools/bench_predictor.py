@@ -29,6 +29,10 @@ VARIANTS = {
                                       "upper": {"n_estimators": 40, "learning_rate": 0.3}},
     "absolute, 60 trees, bound 40": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
                                      "upper": {"n_estimators": 40, "learning_rate": 0.3}},
+    "absolute, 100 trees, bound 30": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
+                                      "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+    "absolute, 60 trees, bound 30": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
+                                     "upper": {"n_estimators": 30, "learning_rate": 0.4}},
     # The Huber threshold caps each tree's step (gradients clipped at it): with 0.02, 100 trees at 0.15 reach about
     # 30 pp above the start, short of the 60-78 pp of collapsed candidates (magnitude 0.9 on Fashion-MNIST).
     "absolute, 100 trees, huber 0.02": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.02},

@@ -95,6 +95,9 @@ class PruneData:
 
     images: "torch.Tensor"  # noqa: F821
     labels: "torch.Tensor"  # noqa: F821
+    # What a method may keep between calls on copies of one parent model with these samples (the inverse Fisher of
+    # WoodFisher, the same at every ratio): the meta-features prune one parent at every level. None: nothing kept.
+    cache: dict | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +282,7 @@ def _woodfisher(model, ratio, example_input, data, settings: WoodFisherSettings)
         raise UsageError("woodfisher needs labelled samples for its Fisher estimate")
     n = min(settings.samples, len(data.labels))
     return _masked(model, woodfisher_prune(model, ratio, data.images[:n], data.labels[:n], block=settings.block,
-                                           dampening=settings.dampening))
+                                           dampening=settings.dampening, cache=data.cache))
 
 
 def _low_rank(model, ratio, example_input, data, settings: LowRankSettings):

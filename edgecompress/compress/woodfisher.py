@@ -74,11 +74,20 @@ def inverse_fisher_blocks(model: nn.Module, images: torch.Tensor, labels: torch.
 
 @torch.no_grad()
 def woodfisher_prune(model: nn.Module, ratio: float, images: torch.Tensor, labels: torch.Tensor, *,
-                     block: int, dampening: float) -> dict[nn.Module, torch.Tensor]:
-    """Prune ``ratio`` of all conv/linear weights in place with OBS updates; returns each layer's keep-mask."""
+                     block: int, dampening: float, cache: dict | None = None) -> dict[nn.Module, torch.Tensor]:
+    """Prune ``ratio`` of all conv/linear weights in place with OBS updates; returns each layer's keep-mask.
+
+    The inverse Fisher does not depend on the ratio, and it is nearly all the cost. ``cache`` (a dict that belongs to
+    one parent model and these samples, for copies of that model that are not yet pruned) keeps it for the next ratio.
+    """
     layers = prunable_layers(model)
-    with torch.enable_grad():
-        inverses = inverse_fisher_blocks(model, images, labels, block=block, dampening=dampening)
+    key = ("inverse_fisher", block, dampening, len(labels))
+    inverses = cache.get(key) if cache is not None else None
+    if inverses is None:
+        with torch.enable_grad():
+            inverses = inverse_fisher_blocks(model, images, labels, block=block, dampening=dampening)
+        if cache is not None:
+            cache[key] = inverses
     weights, saliencies = [], []
     for layer, inv in zip(layers, inverses):
         w = _blocks(layer.weight.reshape(-1), block)

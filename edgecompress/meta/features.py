@@ -124,6 +124,7 @@ class Featurizer:
             np.cumsum(np.sort(w.reshape(w.shape[0], -1).sum(1)), dtype=np.float64) for w in weights if w.shape[0] > 1
         ]
         self._weights = max(nonzero_weights(model), 1)
+        self._prune_cache = {}  # every one-shot prunes a fresh copy of this model with these images (PruneData.cache)
         self._model_features = None
         self._oneshot = {}  # (method, ratio) -> precision -> proxies; one kept at a time
 
@@ -200,7 +201,8 @@ class Featurizer:
         model = copy.deepcopy(self.model)
         if method.kind != "none":
             example = torch.zeros(self.input_shape)
-            model = method.finalize(method.prepare(model, ratio, example, PruneData(self.images, self.labels)), example)
+            model = method.finalize(method.prepare(model, ratio, example, PruneData(self.images, self.labels,
+                                                                                    cache=self._prune_cache)), example)
             recalibrate_batchnorm(model, self.images)
         return model.eval()
 
