@@ -162,7 +162,9 @@ def refresh_features(path: Path, *, console=None) -> int:
         unknown = sorted({m for t, m in stale if t == task} - set(list_models(task=task)))
         if unknown:
             raise UsageError(f"--refresh-features recomputes zoo models only; {path} also has {', '.join(unknown)} ({task})")
-    torch.set_num_threads(os.cpu_count() or 1)
+    # One thread, as the planner featurizes: small forward passes (WoodFisher's are per sample), and a second thread
+    # beside a busy core (a collection) waits for it: a parent took over 4 minutes with two, beside one worker.
+    torch.set_num_threads(1)
     done, datasets = 0, {}
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("refresh features", total=sum(parent(r) in set(stale) for r in rows))
