@@ -6,7 +6,9 @@ For each variant (what the regressors learn: the drop or the drop as a share of 
 chance; LightGBM's number of trees), `edgecompress.meta.predictor.evaluate`: leave-one-architecture-out error and
 Spearman per task, regret against the exhaustive oracle and win rate against static ERM on openvino-cpu and a
 Jetson target, leave-one-task-out error, and the time to score 1,000 candidates. The shipped settings are the
-ones `meta train` uses (predictor.DEFAULT_TARGET, predictor.LGBM_PARAMS).
+ones `meta train` uses (predictor.DEFAULT_TARGET, LGBM_PARAMS, UPPER_LGBM_OVERRIDES, LINEAR_LEAVES): since session 15
+the variant "absolute, 100 trees, bound 30, constant leaves". A variant's name says what it changes; the rest is
+100 trees at 0.15 for both models, with linear leaves for the expected drop (the settings of sessions 8-14).
 """
 
 from __future__ import annotations
@@ -33,13 +35,26 @@ VARIANTS = {
                                       "upper": {"n_estimators": 30, "learning_rate": 0.4}},
     "absolute, 60 trees, bound 30": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
                                      "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+    "headroom, 100 trees, bound 30": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15,
+                                      "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+    "headroom, 60 trees, bound 30": {"target": "headroom", "n_estimators": 60, "learning_rate": 0.25,
+                                     "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+    "headroom, 100 trees, bound 30, constant leaves": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15,
+                                                       "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                       "linear_leaves": False},
+    "headroom, 60 trees, bound 30, constant leaves": {"target": "headroom", "n_estimators": 60, "learning_rate": 0.25,
+                                                      "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                      "linear_leaves": False},
+    "absolute, 100 trees, bound 30, constant leaves": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
+                                                       "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                       "linear_leaves": False},
     # The Huber threshold caps each tree's step (gradients clipped at it): with 0.02, 100 trees at 0.15 reach about
     # 30 pp above the start, short of the 60-78 pp of collapsed candidates (magnitude 0.9 on Fashion-MNIST).
     "absolute, 100 trees, huber 0.02": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.02},
     "absolute, 100 trees, huber 0.1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.1},
     "absolute, 100 trees, huber 0.3": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.3},
 }
-SETTINGS = ("target", "upper", "huber_delta")  # variant keys that are not LightGBM parameters
+SETTINGS = ("target", "upper", "huber_delta", "linear_leaves")  # variant keys that are not LightGBM parameters
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
         "regret_vs_oracle_mean_pp", "win_rate_vs_static_erm", "win_rate_vs_static_erm_within_one_test_image",
         "recommendation_feasible_share")
@@ -56,12 +71,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = current_rows(read_rows(args.data))
     shipped, shipped_upper, shipped_huber = dict(predictor.LGBM_PARAMS), dict(predictor.UPPER_LGBM_OVERRIDES), predictor.HUBER_DELTA
+    shipped_linear = predictor.LINEAR_LEAVES
     out = []
     for name in args.variants:
         variant = VARIANTS[name]
         predictor.LGBM_PARAMS.update({k: v for k, v in variant.items() if k not in SETTINGS})
+        # A variant says all it changes: no "upper", the bound model has the mean's trees; no "linear_leaves", linear.
+        predictor.UPPER_LGBM_OVERRIDES.clear()
         predictor.UPPER_LGBM_OVERRIDES.update(variant.get("upper", {}))
         predictor.HUBER_DELTA = variant.get("huber_delta", shipped_huber)
+        predictor.LINEAR_LEAVES = variant.get("linear_leaves", True)
         started = time.time()
         result = predictor.evaluate(rows, variant["target"])
         predictor.LGBM_PARAMS.clear()
@@ -69,6 +88,7 @@ def main() -> None:
         predictor.UPPER_LGBM_OVERRIDES.clear()
         predictor.UPPER_LGBM_OVERRIDES.update(shipped_upper)
         predictor.HUBER_DELTA = shipped_huber
+        predictor.LINEAR_LEAVES = shipped_linear
         entry = {"variant": name, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
         for kind in (*predictor.REGRESSORS, predictor.NEAREST, predictor.MEASURED):
