@@ -48,6 +48,7 @@ BAD_INPUTS = [
     (["build", "--latency", "1ms"], "Missing option '--target'"),
     (["bench", "/nonexistent.onnx", "--target", "ort-cpu"], "does not exist"),
     (["nosuchcommand"], "No such command"),
+    (["meta", "collect", "--out", "/nonexistent/meta.parquet", "--refresh-features"], "does not exist"),
 ]
 
 

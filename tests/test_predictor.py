@@ -179,3 +179,14 @@ def test_headroom_target_is_the_share_of_accuracy_above_chance(rows):
     truth = np.asarray([r["accuracy_drop"] for r in rows])
     for predictor in (absolute, headroom):  # either way, drops in accuracy come out
         assert np.mean(np.abs(predictor.predict(rows)[0] - truth)) < np.mean(np.abs(truth - truth.mean()))
+
+
+def test_rows_of_an_older_feature_version_are_refused(rows):
+    """After a feature change, training on rows whose features were not recomputed says how to recompute them."""
+    from edgecompress.core.errors import UsageError
+    from edgecompress.meta.features import FEATURES_VERSION
+
+    assert {r["features_version"] for r in rows} == {FEATURES_VERSION}  # the shipped rows are current
+    stale = [dict(r, features_version=FEATURES_VERSION - 1) if i % 7 == 0 else r for i, r in enumerate(rows)]
+    with pytest.raises(UsageError, match="--refresh-features"):
+        Predictor.fit(stale, "ridge")
