@@ -7,8 +7,9 @@ chance; LightGBM's number of trees), `edgecompress.meta.predictor.evaluate`: lea
 Spearman per task, regret against the exhaustive oracle and win rate against static ERM on openvino-cpu and a
 Jetson target, leave-one-task-out error, and the time to score 1,000 candidates. The shipped settings are the
 ones `meta train` uses (predictor.DEFAULT_TARGET, LGBM_PARAMS, UPPER_LGBM_OVERRIDES, LINEAR_LEAVES): since session 15
-the variant "absolute, 100 trees, bound 30, constant leaves". A variant's name says what it changes; the rest is
-100 trees at 0.15 for both models, with linear leaves for the expected drop (the settings of sessions 8-14).
+the variant "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1". A variant's name says what it
+changes; the rest is 100 trees of 15 leaves at 0.15 for both models, with linear leaves and the Huber loss for the
+expected drop (the settings of sessions 8-14).
 """
 
 from __future__ import annotations
@@ -48,13 +49,21 @@ VARIANTS = {
     "absolute, 100 trees, bound 30, constant leaves": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
                                                        "upper": {"n_estimators": 30, "learning_rate": 0.4},
                                                        "linear_leaves": False},
+    "absolute, 100 trees, bound 30, constant leaves, l1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
+                                                           "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                           "linear_leaves": False, "objective": "l1"},
+    "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1": {
+        "target": "absolute", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10,
+        "upper": {"n_estimators": 30, "learning_rate": 0.4, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
     # The Huber threshold caps each tree's step (gradients clipped at it): with 0.02, 100 trees at 0.15 reach about
     # 30 pp above the start, short of the 60-78 pp of collapsed candidates (magnitude 0.9 on Fashion-MNIST).
     "absolute, 100 trees, huber 0.02": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.02},
     "absolute, 100 trees, huber 0.1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.1},
     "absolute, 100 trees, huber 0.3": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.3},
 }
-SETTINGS = ("target", "upper", "huber_delta", "linear_leaves")  # variant keys that are not LightGBM parameters
+# What a variant that does not name them gets (the settings of sessions 8-14), whatever is shipped now.
+UNNAMED = {"n_estimators": 100, "learning_rate": 0.15, "num_leaves": 15}
+SETTINGS = ("target", "upper", "huber_delta", "linear_leaves", "objective")  # variant keys that are not LightGBM parameters
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
         "regret_vs_oracle_mean_pp", "win_rate_vs_static_erm", "win_rate_vs_static_erm_within_one_test_image",
         "recommendation_feasible_share")
@@ -71,16 +80,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = current_rows(read_rows(args.data))
     shipped, shipped_upper, shipped_huber = dict(predictor.LGBM_PARAMS), dict(predictor.UPPER_LGBM_OVERRIDES), predictor.HUBER_DELTA
-    shipped_linear = predictor.LINEAR_LEAVES
+    shipped_linear, shipped_objective = predictor.LINEAR_LEAVES, predictor.MEAN_OBJECTIVE
     out = []
     for name in args.variants:
         variant = VARIANTS[name]
-        predictor.LGBM_PARAMS.update({k: v for k, v in variant.items() if k not in SETTINGS})
+        predictor.LGBM_PARAMS.clear()
+        predictor.LGBM_PARAMS.update({**shipped, **UNNAMED, **{k: v for k, v in variant.items() if k not in SETTINGS}})
         # A variant says all it changes: no "upper", the bound model has the mean's trees; no "linear_leaves", linear.
         predictor.UPPER_LGBM_OVERRIDES.clear()
         predictor.UPPER_LGBM_OVERRIDES.update(variant.get("upper", {}))
         predictor.HUBER_DELTA = variant.get("huber_delta", shipped_huber)
         predictor.LINEAR_LEAVES = variant.get("linear_leaves", True)
+        predictor.MEAN_OBJECTIVE = variant.get("objective", "huber")
         started = time.time()
         result = predictor.evaluate(rows, variant["target"])
         predictor.LGBM_PARAMS.clear()
@@ -89,6 +100,7 @@ def main() -> None:
         predictor.UPPER_LGBM_OVERRIDES.update(shipped_upper)
         predictor.HUBER_DELTA = shipped_huber
         predictor.LINEAR_LEAVES = shipped_linear
+        predictor.MEAN_OBJECTIVE = shipped_objective
         entry = {"variant": name, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
         for kind in (*predictor.REGRESSORS, predictor.NEAREST, predictor.MEASURED):
