@@ -167,7 +167,8 @@ def refresh_features(path: Path, *, console=None) -> int:
     torch.set_num_threads(1)
     done, datasets = 0, {}
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("refresh features", total=sum(parent(r) in set(stale) for r in rows))
+        stale_parents = set(stale)
+        bar = progress.add_task("refresh features", total=sum(parent(r) in stale_parents for r in rows))
         for task, name in stale:
             if task not in datasets:
                 datasets = {task: load_dataset(None if task == DIGITS_NAME else task, 32)}
