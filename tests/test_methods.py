@@ -182,6 +182,22 @@ def test_low_rank_factors_are_exact_at_full_rank():
         assert torch.allclose(_factor_linear(pw, 8)(x), pw(x), atol=1e-4)
         v = torch.randn(3, 16)
         assert torch.allclose(_factor_linear(lin, 6)(v), lin(v), atol=1e-4)
+    # The factors' product stands for the replaced weight, shape and values (model code may read it).
+    for layer, factored in [(conv, _factor_tucker2(conv, 8, 12)), (pw, _factor_linear(pw, 8)), (lin, _factor_linear(lin, 6))]:
+        assert factored.weight.shape == layer.weight.shape
+        torch.testing.assert_close(factored.weight, layer.weight.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_low_rank_of_a_model_that_reads_its_layers_weights():
+    """timm's EdgeNeXt reads its positional encoding's projection weight in forward; its factorized model runs (the
+    collection's low-rank rows of edgenext_xx_small failed on this)."""
+    from edgecompress.compress.lowrank import decompose
+
+    model = load_model(get_model("edgenext_xx_small", task="fashion-mnist"), 10).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    decompose(model, 0.25, x, bisection_steps=get_method("lowrank").settings.bisection_steps)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 def test_low_rank_ranks_follow_the_spectrum():

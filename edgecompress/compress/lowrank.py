@@ -121,6 +121,22 @@ def select_ranks(layers: list[_Layer], ratio: float, bisection_steps: int) -> tu
     return [r for r, _ in best], achieved
 
 
+class Factorized(nn.Sequential):
+    """A layer replaced by its low-rank factors, applied in turn. ``weight`` is their product in the replaced
+    layer's shape (read-only, recomputed on each read): model code that reads a layer's weight keeps working (timm's
+    EdgeNeXt reads its positional encoding's projection weight for its device)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        factors = [m.weight.detach() for m in self]
+        if len(factors) == 3:  # Tucker-2: 1x1 in, k x k core, 1x1 out
+            first, core, last = factors
+            return torch.einsum("or,rskl,si->oikl", last.flatten(1), core, first.flatten(1))
+        first, second = factors
+        product = second.flatten(1) @ first.flatten(1)
+        return product if first.dim() == 2 else product[:, :, None, None]
+
+
 def _factor_linear(m: nn.Module, r: int) -> nn.Module:
     is_linear = isinstance(m, nn.Linear)
     w = m.weight.detach().flatten(1).double()
@@ -139,7 +155,7 @@ def _factor_linear(m: nn.Module, r: int) -> nn.Module:
         b.weight.data.copy_(second[:, :, None, None])
     if m.bias is not None:
         b.bias.data.copy_(m.bias.detach())
-    return nn.Sequential(a, b)
+    return Factorized(a, b)
 
 
 def _factor_tucker2(m: nn.Conv2d, r_in: int, r_out: int) -> nn.Module:
@@ -155,7 +171,7 @@ def _factor_tucker2(m: nn.Conv2d, r_in: int, r_out: int) -> nn.Module:
     last.weight.data.copy_(u_out.float()[:, :, None, None])
     if m.bias is not None:
         last.bias.data.copy_(m.bias.detach())
-    return nn.Sequential(first, middle, last)
+    return Factorized(first, middle, last)
 
 
 def decompose(model: nn.Module, ratio: float, example: torch.Tensor, *, bisection_steps: int) -> tuple[nn.Module, dict]:
