@@ -15,6 +15,7 @@ expected drop (the settings of sessions 8-14).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+BOUND_30 = {"n_estimators": 30, "learning_rate": 0.4}  # the bound model of the session-15 variants
 VARIANTS = {
     "absolute, 300 trees": {"target": "absolute", "n_estimators": 300, "learning_rate": 0.05},
     "headroom, 300 trees": {"target": "headroom", "n_estimators": 300, "learning_rate": 0.05},
@@ -33,40 +35,65 @@ VARIANTS = {
     "absolute, 60 trees, bound 40": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
                                      "upper": {"n_estimators": 40, "learning_rate": 0.3}},
     "absolute, 100 trees, bound 30": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
-                                      "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+                                      "upper": BOUND_30},
     "absolute, 60 trees, bound 30": {"target": "absolute", "n_estimators": 60, "learning_rate": 0.25,
-                                     "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+                                     "upper": BOUND_30},
     "headroom, 100 trees, bound 30": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15,
-                                      "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+                                      "upper": BOUND_30},
     "headroom, 60 trees, bound 30": {"target": "headroom", "n_estimators": 60, "learning_rate": 0.25,
-                                     "upper": {"n_estimators": 30, "learning_rate": 0.4}},
+                                     "upper": BOUND_30},
     "headroom, 100 trees, bound 30, constant leaves": {"target": "headroom", "n_estimators": 100, "learning_rate": 0.15,
-                                                       "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                       "upper": BOUND_30,
                                                        "linear_leaves": False},
     "headroom, 60 trees, bound 30, constant leaves": {"target": "headroom", "n_estimators": 60, "learning_rate": 0.25,
-                                                      "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                      "upper": BOUND_30,
                                                       "linear_leaves": False},
     "absolute, 100 trees, bound 30, constant leaves": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
-                                                       "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                       "upper": BOUND_30,
                                                        "linear_leaves": False},
     "absolute, 100 trees, bound 30, constant leaves, l1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15,
-                                                           "upper": {"n_estimators": 30, "learning_rate": 0.4},
+                                                           "upper": BOUND_30,
                                                            "linear_leaves": False, "objective": "l1"},
     "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1": {
         "target": "absolute", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10,
-        "upper": {"n_estimators": 30, "learning_rate": 0.4, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
+        "upper": {**BOUND_30, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
     # The Huber threshold caps each tree's step (gradients clipped at it): with 0.02, 100 trees at 0.15 reach about
     # 30 pp above the start, short of the 60-78 pp of collapsed candidates (magnitude 0.9 on Fashion-MNIST).
     "absolute, 100 trees, huber 0.02": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.02},
     "absolute, 100 trees, huber 0.1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.1},
     "absolute, 100 trees, huber 0.3": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.3},
 }
-# What a variant that does not name them gets (the settings of sessions 8-14), whatever is shipped now.
+# What a variant that does not name them gets (the settings of sessions 8-14), whatever is shipped now: LightGBM
+# parameters, then the variant keys that are not (no "upper": the bound model has the mean's trees).
 UNNAMED = {"n_estimators": 100, "learning_rate": 0.15, "num_leaves": 15}
-SETTINGS = ("target", "upper", "huber_delta", "linear_leaves", "objective")  # variant keys that are not LightGBM parameters
+UNNAMED_SETTINGS = {"upper": {}, "huber_delta": 0.1, "linear_leaves": True, "objective": "huber"}
+SETTINGS = ("target", *UNNAMED_SETTINGS)  # variant keys that are not LightGBM parameters
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
         "regret_vs_oracle_mean_pp", "win_rate_vs_static_erm", "win_rate_vs_static_erm_within_one_test_image",
         "recommendation_feasible_share")
+
+
+@contextlib.contextmanager
+def variant_settings(predictor, variant: dict):
+    """The predictor module set as ``variant`` says (and UNNAMED where it is silent), the shipped settings back after."""
+    shipped = (dict(predictor.LGBM_PARAMS), dict(predictor.UPPER_LGBM_OVERRIDES), predictor.HUBER_DELTA,
+               predictor.LINEAR_LEAVES, predictor.MEAN_OBJECTIVE)
+    settings = {**UNNAMED_SETTINGS, **{k: v for k, v in variant.items() if k in SETTINGS}}
+    params = {**shipped[0], **UNNAMED, **{k: v for k, v in variant.items() if k not in SETTINGS}}
+    try:
+        _set(predictor, params, settings["upper"], settings["huber_delta"], settings["linear_leaves"],
+             settings["objective"])
+        yield
+    finally:
+        _set(predictor, *shipped)
+
+
+def _set(predictor, params: dict, upper: dict, huber_delta: float, linear_leaves: bool, objective: str) -> None:
+    predictor.LGBM_PARAMS.clear()
+    predictor.LGBM_PARAMS.update(params)
+    predictor.UPPER_LGBM_OVERRIDES.clear()
+    predictor.UPPER_LGBM_OVERRIDES.update(upper)
+    predictor.HUBER_DELTA, predictor.LINEAR_LEAVES, predictor.MEAN_OBJECTIVE = huber_delta, linear_leaves, objective
 
 
 def main() -> None:
@@ -79,28 +106,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = current_rows(read_rows(args.data))
-    shipped, shipped_upper, shipped_huber = dict(predictor.LGBM_PARAMS), dict(predictor.UPPER_LGBM_OVERRIDES), predictor.HUBER_DELTA
-    shipped_linear, shipped_objective = predictor.LINEAR_LEAVES, predictor.MEAN_OBJECTIVE
     out = []
     for name in args.variants:
         variant = VARIANTS[name]
-        predictor.LGBM_PARAMS.clear()
-        predictor.LGBM_PARAMS.update({**shipped, **UNNAMED, **{k: v for k, v in variant.items() if k not in SETTINGS}})
-        # A variant says all it changes: no "upper", the bound model has the mean's trees; no "linear_leaves", linear.
-        predictor.UPPER_LGBM_OVERRIDES.clear()
-        predictor.UPPER_LGBM_OVERRIDES.update(variant.get("upper", {}))
-        predictor.HUBER_DELTA = variant.get("huber_delta", shipped_huber)
-        predictor.LINEAR_LEAVES = variant.get("linear_leaves", True)
-        predictor.MEAN_OBJECTIVE = variant.get("objective", "huber")
         started = time.time()
-        result = predictor.evaluate(rows, variant["target"])
-        predictor.LGBM_PARAMS.clear()
-        predictor.LGBM_PARAMS.update(shipped)
-        predictor.UPPER_LGBM_OVERRIDES.clear()
-        predictor.UPPER_LGBM_OVERRIDES.update(shipped_upper)
-        predictor.HUBER_DELTA = shipped_huber
-        predictor.LINEAR_LEAVES = shipped_linear
-        predictor.MEAN_OBJECTIVE = shipped_objective
+        with variant_settings(predictor, variant):
+            result = predictor.evaluate(rows, variant["target"])
         entry = {"variant": name, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
         for kind in (*predictor.REGRESSORS, predictor.NEAREST, predictor.MEASURED):
