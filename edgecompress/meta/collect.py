@@ -155,7 +155,11 @@ def refresh_features(path: Path, *, console=None) -> int:
     if not rows:
         raise UsageError(f"{path} holds no rows to refresh")
     parent = lambda r: (r.get("task") or DIGITS_NAME, r["model"])
-    stale = sorted({parent(r) for r in rows if r.get("features_version") != FEATURES_VERSION})
+    stale_rows: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("features_version") != FEATURES_VERSION:  # rows added since (a collection) are current already
+            stale_rows.setdefault(parent(r), []).append(r)
+    stale = sorted(stale_rows)
     for task in sorted({t for t, _ in stale}):
         if task not in NAMED_DATASETS:
             raise UsageError(f"--refresh-features recomputes rows of the named tasks only; {path} has rows of {task}")
@@ -167,16 +171,14 @@ def refresh_features(path: Path, *, console=None) -> int:
     torch.set_num_threads(1)
     done, datasets = 0, {}
     with Progress(console=console, transient=True) as progress:
-        stale_parents = set(stale)
-        bar = progress.add_task("refresh features", total=sum(parent(r) in stale_parents for r in rows))
+        bar = progress.add_task("refresh features", total=sum(map(len, stale_rows.values())))
         for task, name in stale:
             if task not in datasets:
                 datasets = {task: load_dataset(None if task == DIGITS_NAME else task, 32)}
             data = datasets[task]
             model = load_model(get_model(name, task=task), data.num_classes)
             featurizer = Featurizer(model, data, evaluate_torch(model, *data.split("test")))
-            mine = sorted((r for r in read_rows(path) if parent(r) == (task, name)),
-                          key=lambda r: (r["method"], r["ratio"]))
+            mine = sorted(stale_rows[(task, name)], key=lambda r: (r["method"], r["ratio"]))
             fresh = {}
             for r in mine:
                 feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
@@ -184,12 +186,12 @@ def refresh_features(path: Path, *, console=None) -> int:
                 progress.advance(bar)
             # Read again under the lock: a collection may have appended rows (of any parent) since.
             with locked(path):
-                rows = read_rows(path)
-                for i, r in enumerate(rows):
+                now = read_rows(path)
+                for i, r in enumerate(now):
                     if row_key(r) in fresh and parent(r) == (task, name):
-                        rows[i] = {**{k: v for k, v in r.items() if not k.startswith("f_")},
-                                   **fresh[row_key(r)], "features_version": FEATURES_VERSION}
-                _write_rows(path, rows)
+                        now[i] = {**{k: v for k, v in r.items() if not k.startswith("f_")},
+                                  **fresh[row_key(r)], "features_version": FEATURES_VERSION}
+                _write_rows(path, now)
             done += len(mine)
     return done
 
