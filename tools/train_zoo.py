@@ -5,7 +5,7 @@
     python tools/train_zoo.py --task fashion-mnist     # the Fashion-MNIST zoo (edgecompress/zoo/fashion-mnist/)
     python tools/train_zoo.py --task fashion-mnist --models lcnet_050 --epochs 1 --limit-per-class 50 --out /tmp/quick
 
-Tasks: ``digits`` (scikit-learn's digits, 32x32 RGB; 8 architectures, 60 epochs of 970 images) and
+Tasks: ``digits`` (scikit-learn's digits, 32x32 RGB; 24 architectures, 60 epochs of 970 images) and
 ``fashion-mnist`` (Debian's dataset-fashion-mnist, 32x32 RGB; 25 small architectures from 12 families,
 0.4-1.5 M parameters, 47 MB of fp16 checkpoints in all). Each task has one recipe (DEFAULT,
 FASHION_DEFAULT below) with per-architecture overrides; every manifest row records its recipe and
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgecompress.compress.finetune import augment, evaluate_torch  # noqa: E402
-from edgecompress.core.fsutil import atomic_path, sha256_file, write_json  # noqa: E402
+from edgecompress.core.fsutil import atomic_path, locked, sha256_file, write_json  # noqa: E402
 from edgecompress.costmodel.layers import count_params, profile_layers, total_macs  # noqa: E402
 from edgecompress.data.datasets import load_digits, load_fashion_mnist  # noqa: E402
 from edgecompress.models import zoo_dir  # noqa: E402
@@ -64,6 +64,25 @@ ZOO = {
     "ghostnet_050": {},
     "tinynet_e": {},
     "mnasnet_050": {"lr": 0.02},  # diverged at lr 0.1 (chance accuracy)
+    # Issue 16: the Fashion-MNIST zoo's architectures, so that both tasks have the same 24 (every family of that zoo
+    # but RepGhostNet and EdgeNeXt). The three it leaves out (repghostnet_050, mobilevitv2_050, edgenext_xx_small) are
+    # its largest checkpoints: its 16 smallest are what fits the package's budget (SHIP_BUDGET_BYTES).
+    "lcnet_035": {},
+    "starnet_s050": {},
+    "mobilenetv2_035": {},
+    "mobilenetv3_small_050": {},
+    "mobilenetv4_conv_small_035": {},
+    "mnasnet_small": {},
+    "dla46x_c": {},
+    "semnasnet_050": {},
+    "starnet_s100": {},
+    "mobilevit_xxs": {},
+    "mobilenetv4_conv_small_050": {},
+    "tf_mobilenetv3_small_minimal_100": {},
+    "mobilenetv3_small_075": {},
+    "dla46_c": {},
+    "lcnet_075": {},
+    "tinynet_d": {},
 }
 # SGD with Nesterov momentum: AdamW (lr 3e-3 to 1e-2) left mobilenetv2_050 at 46-50%
 # and lcnet_050 at 71-89% validation accuracy on the digits; SGD lr 0.1 gave 74% / 89% in 20 epochs.
@@ -139,7 +158,8 @@ TASKS = {
 }
 WORK = Path(__file__).parent / ".zoo_work"
 # Shipped checkpoints of all tasks together (the package's weight); a model past it is recorded, not shipped.
-SHIP_BUDGET_BYTES = 100_000_000
+# Issue 16 asks for "at most about 100 MB"; both zoos at 24 or more architectures take 101.1 MB.
+SHIP_BUDGET_BYTES = 102_000_000
 
 
 class Diverged(Exception):
@@ -244,6 +264,10 @@ def train_one(name: str, task: str, overrides: dict, data, work: Path, progress)
     return {**best, "seconds": seconds}
 
 
+def read_manifest(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"models": []}
+
+
 def shipped_bytes(exclude: tuple[str, str]) -> int:
     """Size of the shipped checkpoints of every task's package zoo, leaving out one (task, model) row."""
     total = 0
@@ -306,8 +330,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     data = load_task_data(task.name, {**task.default, **overrides})
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
-    rows = {r["name"]: r for r in manifest["models"]}
+    rows = {r["name"]: r for r in read_manifest(manifest_path)["models"]}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("left"), TimeRemainingColumn())
     diverged = []
@@ -345,39 +368,42 @@ def main(argv=None) -> int:
             test_acc = evaluate_torch(model, x_test, y_test)
             blob = io.BytesIO()
             torch.save(half, blob)
-            # The budget guards the package only; an --out directory takes everything.
-            shipped = args.out is not None or shipped_bytes(exclude=(task.name, name)) + blob.tell() <= SHIP_BUDGET_BYTES
-            ckpt = (out if shipped else work) / f"{name}.pth"
-            with atomic_path(ckpt) as tmp:
-                tmp.write_bytes(blob.getvalue())
-            if not shipped:
-                (out / ckpt.name).unlink(missing_ok=True)  # an older shipped copy would contradict the manifest
             layers = profile_layers(model, data.input_shape)
-            rows[name] = {
-                "name": name,
-                "architecture": name,
-                "file": ckpt.name,
-                "input_size": 32,
-                "num_classes": data.num_classes,
-                "params": count_params(model),
-                "flops": 2 * total_macs(layers),
-                "test_accuracy": round(test_acc, 6),
-                "val_accuracy": round(best["val"], 6),
-                "best_epoch": best["epoch"],
-                "sha256": sha256_file(ckpt),
-                "recipe": recipe_for(name, task.name, overrides),
-                "recipe_hash": recipe_hash(name, task.name, overrides),
-                "train_seconds": round(best["seconds"], 1),  # the epochs, over every resumed run
-                "task": task.name,
-                "shipped": shipped,
-            }
-            manifest = {
-                "task": task.name,
-                "dataset": task.dataset,
-                "recipe": {**task.default, **overrides},
-                "models": [rows[n] for n in sorted(rows)],
-            }
-            write_json(manifest_path, manifest)
+            # One lock from the budget check to the manifest's row: another trainer (--models with other names, one
+            # thread each) may have written rows since this one started, and two must not both take the budget's last.
+            with locked(manifest_path):
+                # The budget guards the package only; an --out directory takes everything.
+                shipped = args.out is not None or shipped_bytes(exclude=(task.name, name)) + blob.tell() <= SHIP_BUDGET_BYTES
+                ckpt = (out if shipped else work) / f"{name}.pth"
+                with atomic_path(ckpt) as tmp:
+                    tmp.write_bytes(blob.getvalue())
+                if not shipped:
+                    (out / ckpt.name).unlink(missing_ok=True)  # an older shipped copy would contradict the manifest
+                rows = {r["name"]: r for r in read_manifest(manifest_path)["models"]}
+                rows[name] = {
+                    "name": name,
+                    "architecture": name,
+                    "file": ckpt.name,
+                    "input_size": 32,
+                    "num_classes": data.num_classes,
+                    "params": count_params(model),
+                    "flops": 2 * total_macs(layers),
+                    "test_accuracy": round(test_acc, 6),
+                    "val_accuracy": round(best["val"], 6),
+                    "best_epoch": best["epoch"],
+                    "sha256": sha256_file(ckpt),
+                    "recipe": recipe_for(name, task.name, overrides),
+                    "recipe_hash": recipe_hash(name, task.name, overrides),
+                    "train_seconds": round(best["seconds"], 1),  # the epochs, over every resumed run
+                    "task": task.name,
+                    "shipped": shipped,
+                }
+                write_json(manifest_path, {
+                    "task": task.name,
+                    "dataset": task.dataset,
+                    "recipe": {**task.default, **overrides},
+                    "models": [rows[n] for n in sorted(rows)],
+                })
             state_path(work, name, task.name, overrides).unlink(missing_ok=True)  # recorded: its job is done
             note = "" if shipped else f" (not shipped: past {SHIP_BUDGET_BYTES / 1e6:.0f} MB; kept in {ckpt})"
             progress.console.print(f"{name}: test accuracy {test_acc:.4f} ({time.time() - t0:.0f} s){note}")
