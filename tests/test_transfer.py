@@ -120,6 +120,18 @@ def _cand(model, method, ratio, precision):
     return Candidate(model=model, prune=PruneSpec(method=method, ratio=ratio), quant=QuantSpec(precision=precision))
 
 
+def test_backbones_are_one_checkpoint_per_architecture():
+    """Both zoos' architectures, each once: Fashion-MNIST's checkpoint where both zoos have it."""
+    from edgecompress.models import get_model, list_models, zoo_tasks
+
+    pool = tr.backbones()
+    archs = [e.architecture for e in pool.values()]
+    assert len(archs) == len(set(archs))
+    assert set(archs) == {get_model(n, t).architecture for t in zoo_tasks() for n in list_models(task=t)}
+    assert "lcnet_050@fashion-mnist" in pool and "resnet10t@digits" in pool and "lcnet_050@digits" not in pool
+    assert len(tr.backbones(["digits"])) == len(list_models(task="digits"))
+
+
 def test_drop_prior_reads_the_meta_dataset():
     rows = [{"method": "torch_pruning.l1", "precision": "fp32", "ratio": r, "accuracy_drop": d}
             for r, d in ((0.3, 0.01), (0.3, 0.03), (0.5, 0.02), (0.5, 0.10), (0.7, 0.05))]
@@ -222,7 +234,7 @@ def test_a_backbone_that_cannot_take_the_image_size_is_skipped(tmp_path):
     from edgecompress.core.errors import DataError
 
     data = load_dataset(write_digit_folder(tmp_path / "d", per_class=12), 48, mean=NAMED_MEAN, std=NAMED_STD)
-    pool = tr.backbones()
+    pool = {**tr.backbones(), **tr.backbones(["digits"])}
     out = io.StringIO()
     probes, graphs = tr.probe_all({n: pool[n] for n in ("dla46_c@fashion-mnist", "lcnet_050@digits")}, data,
                                   Console(file=out, width=200))
