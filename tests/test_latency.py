@@ -181,6 +181,27 @@ def test_reparameterizable_models_export_as_they_deploy(tmp_path):
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == trained_convs  # the caller's model is untouched
 
 
+def test_export_says_nothing_of_a_models_size_reads(tmp_path):
+    """MobileViT's Python reads its input's size; the tracer's warning about it reached every plan's console
+    (the export is for that size, as every export here is). The graph still computes what the model does."""
+    import warnings
+
+    import onnxruntime as ort
+    import timm
+
+    from edgecompress.runtimes.base import export_onnx
+
+    model = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_onnx(model, (1, 3, 32, 32), tmp_path / "m.onnx")
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0], model(x).numpy(),
+                                   rtol=1e-3, atol=1e-3)
+
+
 def test_random_networks_are_deterministic_and_varied():
     a, shape_a = random_network(3)
     b, shape_b = random_network(3)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,7 +39,10 @@ def export_onnx(model, input_shape: tuple[int, ...], path: Path) -> Path:
         from timm.utils.model import reparameterize_model
 
         model = reparameterize_model(model)
-    with torch.no_grad():
+    # The tracer warns where a model's Python reads a tensor's size (MobileViT's patch padding): the graph is for this
+    # height and width only, as every export here is (only the batch axis is dynamic), so the warning says nothing.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             torch.zeros(input_shape),
