@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from edgecompress.meta.collect import read_rows
 from edgecompress.meta.features import FEATURE_DOCS, Featurizer
@@ -95,6 +96,26 @@ def test_refresh_features_keeps_measurements(tmp_path):
         assert new["features_version"] == FEATURES_VERSION
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert refresh_features(path) == 0  # nothing stale is left: a rerun (or a resumed refresh) has nothing to do
+    # A current row with a feature that is no number (fp16 logits that overflowed, before the fix) is stale too.
+    pq.write_table(pa.Table.from_pylist([fresh[0] | {"f_oneshot_output_spread": float("nan")}, *fresh[1:]]), path)
+    assert refresh_features(path) == 1
+    assert read_rows(path)[0]["f_oneshot_output_spread"] == fresh[0]["f_oneshot_output_spread"]
+
+
+def test_oneshot_proxies_of_overflowed_logits_are_numbers():
+    """Simulated fp16 of a hard-pruned model can overflow to inf and NaN; its features stay numbers (ridge takes no
+    NaN, and `meta train` failed on three such rows)."""
+    from edgecompress.meta.features import FP16_MAX, oneshot_proxies
+
+    parent = torch.randn(8, 10)
+    logits = parent.clone()
+    logits[0, 0], logits[1, 1], logits[2] = float("inf"), float("-inf"), float("nan")
+    feats = oneshot_proxies(logits, parent)
+    assert all(math.isfinite(v) for v in feats.values())
+    assert feats["f_oneshot_agreement"] < 1
+    same = oneshot_proxies(torch.full((8, 10), float("nan")), parent)
+    assert same["f_oneshot_output_spread"] == 0 and same["f_oneshot_classes"] == 0.1  # every image the same answer
+    assert oneshot_proxies(parent * FP16_MAX, parent)["f_oneshot_agreement"] == 1  # finite logits are as they were
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",

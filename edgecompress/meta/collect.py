@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -134,9 +135,13 @@ def run_job(job: CollectJob, data=None) -> list[dict]:
     return rows
 
 
+def features_finite(row: dict) -> bool:
+    return all(v is not None and math.isfinite(v) for k, v in row.items() if k.startswith("f_"))
+
+
 def refresh_features(path: Path, *, console=None) -> int:
-    """Recompute the meta-features of every row in ``path`` with today's code, keeping what was measured; the number
-    of rows recomputed.
+    """Recompute the meta-features of every stale row in ``path`` (an older FEATURES_VERSION, or a feature that is no
+    number) with today's code, keeping what was measured; the number of rows recomputed.
 
     Features are a pure function of (model, task, method, ratio, precision), so after a feature change the
     collected accuracies stay valid; each row's task (its ``task`` column, the digits for rows without one) gives
@@ -157,7 +162,8 @@ def refresh_features(path: Path, *, console=None) -> int:
     parent = lambda r: (r.get("task") or DIGITS_NAME, r["model"])
     stale_rows: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        if r.get("features_version") != FEATURES_VERSION:  # rows added since (a collection) are current already
+        # Rows added since (a collection) are current already; a row with a feature that is no number predates a fix.
+        if r.get("features_version") != FEATURES_VERSION or not features_finite(r):
             stale_rows.setdefault(parent(r), []).append(r)
     stale = sorted(stale_rows)
     for task in sorted({t for t, _ in stale}):
