@@ -57,11 +57,10 @@ def test_malformed_target_names_file_and_key(tmp_path, mutation, key):
     assert str(bad) in str(err.value) and key in str(err.value)
 
 
-def test_zoo_has_six_families_and_fits_size():
-    names = list_models()
-    assert len(names) >= 6
-    total = sum(get_model(n).weights.stat().st_size for n in names)
-    assert total <= 40e6
+def test_zoo_has_24_architectures():
+    # Their families: test_fashion_mnist.test_zoo_lists_follow_the_brief; the package's size budget:
+    # test_models.test_every_shipped_zoo_loads_and_fits_the_package_budget.
+    assert len(list_models()) >= 24
 
 
 @pytest.mark.parametrize("name", list_models())

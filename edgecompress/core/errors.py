@@ -28,7 +28,9 @@ class UnknownNameError(UsageError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
-        hint = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        # Names that start with what was typed first: "lcnet_05" is as close to lcnet_075 as to lcnet_050 by ratio.
+        prefixed = [k for k in known if k.startswith(name)]
+        hint = difflib.get_close_matches(name, prefixed or known, n=1, cutoff=0.5)
         message = f"unknown {kind} {name!r}"
         if hint:
             message += f"; did you mean {hint[0]!r}?"
