@@ -102,6 +102,26 @@ def test_refresh_features_keeps_measurements(tmp_path):
     assert read_rows(path)[0]["f_oneshot_output_spread"] == fresh[0]["f_oneshot_output_spread"]
 
 
+def test_refresh_of_a_model_features_change_keeps_the_one_shot_proxies(tmp_path):
+    """Rows of a version that differs from today's in the per-model features only get those recomputed; the rest,
+    the one-shot proxies the costly part, is kept as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edgecompress.meta.collect import refresh_features
+    from edgecompress.meta.features import FEATURES_VERSION, MODEL_FEATURES_ONLY_SINCE
+    from edgecompress.models import ZOO_DIR
+
+    rows = [r for r in read_rows(ZOO_DIR / "meta.parquet") if r["model"] == "lcnet_050"][:3]
+    path = tmp_path / "meta.parquet"
+    older = [r | {"f_flops": 1, "f_oneshot_agreement": -1.0, "features_version": MODEL_FEATURES_ONLY_SINCE} for r in rows]
+    pq.write_table(pa.Table.from_pylist(older), path)
+    assert refresh_features(path) == len(rows)
+    for old, new in zip(rows, read_rows(path)):
+        assert new["f_flops"] > 1 and new["f_oneshot_agreement"] == -1.0  # model features recomputed, proxies kept
+        assert new["features_version"] == FEATURES_VERSION and new["accuracy"] == old["accuracy"]
+
+
 def test_oneshot_proxies_of_overflowed_logits_are_numbers():
     """Simulated fp16 of a hard-pruned model can overflow to inf and NaN; its features stay numbers (ridge takes no
     NaN, and `meta train` failed on three such rows)."""

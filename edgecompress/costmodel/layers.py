@@ -62,11 +62,14 @@ def profile_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer
                     in_elements=int(x.numel() // x.shape[0]), out_elements=int(output.numel() // output.shape[0]),
                 ))
             elif isinstance(module, nn.Linear):
+                # A linear layer over tokens (a transformer's, or a channels-last MLP's) computes once per row.
+                # Rows per image: the model's batch, not the layer's first axis (MobileViT folds patches into it).
+                rows = max(1, x.numel() // (input_shape[0] * module.in_features))
                 records.append(LayerProfile(
                     name=name, kind="linear", in_channels=module.in_features,
                     out_channels=module.out_features, kernel=1, stride=1, groups=1, in_hw=1, out_hw=1,
-                    macs=module.in_features * module.out_features, weights=module.weight.numel(),
-                    in_elements=module.in_features, out_elements=module.out_features,
+                    macs=rows * module.in_features * module.out_features, weights=module.weight.numel(),
+                    in_elements=rows * module.in_features, out_elements=rows * module.out_features,
                 ))
         return fn
 

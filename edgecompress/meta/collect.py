@@ -153,7 +153,7 @@ def refresh_features(path: Path, *, console=None) -> int:
 
     from edgecompress.compress.finetune import evaluate_torch
     from edgecompress.data.datasets import DIGITS_NAME, NAMED_DATASETS, load_dataset
-    from edgecompress.meta.features import FEATURE_DOCS, FEATURES_VERSION, Featurizer
+    from edgecompress.meta.features import FEATURE_DOCS, FEATURES_VERSION, MODEL_FEATURES_ONLY_SINCE, Featurizer
     from edgecompress.models import get_model, list_models, load_model
 
     rows = read_rows(path)
@@ -187,7 +187,10 @@ def refresh_features(path: Path, *, console=None) -> int:
             mine = sorted(stale_rows[(task, name)], key=lambda r: (r["method"], r["ratio"]))
             fresh = {}
             for r in mine:
-                feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
+                if features_finite(r) and MODEL_FEATURES_ONLY_SINCE <= (r.get("features_version") or 0) < FEATURES_VERSION:
+                    feats = {**r, **featurizer.model_features()}  # the rest is what today's code computes
+                else:
+                    feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
                 fresh[row_key(r)] = {k: feats[k] for k in FEATURE_DOCS}
                 progress.advance(bar)
             # Read again under the lock: a collection may have appended rows (of any parent) since.

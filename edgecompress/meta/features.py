@@ -26,7 +26,11 @@ from torch import nn
 
 from edgecompress.costmodel.layers import profile_layers
 
-FEATURES_VERSION = 5
+FEATURES_VERSION = 6
+# Versions whose rows differ from today's in the per-model features only (Featurizer.model_features): a refresh
+# recomputes those and keeps the rest (the one-shot proxies are its cost). 5 -> 6: a linear layer's MACs count
+# every row it computes (MobileViT's and EdgeNeXt's token MLPs), so f_flops and the MAC shares changed.
+MODEL_FEATURES_ONLY_SINCE = 5
 ONESHOT_SAMPLES = 128
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
