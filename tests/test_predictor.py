@@ -61,6 +61,19 @@ def test_save_load_round_trip(rows, tmp_path, kind):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
+def test_ridge_does_not_extrapolate_a_feature_out_of_range(rows, tmp_path):
+    """A feature far past anything trained on (one-shot logits at 1.5e9 times the parent's: one digits row) gives
+    ridge's prediction at the edge of the training range, saved and loaded alike, not a drop of 10^5 pp."""
+    predictor = Predictor.fit(rows, "ridge", conformal=False)
+    predictor.save(tmp_path / "p")
+    loaded = Predictor.load(tmp_path / "p")
+    feature = "f_oneshot_logit_rel_err"
+    edge = max(rows, key=lambda r: r[feature])
+    far = edge | {feature: edge[feature] * 1e9}
+    for p in (predictor, loaded):
+        np.testing.assert_allclose(p.predict([far])[0], p.predict([edge])[0], rtol=1e-9, atol=1e-12)
+
+
 def test_upper_bound_is_calibrated_for_unseen_architectures(rows):
     """The conformal shift makes the held-out bound cover about what it claims (90%), not the ~65% of raw quantiles."""
     from edgecompress.meta.predictor import UPPER_QUANTILE
