@@ -103,23 +103,40 @@ def test_refresh_features_keeps_measurements(tmp_path):
 
 
 def test_refresh_of_a_model_features_change_keeps_the_one_shot_proxies(tmp_path):
-    """Rows of a version that differs from today's in the per-model features only get those recomputed; the rest,
-    the one-shot proxies the costly part, is kept as it was."""
+    """Rows of a version that differs from today's in some feature groups (the per-model features, the probe) get
+    those recomputed; the rest, the one-shot proxies the costly part, is kept as it was."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from edgecompress.meta.collect import refresh_features
-    from edgecompress.meta.features import FEATURES_VERSION, MODEL_FEATURES_ONLY_SINCE
+    from edgecompress.meta.features import FEATURES_VERSION, VERSION_CHANGES
     from edgecompress.models import ZOO_DIR
 
     rows = [r for r in read_rows(ZOO_DIR / "meta.parquet") if r["model"] == "lcnet_050"][:3]
     path = tmp_path / "meta.parquet"
-    older = [r | {"f_flops": 1, "f_oneshot_agreement": -1.0, "features_version": MODEL_FEATURES_ONLY_SINCE} for r in rows]
+    before_model_change = min(v for v, groups in VERSION_CHANGES.items() if "model" in groups) - 1
+    older = [r | {"f_flops": 1, "f_oneshot_agreement": -1.0, "features_version": before_model_change} for r in rows]
     pq.write_table(pa.Table.from_pylist(older), path)
     assert refresh_features(path) == len(rows)
     for old, new in zip(rows, read_rows(path)):
         assert new["f_flops"] > 1 and new["f_oneshot_agreement"] == -1.0  # model features recomputed, proxies kept
         assert new["features_version"] == FEATURES_VERSION and new["accuracy"] == old["accuracy"]
+        assert 0 <= new["f_probe_agreement"] <= 1  # and the probe, added since
+
+
+def test_probe_tells_a_collapse_from_a_recovery(digits):
+    """The fine-tuning probe runs at high ratios only, is the same on every run, and separates what one-shot
+    proxies cannot tell apart: lcnet_050 on the digits, 90% of its weights pruned, never recovers (88 pp lost after
+    fine-tuning), and 70% pruned it loses nothing."""
+    from edgecompress.meta.features import Featurizer
+
+    model = load_model(get_model("lcnet_050"), 10)
+    first, second = Featurizer(model, digits, 0.97), Featurizer(model, digits, 0.97)
+    assert first.probe_features("nncf.magnitude_global", 0.5) == {"f_probe_agreement": 1.0}  # not probed
+    collapse = first.probe_features("nncf.magnitude_global", 0.9)["f_probe_agreement"]
+    assert collapse == second.probe_features("nncf.magnitude_global", 0.9)["f_probe_agreement"]
+    recovery = first.probe_features("nncf.magnitude_global", 0.7)["f_probe_agreement"]
+    assert collapse < 0.5 < recovery
 
 
 def test_oneshot_proxies_of_overflowed_logits_are_numbers():

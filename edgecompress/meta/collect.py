@@ -139,6 +139,16 @@ def features_finite(row: dict) -> bool:
     return all(v is not None and math.isfinite(v) for k, v in row.items() if k.startswith("f_"))
 
 
+def changed_since(version) -> set[str] | None:
+    """The feature groups (features.VERSION_CHANGES) today's version changed since ``version``; None where a row of
+    that version must be recomputed whole (older than the changes listed)."""
+    from edgecompress.meta.features import FEATURES_VERSION, VERSION_CHANGES
+
+    if version is None or not all(v in VERSION_CHANGES for v in range(int(version) + 1, FEATURES_VERSION + 1)):
+        return None
+    return {g for v in range(int(version) + 1, FEATURES_VERSION + 1) for g in VERSION_CHANGES[v]}
+
+
 def refresh_features(path: Path, *, console=None) -> int:
     """Recompute the meta-features of every stale row in ``path`` (an older FEATURES_VERSION, or a feature that is no
     number) with today's code, keeping what was measured; the number of rows recomputed.
@@ -153,7 +163,7 @@ def refresh_features(path: Path, *, console=None) -> int:
 
     from edgecompress.compress.finetune import evaluate_torch
     from edgecompress.data.datasets import DIGITS_NAME, NAMED_DATASETS, load_dataset
-    from edgecompress.meta.features import FEATURE_DOCS, FEATURES_VERSION, MODEL_FEATURES_ONLY_SINCE, Featurizer
+    from edgecompress.meta.features import FEATURE_DOCS, FEATURES_VERSION, Featurizer
     from edgecompress.models import get_model, list_models, load_model
 
     rows = read_rows(path)
@@ -187,10 +197,15 @@ def refresh_features(path: Path, *, console=None) -> int:
             mine = sorted(stale_rows[(task, name)], key=lambda r: (r["method"], r["ratio"]))
             fresh = {}
             for r in mine:
-                if features_finite(r) and MODEL_FEATURES_ONLY_SINCE <= (r.get("features_version") or 0) < FEATURES_VERSION:
-                    feats = {**r, **featurizer.model_features()}  # the rest is what today's code computes
-                else:
+                groups = changed_since(r.get("features_version")) if features_finite(r) else None
+                if groups is None:
                     feats = featurizer.candidate_features(r["method"], r["ratio"], r["precision"])
+                else:  # the rest is what today's code computes
+                    feats = dict(r)
+                    if "model" in groups:
+                        feats |= featurizer.model_features()
+                    if "probe" in groups:
+                        feats |= featurizer.probe_features(r["method"], r["ratio"])
                 fresh[row_key(r)] = {k: feats[k] for k in FEATURE_DOCS}
                 progress.advance(bar)
             # Read again under the lock: a collection may have appended rows (of any parent) since.
