@@ -19,6 +19,7 @@ no runtime: tens of milliseconds per candidate for the zoo.
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
@@ -241,17 +242,23 @@ class Featurizer:
             self._probe = {key: {"f_probe_agreement": value}}
         return dict(self._probe[key])
 
-    def _probe_agreement(self, pruned: nn.Module) -> float:
-        import torch.nn.functional as F
-
+    @functools.cached_property
+    def _probe_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(training images, their labels, held-out images, the parent's top-1 on them): the same for every probe of
+        this model, made at the first."""
         train_x, train_y = self._data.split("train")
-        train_x, train_y = torch.from_numpy(train_x[:2048]), torch.from_numpy(train_y[:2048]).long()
         calib_x = self._data.split("calib")[0]
         # Held out from what the pruning saw (the first ONESHOT_SAMPLES); a task with fewer probes on those.
         held = calib_x[ONESHOT_SAMPLES:ONESHOT_SAMPLES + 256]
         held = torch.from_numpy(held) if len(held) >= 32 else self.images
         with torch.no_grad():
             reference = self.model(held).argmax(1)
+        return torch.from_numpy(train_x[:2048]), torch.from_numpy(train_y[:2048]).long(), held, reference
+
+    def _probe_agreement(self, pruned: nn.Module) -> float:
+        import torch.nn.functional as F
+
+        train_x, train_y, held, reference = self._probe_set
         model = copy.deepcopy(pruned).train()
         masks = [(m, m.weight.detach() != 0) for m in _weighted_layers(model)]
         opt = torch.optim.Adam(model.parameters(), lr=PROBE_LR)
