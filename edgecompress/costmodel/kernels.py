@@ -333,15 +333,15 @@ def _run_time_shapes(model, consts: dict) -> dict[str, list[int]]:
     known = {vi.name for vi in list(g.input) + list(g.value_info) + list(g.output)
              if vi.type.tensor_type.HasField("shape")
              and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
-    missing = [t for node in g.node if node.op_type != "Constant" for t in node.output
-               if t and t not in consts and t not in known]
+    missing = {t for node in g.node if node.op_type != "Constant" for t in node.output
+               if t and t not in consts and t not in known}
     if not missing:
         return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
     outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(missing - outputs))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as the graph has it
@@ -352,7 +352,7 @@ def _run_time_shapes(model, consts: dict) -> dict[str, list[int]]:
              for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, feeds)
-    return {n: list(np.shape(v)) for n, v in zip(names, values) if n in set(missing)}
+    return {n: list(np.shape(v)) for n, v in zip(names, values) if n in missing}
 
 
 def _erf_gelu(div, dyn: list[str], consumers: dict, consts: dict) -> list | None:
