@@ -156,6 +156,21 @@ def test_low_rank_candidates_are_costed_from_the_factorized_graph(facts):
     assert strong.latency_ms < dense.latency_ms
 
 
+def test_low_rank_estimate_of_a_linear_layer_over_tokens():
+    """50 tokens (not a square): the factorized pair keeps about the share of MACs asked for, from the element
+    counts, not from in_hw (round(sqrt(50)) = 7, 49 positions)."""
+    from edgecompress.costmodel.kernels import Kernel, ModelGraph
+
+    rows, i, o = 50, 512, 512
+    token_mlp = Kernel(name="mlp", kind="pointwise", in_channels=i, out_channels=o, kernel=1, stride=1, groups=1,
+                       in_hw=7, out_hw=7, macs=rows * i * o, weights=i * o, in_elements=rows * i, out_elements=rows * o)
+    head = Kernel(name="head", kind="linear", in_channels=o, out_channels=10, kernel=1, stride=1, groups=1, in_hw=1,
+                  out_hw=1, macs=o * 10, weights=o * 10, in_elements=o, out_elements=10)
+    first, last, _ = ModelGraph((token_mlp, head), rows * o).low_rank(0.5).kernels
+    assert first.out_channels == last.in_channels == 128  # 0.5 * 50 * 512 * 512 / (50 * 1024); 130 from 49 positions
+    assert first.macs + last.macs == token_mlp.macs // 2
+
+
 def test_budget_is_one_check():
     """Budget.violation is the one budget check: each limit, only the figures given, and the reason in one line."""
     budget = Budget(latency_ms=1.0, memory_mb=10.0, max_accuracy_drop=0.02)

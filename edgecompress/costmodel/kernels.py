@@ -109,7 +109,10 @@ class ModelGraph:
             if i == last_linear or k.kind not in ("conv", "pointwise", "linear") or k.in_channels <= 3 or k.groups != 1:
                 out.append(k)
                 continue
-            hw_in, hw_out = k.in_hw * k.in_hw, k.out_hw * k.out_hw
+            # Positions per channel from the element counts: a linear layer over tokens has a row count that is
+            # not always a square, and its in_hw is only that count's rounded square root.
+            hw_in = k.in_elements // k.in_channels if k.in_elements else k.in_hw * k.in_hw
+            hw_out = k.out_elements // k.out_channels if k.out_elements else k.out_hw * k.out_hw
             budget = (1 - ratio) * k.macs
             if k.kind == "conv":
                 # hw_in*I*r + hw_out*(k^2 r^2 + r*O) = budget, one rank r for both modes
