@@ -484,6 +484,9 @@ def meta():
 @click.option("--ratios", help="Comma-separated ratios for every method (default: per-method grids up to 0.9 / 0.7).")
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True)
 @click.option("--finetune-steps", default=150, show_default=True, type=click.IntRange(0, 100000))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+              help="Fine-tuning seed. Part of each row's recipe key: another seed measures the same compressions "
+                   "again as new rows (tools/bench_label_noise.py), and only the default trains the predictor.")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(8, 1024))
 @click.option("--address", help="Address of an existing Ray cluster (default: a local Ray instance).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
@@ -491,7 +494,7 @@ def meta():
 @click.option("--refresh-features", is_flag=True,
               help="Compress nothing: recompute the meta-features of the rows in --out with today's code (after a "
                    "feature change), keeping what was measured. Resumes where an interrupted refresh stopped.")
-def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, image_size, address, workers,
+def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_steps, seed, image_size, address, workers,
                  refresh_features):
     """Compress every (model, method, ratio, precision) and record the measured accuracy."""
     from rich.console import Console
@@ -518,9 +521,9 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
         if any(r >= 1 for r in ratio_list):
             raise UsageError("--ratios must be below 1")
     result = collect(out=out, models=list(models) or zoo_models_for(data_dir), methods=list(methods) or list_methods(),
-                     ratios=ratio_list, precisions=precision_list, finetune=FinetuneSpec(steps=finetune_steps),
-                     data_dir=data_dir, image_size=image_size, address=address, console=Console(stderr=True),
-                     workers=workers)
+                     ratios=ratio_list, precisions=precision_list,
+                     finetune=FinetuneSpec(steps=finetune_steps, seed=seed), data_dir=data_dir, image_size=image_size,
+                     address=address, console=Console(stderr=True), workers=workers)
     click.echo(json.dumps(result))
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from edgecompress.meta.collect import read_rows
+from edgecompress.meta.collect import current_rows, read_rows
 from edgecompress.meta.features import FEATURE_DOCS, Featurizer
 from edgecompress.models import get_model, list_models, load_model
 
@@ -188,6 +188,12 @@ def test_collect_resumes_after_ctrl_c(tmp_path):
     assert all(kept[(r["method"], r["ratio"])] == r["wall_seconds"] for r in first)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert '"new_rows": 0' in again.stdout
+    # Another fine-tuning seed is another recipe: new rows beside the old, and not the predictor's to train on.
+    seed = subprocess.run([*cmd, "--seed", "1"], capture_output=True, text=True, timeout=300)
+    assert seed.returncode == 0, seed.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 8 and len({r["recipe"] for r in rows}) == 2
+    assert {r["recipe"] for r in current_rows(rows)} == {r["recipe"] for r in first}
 
 
 def test_collect_bad_input(capsys, tmp_path):
