@@ -27,13 +27,14 @@ from torch import nn
 
 from edgecompress.costmodel.layers import profile_layers
 
-FEATURES_VERSION = 7
+FEATURES_VERSION = 8
 # What each version changed, by group ("model": Featurizer.model_features, "probe": probe_features); a refresh of a
 # row from a version listed here recomputes the groups changed since and keeps the rest (the one-shot proxies, its
 # cost); an older row is recomputed whole.
 #   6: a linear layer's MACs count every row it computes (MobileViT's and EdgeNeXt's token MLPs): f_flops, MAC shares.
 #   7: f_probe_agreement, a short fine-tune of the one-shot candidate at high ratios.
-VERSION_CHANGES = {6: ("model",), 7: ("probe",)}
+#   8: the probe seeds torch's generator (dropout in training mode, GhostNet's head, drew from it unseeded).
+VERSION_CHANGES = {6: ("model",), 7: ("probe",), 8: ("probe",)}
 # The probe: PROBE_STEPS steps of plain fine-tuning (Adam, cross-entropy, PROBE_BATCH training images, the masks
 # kept), then top-1 agreement with the parent on held-out calibration images. Only where the ratio is
 # PROBE_MIN_RATIO or more: there the outcome is fine-tuning's to decide (session 15: 81% of the held-out error of
@@ -44,6 +45,7 @@ PROBE_STEPS = 20
 PROBE_BATCH = 64
 PROBE_LR = 1e-3
 ONESHOT_SAMPLES = 128
+NOT_PROBED = {"f_probe_agreement": 1.0}
 _BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
 FEATURE_DOCS = {
@@ -232,14 +234,14 @@ class Featurizer:
         return method_name != "none" and ratio >= PROBE_MIN_RATIO
 
     def probe_features(self, method_name: str, ratio: float, pruned: nn.Module | None = None) -> dict:
-        """f_probe_agreement of a (method, ratio), one for its three precisions; ``pruned``: its one-shot model
-        when there is one at hand (else pruned again)."""
+        """The probe's features of a (method, ratio), one set for its three precisions; ``pruned``: its one-shot
+        model when there is one at hand (else pruned again)."""
         key = (method_name, ratio)
         if key not in self._probe:
-            value = 1.0
+            value = NOT_PROBED
             if self.probed(method_name, ratio):
-                value = self._probe_agreement(pruned if pruned is not None else self._one_shot_pruned(method_name, ratio))
-            self._probe = {key: {"f_probe_agreement": value}}
+                value = self._run_probe(pruned if pruned is not None else self._one_shot_pruned(method_name, ratio))
+            self._probe = {key: value}
         return dict(self._probe[key])
 
     @functools.cached_property
@@ -255,7 +257,7 @@ class Featurizer:
             reference = self.model(held).argmax(1)
         return torch.from_numpy(train_x[:2048]), torch.from_numpy(train_y[:2048]).long(), held, reference
 
-    def _probe_agreement(self, pruned: nn.Module) -> float:
+    def _run_probe(self, pruned: nn.Module) -> dict:
         import torch.nn.functional as F
 
         train_x, train_y, held, reference = self._probe_set
@@ -263,18 +265,22 @@ class Featurizer:
         masks = [(m, m.weight.detach() != 0) for m in _weighted_layers(model)]
         opt = torch.optim.Adam(model.parameters(), lr=PROBE_LR)
         gen = torch.Generator().manual_seed(0)
-        for _ in range(PROBE_STEPS):
-            idx = torch.randint(0, len(train_x), (min(PROBE_BATCH, len(train_x)),), generator=gen)
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m, mask in masks:
-                    m.weight.mul_(mask)
+        # Dropout in training mode (GhostNet's head) draws from torch's global generator: seeded here, and the
+        # caller's state restored, so that a probe does not depend on what ran before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for _ in range(PROBE_STEPS):
+                idx = torch.randint(0, len(train_x), (min(PROBE_BATCH, len(train_x)),), generator=gen)
+                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for m, mask in masks:
+                        m.weight.mul_(mask)
         model.eval()
         with torch.no_grad():
-            return float((model(held).argmax(1) == reference).float().mean())
+            return {"f_probe_agreement": float((model(held).argmax(1) == reference).float().mean())}
 
     def _one_shot_all_precisions(self, method_name: str, ratio: float) -> dict[str, dict]:
         """The one-shot proxies of every precision of a (method, ratio): one pruning, and one fp32 pass that also
