@@ -143,8 +143,6 @@ def test_probe_tells_a_collapse_from_a_recovery(digits):
 def test_probe_of_a_model_with_dropout_does_not_depend_on_what_ran_before(digits):
     """GhostNet's head has dropout, which draws from torch's global generator in training mode: the probe seeds it
     (the refresh of session 18 found probes of ghostnet_050 that differed from the collection's)."""
-    from edgecompress.meta.features import Featurizer
-
     model = load_model(get_model("ghostnet_050"), 10)
     values = []
     for seed in (1, 2):
@@ -211,7 +209,7 @@ def test_collect_resumes_after_ctrl_c(tmp_path):
     # The predictor trains on the default recipe's rows only: seed 0.
     from edgecompress.models import ZOO_DIR
 
-    shipped = next(r for r in current_rows(read_rows(ZOO_DIR / "meta.parquet")))
+    shipped = current_rows(read_rows(ZOO_DIR / "meta.parquet"))[0]
     assert current_rows([shipped | {"recipe": spec_hash(FinetuneSpec(seed=1))}]) == []
 
 

@@ -45,7 +45,6 @@ CONFIGS = {
     "torch_pruning.l1": (0.3, 0.7),
     "nncf.rb": (0.9,),
 }
-HIGH = 0.7  # features.PROBE_MIN_RATIO: the band where the held-out error is
 
 
 def sample_models(task: str, count: int) -> list[str]:
@@ -68,6 +67,9 @@ def collect(task: str, models: list[str], seed: int, workers: int, out: Path) ->
 
 
 def band(ratio: float) -> str:
+    """Dense, or below or above the ratio where the probe starts (and the held-out error is)."""
+    from edgecompress.meta.features import PROBE_MIN_RATIO as HIGH
+
     return "dense" if ratio == 0 else f"ratio >= {HIGH}" if ratio >= HIGH else f"ratio < {HIGH}"
 
 
