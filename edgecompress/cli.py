@@ -527,17 +527,24 @@ def meta_collect(out, data_dir, models, methods, ratios, precisions, finetune_st
     click.echo(json.dumps(result))
 
 
+# predictor.TARGETS and its DEFAULT_TARGET, named here so that the command line starts without importing the predictor
+# (test_predictor checks).
+META_TARGETS = ("absolute", "headroom", "residual")
+
+
 @meta.command("train")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained predictor.")
 @click.option("--regressor", type=click.Choice(["auto", "lightgbm", "ridge"]), default="auto", show_default=True,
               help="auto: the one `meta eval` finds recommending best for held-out architectures.")
-@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="absolute", show_default=True,
-              help="What the regressors learn: the accuracy drop, or the drop as a share of the parent's accuracy above chance.")
+@click.option("--target", type=click.Choice(META_TARGETS), default=None,
+              help="What the regressors learn: the accuracy drop, the drop as a share of the parent's accuracy above "
+                   "chance, or the drop less the one the fine-tuning probe implies (default: residual).")
 def meta_train(data_path, out, regressor, target):
     """Train the meta-predictor (expected and upper-bound accuracy drop)."""
-    from edgecompress.meta.predictor import Predictor, best_regressor, evaluate, shipped_meta_dataset
+    from edgecompress.meta.predictor import DEFAULT_TARGET, Predictor, best_regressor, evaluate, shipped_meta_dataset
 
+    target = target or DEFAULT_TARGET
     path = data_path or shipped_meta_dataset()
     rows, stale = _current_meta_rows(path)
     why = ""
@@ -567,16 +574,16 @@ def _current_meta_rows(path: Path) -> tuple[list[dict], int]:
 @meta.command("eval")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Meta-dataset (default: the zoo's).")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--target", type=click.Choice(["absolute", "headroom"]), default="absolute", show_default=True,
-              help="What the regressors learn (see meta train).")
+@click.option("--target", type=click.Choice(META_TARGETS), default=None,
+              help="What the regressors learn (see meta train; default: residual).")
 def meta_eval(data_path, as_json, target):
     """Held-out accuracy and recommendation quality per task (leave one architecture out; leave one task out),
     LightGBM against ridge and a nearest-known-architecture baseline."""
-    from edgecompress.meta.predictor import evaluate, shipped_meta_dataset
+    from edgecompress.meta.predictor import DEFAULT_TARGET, evaluate, shipped_meta_dataset
 
     path = data_path or shipped_meta_dataset()
     rows, _ = _current_meta_rows(path)
-    result = evaluate(rows, target)
+    result = evaluate(rows, target or DEFAULT_TARGET)
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 

@@ -51,12 +51,12 @@ def test_fit_predict(rows, kind):
     assert np.mean(np.abs(mean - truth)) < np.mean(np.abs(truth - truth.mean()))  # beats predicting the mean
 
 
-@pytest.mark.parametrize("kind", ["lightgbm", "ridge"])
-def test_save_load_round_trip(rows, tmp_path, kind):
-    predictor = Predictor.fit(rows, kind)
+@pytest.mark.parametrize("kind, target", [("lightgbm", "absolute"), ("ridge", "absolute"), ("lightgbm", "residual")])
+def test_save_load_round_trip(rows, tmp_path, kind, target):
+    predictor = Predictor.fit(rows, kind, target=target)
     predictor.save(tmp_path / "p")
     loaded = Predictor.load(tmp_path / "p")
-    assert loaded.kind == kind and loaded.margin == predictor.margin and loaded.group_margins == predictor.group_margins
+    assert loaded.kind == kind and loaded.target == target and loaded.margin == predictor.margin and loaded.group_margins == predictor.group_margins
     for a, b in zip(predictor.predict(rows), loaded.predict(rows)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
@@ -179,18 +179,30 @@ def test_leave_one_task_out_trains_on_the_other_task_only(rows):
     assert result["digits"]["loto_mae_pp"] >= 0 and 0 <= result["digits"]["upper_bound_coverage"] <= 1
 
 
-def test_headroom_target_is_the_share_of_accuracy_above_chance(rows):
-    from edgecompress.meta.predictor import target_scale
+def test_targets_transform_the_drop_and_predictions_come_back_as_drops(rows, capsys):
+    from edgecompress.cli import META_TARGETS
+    from edgecompress.meta.predictor import DEFAULT_TARGET, TARGETS, probe_implied_drop, target_transform
 
-    row = {"f_parent_accuracy": 0.85, "f_num_classes": 10}
-    assert target_scale([row], "headroom")[0] == pytest.approx(0.75)  # a collapse to chance (10%) is 1
-    assert target_scale([row], "absolute")[0] == 1.0
+    assert META_TARGETS == TARGETS  # the command line names them without importing the predictor
+    for command in ("train", "eval"):
+        assert main(["meta", command, "--help"]) == 0
+        assert f"default: {DEFAULT_TARGET}" in " ".join(capsys.readouterr().out.split())
+    features = ["f_parent_accuracy", "f_num_classes", "f_probe_agreement"]
+    # A parent at 85% on 10 classes: not probed (agreement 1), probed and kept, probed at chance, half-way.
+    x = np.asarray([[0.85, 10, 1.0], [0.85, 10, 0.97], [0.85, 10, 0.1], [0.85, 10, 0.55]])
+    scale, offset = target_transform(x, features, "headroom")
+    assert scale == pytest.approx([0.75] * 4) and not offset.any()  # a collapse to chance (10%) is 1
+    scale, offset = target_transform(x, features, "absolute")
+    assert (scale == 1).all() and not offset.any()
+    scale, offset = target_transform(x, features, "residual")
+    assert (scale == 1).all() and offset == pytest.approx([0.0, 0.025, 0.75, 0.375])
+    assert probe_implied_drop(x, features) == pytest.approx(offset)
     with pytest.raises(Exception, match="unknown target"):
-        target_scale([row], "relative")
-    absolute, headroom = Predictor.fit(rows, "ridge", target="absolute"), Predictor.fit(rows, "ridge", target="headroom")
-    assert (absolute.target, headroom.target) == ("absolute", "headroom")
+        target_transform(x, features, "relative")
+    fitted = {t: Predictor.fit(rows, "ridge", target=t) for t in TARGETS}
+    assert [p.target for p in fitted.values()] == list(TARGETS)
     truth = np.asarray([r["accuracy_drop"] for r in rows])
-    for predictor in (absolute, headroom):  # either way, drops in accuracy come out
+    for predictor in fitted.values():  # whatever they learn, drops in accuracy come out
         assert np.mean(np.abs(predictor.predict(rows)[0] - truth)) < np.mean(np.abs(truth - truth.mean()))
 
 
