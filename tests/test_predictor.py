@@ -51,6 +51,17 @@ def test_fit_predict(rows, kind):
     assert np.mean(np.abs(mean - truth)) < np.mean(np.abs(truth - truth.mean()))  # beats predicting the mean
 
 
+def test_a_small_meta_dataset_still_gets_splits(rows):
+    """LGBM_PARAMS's 50 rows a leaf would leave a user's meta-dataset of a few hundred rows a constant model."""
+    from edgecompress.meta.predictor import LGBM_PARAMS, MIN_LEAF_DIVISOR
+
+    few = rows[:200]
+    assert len(few) < LGBM_PARAMS["min_child_samples"] * MIN_LEAF_DIVISOR
+    mean, _ = Predictor.fit(few, "lightgbm", conformal=False).predict(few)
+    truth = np.asarray([r["accuracy_drop"] for r in few])
+    assert np.mean(np.abs(mean - truth)) < 0.5 * np.mean(np.abs(truth - np.median(truth)))
+
+
 @pytest.mark.parametrize("kind, target", [("lightgbm", "absolute"), ("ridge", "absolute"), ("lightgbm", "residual")])
 def test_save_load_round_trip(rows, tmp_path, kind, target):
     predictor = Predictor.fit(rows, kind, target=target)

@@ -2,12 +2,13 @@
 
     python tools/bench_predictor.py [--data edgecompress/zoo/meta.parquet] [--json]
 
-For each variant (what the regressors learn: the drop or the drop as a share of the parent's headroom above
-chance; LightGBM's number of trees), `edgecompress.meta.predictor.evaluate`: leave-one-architecture-out error and
+For each variant (what the regressors learn: the drop, the drop as a share of the parent's headroom above
+chance, or the drop less the one the fine-tuning probe implies; LightGBM's number of trees), `edgecompress.meta.predictor.evaluate`: leave-one-architecture-out error and
 Spearman per task, regret against the exhaustive oracle and win rate against static ERM on openvino-cpu and a
 Jetson target, leave-one-task-out error, and the time to score 1,000 candidates. The shipped settings are the
-ones `meta train` uses (predictor.DEFAULT_TARGET, LGBM_PARAMS, UPPER_LGBM_OVERRIDES, LINEAR_LEAVES): since session 15
-the variant "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1". A variant's name says what it
+ones `meta train` uses (predictor.DEFAULT_TARGET, LGBM_PARAMS, UPPER_LGBM_OVERRIDES, LINEAR_LEAVES): in sessions 15-18
+the variant "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1", since session 19 "residual, 70 trees of
+10 leaves, bound 30, constant leaves, l1, 50 rows a leaf, bound 5". A variant's name says what it
 changes; the rest is 100 trees of 15 leaves at 0.15 for both models, with linear leaves and the Huber loss for the
 expected drop (the settings of sessions 8-14).
 """
@@ -57,15 +58,26 @@ VARIANTS = {
     "absolute, 70 trees of 10 leaves, bound 30, constant leaves, l1": {
         "target": "absolute", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10,
         "upper": {**BOUND_30, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
+    # Session 19: the same, learning the drop less the one the fine-tuning probe implies.
+    "residual, 70 trees of 10 leaves, bound 30, constant leaves, l1": {
+        "target": "residual", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10,
+        "upper": {**BOUND_30, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
+    "residual, 70 trees of 10 leaves, bound 30, constant leaves, l1, 50 rows a leaf": {
+        "target": "residual", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10, "min_child_samples": 50,
+        "upper": {**BOUND_30, "num_leaves": 15}, "linear_leaves": False, "objective": "l1"},
+    # The bound model keeps 5 rows a leaf: with 50 it scored 1,000 candidates in 0.90 ms instead of 0.60-0.68.
+    "residual, 70 trees of 10 leaves, bound 30, constant leaves, l1, 50 rows a leaf, bound 5": {
+        "target": "residual", "n_estimators": 70, "learning_rate": 0.2, "num_leaves": 10, "min_child_samples": 50,
+        "upper": {**BOUND_30, "num_leaves": 15, "min_child_samples": 5}, "linear_leaves": False, "objective": "l1"},
     # The Huber threshold caps each tree's step (gradients clipped at it): with 0.02, 100 trees at 0.15 reach about
     # 30 pp above the start, short of the 60-78 pp of collapsed candidates (magnitude 0.9 on Fashion-MNIST).
     "absolute, 100 trees, huber 0.02": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.02},
     "absolute, 100 trees, huber 0.1": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.1},
     "absolute, 100 trees, huber 0.3": {"target": "absolute", "n_estimators": 100, "learning_rate": 0.15, "huber_delta": 0.3},
 }
-# What a variant that does not name them gets (the settings of sessions 8-14), whatever is shipped now: LightGBM
-# parameters, then the variant keys that are not (no "upper": the bound model has the mean's trees).
-UNNAMED = {"n_estimators": 100, "learning_rate": 0.15, "num_leaves": 15}
+# What a variant that does not name them gets (the settings of sessions 8-14; 5 rows a leaf until 18), whatever is
+# shipped now: LightGBM parameters, then the variant keys that are not (no "upper": the bound model has the mean's trees).
+UNNAMED = {"n_estimators": 100, "learning_rate": 0.15, "num_leaves": 15, "min_child_samples": 5}
 UNNAMED_SETTINGS = {"upper": {}, "huber_delta": 0.1, "linear_leaves": True, "objective": "huber"}
 SETTINGS = ("target", *UNNAMED_SETTINGS)  # variant keys that are not LightGBM parameters
 KEYS = ("loao_mae_pp", "loao_median_abs_error_pp", "loao_spearman", "upper_bound_coverage", "regret_vs_oracle_pp",
@@ -103,16 +115,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=predictor.shipped_meta_dataset())
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="evaluate each variant with LightGBM's random_state 0 .. SEEDS-1 (row and feature "
+                             "subsampling): differences of a tenth of a point are within one seed's spread")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = current_rows(read_rows(args.data))
     out = []
-    for name in args.variants:
-        variant = VARIANTS[name]
+    for name, seed in ((n, s) for n in args.variants for s in range(args.seeds)):
+        variant = {**VARIANTS[name], "random_state": seed}
         started = time.time()
         with variant_settings(predictor, variant):
             result = predictor.evaluate(rows, variant["target"])
-        entry = {"variant": name, "seconds": round(time.time() - started, 1),
+        entry = {"variant": name, "seed": seed, "seconds": round(time.time() - started, 1),
                  "recommend_ms_median": round(result["recommend_ms_median"], 2), "per_task": {}, "leave_one_task_out": {}}
         for kind in (*predictor.REGRESSORS, predictor.NEAREST, predictor.MEASURED):
             for task, figures in result[kind]["per_task"].items():
