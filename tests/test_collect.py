@@ -165,6 +165,38 @@ def test_oneshot_proxies_of_overflowed_logits_are_numbers():
     same = oneshot_proxies(torch.full((8, 10), float("nan")), parent)
     assert same["f_oneshot_output_spread"] == 0 and same["f_oneshot_classes"] == 0.1  # every image the same answer
     assert oneshot_proxies(parent * FP16_MAX, parent)["f_oneshot_agreement"] == 1  # finite logits are as they were
+    # Finite logits near float32's largest (a fine-tune that diverged): the norm is taken where it does not overflow.
+    huge = torch.full((8, 10), 3e38)
+    huge[:, 0] = -3e38
+    assert all(math.isfinite(v) for v in oneshot_proxies(huge, parent).values())
+
+
+def test_a_precision_the_runtime_refuses_costs_its_row_only(digits, monkeypatch):
+    """OpenVINO could not compile one int8 model (semnasnet_050, local magnitude 0.9, on the digits: "could not append
+    an elementwise post-op"); its fp32 and fp16 rows were lost with it while a job was all or nothing."""
+    from edgecompress import pipeline
+    from edgecompress.meta.collect import CollectJob, run_job
+
+    at_precision = pipeline.at_precision
+
+    def refusing(compressed, precision, *args, **kwargs):
+        if precision == "int8":
+            raise RuntimeError("Exception from src/inference/src/dev/plugin.cpp:54:\ncould not append an elementwise post-op")
+        return at_precision(compressed, precision, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "at_precision", refusing)
+    job = CollectJob(model_spec="lcnet_050", method="torch_pruning.l1", ratio=0.3, precisions=("fp32", "int8"),
+                     finetune=FinetuneSpec(steps=2), data_dir=None, image_size=32)
+    rows, errors = run_job(job, digits)
+    assert [r["precision"] for r in rows] == ["fp32"] and 0 < rows[0]["accuracy"] <= 1
+    assert errors == {"int8": "could not append an elementwise post-op"}
+
+    def mistaken(*args, **kwargs):  # our own mistake is no runtime's refusal: it stops the job
+        raise KeyError("precision")
+
+    monkeypatch.setattr(pipeline, "at_precision", mistaken)
+    with pytest.raises(KeyError):
+        run_job(job, digits)
 
 
 ARGS = ["meta", "collect", "--models", "lcnet_050", "--methods", "none", "--methods", "torch_pruning.l1",

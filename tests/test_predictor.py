@@ -51,6 +51,13 @@ def test_fit_predict(rows, kind):
     assert np.mean(np.abs(mean - truth)) < np.mean(np.abs(truth - truth.mean()))  # beats predicting the mean
 
 
+def test_rows_with_a_feature_that_is_no_number_are_refused_with_the_fix(rows):
+    bad = [dict(r) for r in rows]
+    bad[3]["f_oneshot_logit_rel_err"] = float("inf")
+    with pytest.raises(Exception, match="1 of .* no number.*--refresh-features"):
+        Predictor.fit(bad, "lightgbm")
+
+
 def test_a_small_meta_dataset_still_gets_splits(rows):
     """LGBM_PARAMS's 50 rows a leaf would leave a user's meta-dataset of a few hundred rows a constant model."""
     from edgecompress.meta.predictor import LGBM_PARAMS, MIN_LEAF_DIVISOR

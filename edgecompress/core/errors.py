@@ -8,6 +8,7 @@ else with code 1 and a hint to rerun with ``--debug``.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -90,13 +91,19 @@ class TrtexecParseError(EdgecompressError):
 OWN_MISTAKES = (TypeError, AttributeError, NameError, KeyError, EdgecompressError)
 
 
+_LOCATION = re.compile(r"^Exception from \S+:\d+:$")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """The line of a foreign exception (a runtime's, a converter's) that says what went wrong.
 
     Usually its first line; OpenVINO's converter starts with an assertion's location ("Check 'false' failed at
     ...unconverted_ops_report.cpp") and names what it could not convert in its summary, which is the line kept.
+    OpenVINO's runtime puts a line of location before its message ("Exception from src/inference/src/dev/plugin.cpp:54:"
+    then "could not append an elementwise post-op"): such lines are passed over.
     """
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not _LOCATION.match(line)] or lines
     summary = [line for line in lines if line.startswith("-- Conversion is failed for")]
     if summary:
         return ("OpenVINO cannot convert " + summary[-1].split("for", 1)[1].strip(" :"))[:limit]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from edgecompress.compress.methods import Candidate, FinetuneSpec, PruneSpec, QuantSpec, get_method, spec_hash
-from edgecompress.core.errors import UsageError
+from edgecompress.core.errors import OWN_MISTAKES, UsageError, one_line
 from edgecompress.core.fsutil import atomic_path, locked, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -81,11 +81,13 @@ def zoo_models_for(data_dir) -> list[str]:
     return list_models(task=task)
 
 
-def run_job(job: CollectJob, data=None) -> list[dict]:
+def run_job(job: CollectJob, data=None) -> tuple[list[dict], dict[str, str]]:
     """Compress once, evaluate at each precision; runs inside a Ray worker (or inline).
 
     ``data`` is the loaded dataset (from Ray's object store: :func:`collect` puts it there once); without it the job
-    loads its own."""
+    loads its own. Returns the rows and, by precision, why one could not be measured: a runtime that refuses the
+    compressed model at one precision (OpenVINO could not compile one int8 model, "could not append an elementwise
+    post-op") costs that precision's row, not the other precisions'. A compression that fails raises."""
     import torch
 
     from edgecompress import pipeline
@@ -109,13 +111,19 @@ def run_job(job: CollectJob, data=None) -> list[dict]:
         compress_seconds = time.time() - started
         # compress measured the parent's test accuracy already; the features use that figure.
         featurizer = Featurizer(load_model(entry, data.num_classes), data, compressed.baseline_accuracy)
+        errors = {}
         for precision in job.precisions:
             t0 = time.time()
-            calibrated = pipeline.at_precision(compressed, precision, target, data, tmp)
             try:
+                calibrated = pipeline.at_precision(compressed, precision, target, data, tmp)
                 accuracy = pipeline.verify(calibrated, target, data).accuracy
             except pipeline.NumericalError:
                 accuracy = 0.0  # non-finite outputs: as useless as a wrong answer
+            except OWN_MISTAKES:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a converter or runtime that refuses this precision's model
+                errors[precision] = one_line(exc, 300)
+                continue
             rows.append({
                 "dataset": data.fingerprint(), "task": data.task or data.name, "model": entry.name,
                 "architecture": entry.architecture,
@@ -132,7 +140,7 @@ def run_job(job: CollectJob, data=None) -> list[dict]:
                 "compress_seconds": compress_seconds, "precision_seconds": time.time() - t0,
                 **featurizer.candidate_features(job.method, job.ratio, precision),
             })
-    return rows
+    return rows, errors
 
 
 def features_finite(row: dict) -> bool:
@@ -346,20 +354,23 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 job = in_flight.pop(ready[0])
+                key = (job.model_spec, job.method, job.ratio)
                 try:
-                    rows = ray.get(ready[0])
+                    rows, errors = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as exc:
                     # One compression that fails (a method that cannot handle an architecture) costs its rows, not
                     # the collection: it is said and kept in the failures file, and tried again by the next run.
                     cause = exc.as_instanceof_cause()
-                    error = ([line for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__])[-1][:300]
-                    failures[(job.model_spec, job.method, job.ratio)] = {
-                        "model": job.model_spec, "method": job.method, "ratio": job.ratio, "error": error}
+                    rows, errors = [], {"": ([line for line in str(cause).splitlines() if line.strip()]
+                                             or [type(cause).__name__])[-1][:300]}
+                if errors:
+                    # A precision the runtime refused: the failures file names it ("" for the whole compression).
+                    error = "; ".join(f"{p}: {e}" if p else e for p, e in errors.items())
+                    failures[key] = {"model": job.model_spec, "method": job.method, "ratio": job.ratio,
+                                     "precisions": sorted(p for p in errors if p) or list(job.precisions), "error": error}
                     console.print(f"failed: {job.model_spec} {job.method} {job.ratio}: {error}")
                     write_json(failures_path, list(failures.values()))
-                    progress.update(bar, advance=1)
-                    continue
-                if failures.pop((job.model_spec, job.method, job.ratio), None):
+                elif failures.pop(key, None):
                     write_json(failures_path, list(failures.values()))
                 fresh = [r for r in rows if row_key(r) not in done]
                 if fresh:

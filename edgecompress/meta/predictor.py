@@ -179,6 +179,11 @@ class Predictor:
                              "META.parquet --refresh-features")
         features = feature_names(rows)
         x = matrix(rows, features)
+        unfinished = int((~np.isfinite(x).all(1)).sum())
+        if unfinished:
+            raise UsageError(f"{unfinished} of {len(rows)} meta-dataset rows have a feature that is no number (computed "
+                             "before a fix); recompute them first: edgecompress meta collect --out META.parquet "
+                             "--refresh-features")
         scale, offset = target_transform(x, features, target)
         y = (np.asarray([r["accuracy_drop"] for r in rows]) - offset) / scale
         if kind == "lightgbm":
