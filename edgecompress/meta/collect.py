@@ -357,17 +357,17 @@ def collect(*, out: Path, models, methods, ratios, precisions, finetune: Finetun
                 key = (job.model_spec, job.method, job.ratio)
                 try:
                     rows, errors = ray.get(ready[0])
+                    refused, error = sorted(errors), "; ".join(f"{p}: {e}" for p, e in errors.items())
                 except ray.exceptions.RayTaskError as exc:
                     # One compression that fails (a method that cannot handle an architecture) costs its rows, not
                     # the collection: it is said and kept in the failures file, and tried again by the next run.
                     cause = exc.as_instanceof_cause()
-                    rows, errors = [], {"": ([line for line in str(cause).splitlines() if line.strip()]
-                                             or [type(cause).__name__])[-1][:300]}
-                if errors:
-                    # A precision the runtime refused: the failures file names it ("" for the whole compression).
-                    error = "; ".join(f"{p}: {e}" if p else e for p, e in errors.items())
+                    rows, refused = [], list(job.precisions)
+                    error = ([line for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__])[-1][:300]
+                if refused:
+                    # The failures file names the precisions without a row: those a runtime refused, or all of them.
                     failures[key] = {"model": job.model_spec, "method": job.method, "ratio": job.ratio,
-                                     "precisions": sorted(p for p in errors if p) or list(job.precisions), "error": error}
+                                     "precisions": refused, "error": error}
                     console.print(f"failed: {job.model_spec} {job.method} {job.ratio}: {error}")
                     write_json(failures_path, list(failures.values()))
                 elif failures.pop(key, None):
